@@ -1,0 +1,341 @@
+//! `http.request` (SPEC §4.1): one shared ureq agent, per-attempt timeouts,
+//! typed timeout phases, bounded response bodies.
+
+use super::payload::{optional_bool, required_str, wrong_type};
+use super::{AttemptContext, BlockError, BlockSettings, TimeoutPhase};
+use crate::contract::ErrorCode;
+use base64::Engine as _;
+use serde_json::{Map, Value, json};
+use std::io;
+use std::time::Duration;
+use ureq::http::{self, Method};
+
+const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+const ERROR_BODY_HEAD: usize = 4096;
+const MAX_REDIRECTS: u32 = 5;
+
+/// The HTTP block. The agent is shared by all io threads (connection reuse).
+#[derive(Debug)]
+pub struct HttpBlock {
+    agent: ureq::Agent,
+    max_response_bytes: usize,
+}
+
+struct Prepared {
+    request: http::Request<Vec<u8>>,
+    follow_redirects: bool,
+}
+
+impl HttpBlock {
+    pub(super) fn new(s: &BlockSettings) -> HttpBlock {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_idle_connections(s.http_max_idle_per_host.max(10) * 4)
+            .max_idle_connections_per_host(s.http_max_idle_per_host.max(3))
+            .user_agent(concat!("caf-worker/", env!("CARGO_PKG_VERSION")))
+            .build();
+        HttpBlock {
+            agent: config.into(),
+            max_response_bytes: s.max_response_bytes,
+        }
+    }
+
+    pub(super) fn execute(
+        &self,
+        p: &Map<String, Value>,
+        ctx: &AttemptContext<'_>,
+    ) -> Result<Value, BlockError> {
+        let Prepared {
+            request,
+            follow_redirects,
+        } = prepare(p)?;
+        let total = ctx.remaining();
+        if total == Some(Duration::ZERO) {
+            return Err(BlockError::timeout(
+                TimeoutPhase::Attempt,
+                "no time left for the attempt",
+            ));
+        }
+        let request = self
+            .agent
+            .configure_request(request)
+            .timeout_global(total)
+            .timeout_connect(ctx.connect_timeout)
+            .max_redirects(if follow_redirects { MAX_REDIRECTS } else { 0 })
+            .max_redirects_will_error(follow_redirects)
+            .build();
+        let mut response = self.agent.run(request).map_err(|e| map_error(e, total))?;
+        let status = response.status().as_u16();
+        let headers = response_headers(response.headers());
+        let retry_after = response
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let limit = self.max_response_bytes as u64;
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(limit)
+            .read_to_vec()
+            .map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => BlockError::new(
+                    ErrorCode::ExecutionFailed,
+                    format!("response body exceeds WORKER_MAX_RESPONSE_BYTES ({limit} bytes)"),
+                )
+                .permanent(),
+                other => map_error(other, total),
+            })?;
+        if (200..300).contains(&status) {
+            let mut out = json!({"status_code": status, "headers": headers});
+            put_body(&mut out, bytes);
+            return Ok(out);
+        }
+        let mut out = json!({"status_code": status, "headers": headers});
+        let head_len = bytes.len().min(ERROR_BODY_HEAD);
+        let mut head = bytes;
+        head.truncate(head_len);
+        put_body(&mut out, head);
+        let mut e = BlockError::new(
+            ErrorCode::HttpError,
+            format!("upstream answered HTTP {status}"),
+        )
+        .with_outputs(out);
+        e.http_status = Some(status);
+        if status == 429 || status == 503 {
+            e.retry_after = retry_after;
+        }
+        Err(e)
+    }
+}
+
+/// Validates the payload and builds the request (no I/O).
+fn prepare(p: &Map<String, Value>) -> Result<Prepared, BlockError> {
+    let url = required_str(p, "url")?;
+    let lower = url.to_ascii_lowercase();
+    if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+        return Err(BlockError::input(
+            ErrorCode::InvalidInput,
+            format!(
+                "payload.url must use http or https, got {:?}",
+                url.split(':').next().unwrap_or("")
+            ),
+        ));
+    }
+    let uri: http::Uri = url.parse().map_err(|e| {
+        BlockError::input(
+            ErrorCode::InvalidInput,
+            format!("payload.url is not a valid URL: {e}"),
+        )
+    })?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(BlockError::input(
+            ErrorCode::InvalidInput,
+            "payload.url has no host",
+        ));
+    }
+    let method = match p.get("method") {
+        None | Some(Value::Null) => Method::GET,
+        Some(Value::String(m)) => {
+            let upper = m.to_ascii_uppercase();
+            if !METHODS.contains(&upper.as_str()) {
+                return Err(BlockError::input(
+                    ErrorCode::InvalidInput,
+                    format!("payload.method {m:?} is not one of {}", METHODS.join(" ")),
+                ));
+            }
+            Method::from_bytes(upper.as_bytes()).map_err(|_| {
+                BlockError::input(ErrorCode::InvalidInput, "payload.method is invalid")
+            })?
+        }
+        Some(v) => return Err(wrong_type("method", "a string", v)),
+    };
+    let follow_redirects = optional_bool(p, "follow_redirects")?.unwrap_or(false);
+    let mut builder = http::Request::builder().method(method).uri(uri);
+    let mut has_content_type = false;
+    match p.get("headers") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(h)) => {
+            for (name, value) in h {
+                let text = match value {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    other => return Err(wrong_type(&format!("headers.{name}"), "a string", other)),
+                };
+                let hn = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    BlockError::input(
+                        ErrorCode::InvalidInput,
+                        format!("payload.headers: {name:?} is not a valid header name"),
+                    )
+                })?;
+                let hv = http::HeaderValue::from_str(&text).map_err(|_| {
+                    BlockError::input(
+                        ErrorCode::InvalidInput,
+                        format!("payload.headers.{name} is not a valid header value"),
+                    )
+                })?;
+                has_content_type |= hn == http::header::CONTENT_TYPE;
+                builder = builder.header(hn, hv);
+            }
+        }
+        Some(v) => return Err(wrong_type("headers", "an object of strings", v)),
+    }
+    let body = match p.get("body") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => s.as_bytes().to_vec(),
+        Some(other) => {
+            if !has_content_type {
+                builder = builder.header(http::header::CONTENT_TYPE, "application/json");
+            }
+            other.to_string().into_bytes()
+        }
+    };
+    let request = builder.body(body).map_err(|e| {
+        BlockError::input(
+            ErrorCode::InvalidInput,
+            format!("cannot build the request: {e}"),
+        )
+    })?;
+    Ok(Prepared {
+        request,
+        follow_redirects,
+    })
+}
+
+fn put_body(out: &mut Value, bytes: Vec<u8>) {
+    match String::from_utf8(bytes) {
+        Ok(s) => out["body"] = Value::String(s),
+        Err(e) => {
+            out["body_base64"] =
+                Value::String(base64::engine::general_purpose::STANDARD.encode(e.as_bytes()))
+        }
+    }
+}
+
+fn response_headers(h: &http::HeaderMap) -> Value {
+    let mut map = Map::new();
+    for (name, value) in h {
+        let v = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        match map.get_mut(name.as_str()) {
+            Some(Value::String(prev)) => {
+                prev.push_str(", ");
+                prev.push_str(&v);
+            }
+            _ => {
+                map.insert(name.as_str().to_owned(), Value::String(v));
+            }
+        }
+    }
+    Value::Object(map)
+}
+
+/// `Retry-After` as delta-seconds or an HTTP-date.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs.min(86_400)));
+    }
+    let when = httpdate::parse_http_date(v).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Converts ureq's error into a block error at the I/O boundary.
+fn map_error(e: ureq::Error, total: Option<Duration>) -> BlockError {
+    use ureq::Timeout;
+    let ms = |d: Option<Duration>| d.map_or_else(|| "?".to_owned(), |d| d.as_millis().to_string());
+    match e {
+        ureq::Error::Timeout(Timeout::Connect | Timeout::Resolve) => BlockError::timeout(
+            TimeoutPhase::Connect,
+            "connect did not finish within the connect timeout",
+        ),
+        ureq::Error::Timeout(_) => BlockError::timeout(
+            TimeoutPhase::Attempt,
+            format!("attempt timed out after {} ms", ms(total)),
+        ),
+        ureq::Error::Io(io) => match io.kind() {
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => BlockError::timeout(
+                TimeoutPhase::Attempt,
+                format!("attempt timed out after {} ms", ms(total)),
+            ),
+            _ => BlockError::new(ErrorCode::NetworkError, format!("network error: {io}")),
+        },
+        ureq::Error::HostNotFound => BlockError::new(ErrorCode::NetworkError, "host not found"),
+        ureq::Error::ConnectionFailed => {
+            BlockError::new(ErrorCode::NetworkError, "connection failed")
+        }
+        ureq::Error::Protocol(p) => {
+            BlockError::new(ErrorCode::NetworkError, format!("protocol error: {p}"))
+        }
+        ureq::Error::Tls(t) => BlockError::new(ErrorCode::NetworkError, format!("TLS error: {t}")),
+        ureq::Error::Rustls(t) => {
+            BlockError::new(ErrorCode::NetworkError, format!("TLS error: {t}"))
+        }
+        ureq::Error::BadUri(u) => {
+            BlockError::input(ErrorCode::InvalidInput, format!("bad URL: {u}"))
+        }
+        ureq::Error::Http(h) => {
+            BlockError::input(ErrorCode::InvalidInput, format!("bad request: {h}"))
+        }
+        ureq::Error::TooManyRedirects => BlockError::new(
+            ErrorCode::ExecutionFailed,
+            format!("more than {MAX_REDIRECTS} redirects"),
+        )
+        .permanent(),
+        ureq::Error::RedirectFailed => {
+            BlockError::new(ErrorCode::ExecutionFailed, "redirect failed").permanent()
+        }
+        other => BlockError::new(
+            ErrorCode::ExecutionFailed,
+            format!("request failed: {other}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        let future = std::time::SystemTime::now() + Duration::from_secs(30);
+        let d = parse_retry_after(&httpdate::fmt_http_date(future)).unwrap();
+        assert!(
+            d > Duration::from_secs(27) && d <= Duration::from_secs(30),
+            "{d:?}"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn payload_validation_codes() {
+        let p = |v: Value| v.as_object().cloned().unwrap();
+        let code = |v: Value| prepare(&p(v)).err().map(|e| e.code);
+        assert_eq!(code(json!({})), Some(ErrorCode::MissingRequiredField));
+        assert_eq!(code(json!({"url": 5})), Some(ErrorCode::InvalidFormat));
+        assert_eq!(
+            code(json!({"url": "file:///etc/passwd"})),
+            Some(ErrorCode::InvalidInput)
+        );
+        assert_eq!(
+            code(json!({"url": "ftp://x/"})),
+            Some(ErrorCode::InvalidInput)
+        );
+        assert_eq!(
+            code(json!({"url": "http://127.0.0.1/", "method": "TRACE"})),
+            Some(ErrorCode::InvalidInput)
+        );
+        assert_eq!(
+            code(json!({"url": "http://127.0.0.1/", "headers": []})),
+            Some(ErrorCode::InvalidFormat)
+        );
+        assert_eq!(
+            code(json!({"url": "http://127.0.0.1/", "method": "post", "body": {"a": 1}})),
+            None
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! Blocks: the step implementations (SPEC §4), one file per family.
+//!
+//! A block validates its payload before any I/O, runs one attempt, and returns
+//! outputs or a typed [`BlockError`]. Blocks know nothing of retries, queues,
+//! ingress or metrics: the engine decides what an error means for the step.
+
+mod debug;
+mod fs;
+mod http;
+mod payload;
+mod watchdog;
+
+use crate::cancel::{CancelReason, CancelToken};
+use crate::contract::{ErrorCode, JobType};
+use serde_json::{Map, Value};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub use watchdog::{MAX_ABANDONED, Watchdog, WatchdogError};
+
+/// The phase a timeout happened in (the `phase` label of `worker_timeouts_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TimeoutPhase {
+    /// TCP/TLS connect did not finish in time.
+    Connect,
+    /// One attempt ran past its timeout.
+    Attempt,
+    /// An FS operation's watchdog fired.
+    Fs,
+    /// The step's total deadline ended it.
+    Deadline,
+}
+
+impl TimeoutPhase {
+    /// Label spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutPhase::Connect => "connect",
+            TimeoutPhase::Attempt => "attempt",
+            TimeoutPhase::Fs => "fs",
+            TimeoutPhase::Deadline => "deadline",
+        }
+    }
+}
+
+/// A failed attempt: the §3.4 code plus what the retry policy needs to know.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockError {
+    /// The §3.4 code.
+    pub code: ErrorCode,
+    /// One human sentence.
+    pub message: String,
+    /// Partial outputs (HTTP status and body head).
+    pub outputs: Option<Value>,
+    /// HTTP status of a non-2xx response.
+    pub http_status: Option<u16>,
+    /// `Retry-After` of a 429/503 response.
+    pub retry_after: Option<Duration>,
+    /// The block knows a retry cannot help (e.g. the file exists).
+    pub permanent: bool,
+    /// Set when the attempt ended by a timeout.
+    pub timeout: Option<TimeoutPhase>,
+}
+
+impl BlockError {
+    /// An error with a code and message and nothing else.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> BlockError {
+        BlockError {
+            code,
+            message: message.into(),
+            outputs: None,
+            http_status: None,
+            retry_after: None,
+            permanent: false,
+            timeout: None,
+        }
+    }
+
+    /// A payload problem: never retryable.
+    pub fn input(code: ErrorCode, message: impl Into<String>) -> BlockError {
+        BlockError::new(code, message).permanent()
+    }
+
+    /// A timeout in `phase`.
+    pub fn timeout(phase: TimeoutPhase, message: impl Into<String>) -> BlockError {
+        let code = match phase {
+            TimeoutPhase::Connect => ErrorCode::ConnectionTimeout,
+            _ => ErrorCode::CancelledByTimeout,
+        };
+        BlockError {
+            timeout: Some(phase),
+            ..BlockError::new(code, message)
+        }
+    }
+
+    /// The attempt saw its cancellation token.
+    pub fn cancelled(reason: CancelReason) -> BlockError {
+        let why = match reason {
+            CancelReason::User => "cancelled by request",
+            CancelReason::Shutdown => "cancelled by worker shutdown",
+        };
+        BlockError::new(ErrorCode::CancelledByUser, why)
+    }
+
+    /// Marks the error as one a retry cannot fix.
+    pub fn permanent(mut self) -> BlockError {
+        self.permanent = true;
+        self
+    }
+
+    /// Attaches partial outputs.
+    pub fn with_outputs(mut self, outputs: Value) -> BlockError {
+        self.outputs = Some(outputs);
+        self
+    }
+}
+
+impl fmt::Display for BlockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for BlockError {}
+
+/// What one attempt may use: its number, its cancel token and its time limit.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptContext<'a> {
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// Polled by blocks that sleep or wait.
+    pub cancel: &'a CancelToken,
+    /// The attempt must end by then (`None`: no limit).
+    pub deadline: Option<Instant>,
+    /// CP2 connect timeout for HTTP (already capped by the attempt timeout).
+    pub connect_timeout: Option<Duration>,
+}
+
+impl AttemptContext<'_> {
+    /// Time left before the attempt's deadline (`None`: unlimited).
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+}
+
+/// Settings the blocks need, taken from the validated configuration.
+#[derive(Debug, Clone)]
+pub struct BlockSettings {
+    /// Root of every fs path (created if missing).
+    pub fs_root: PathBuf,
+    /// Run FS operations under the watchdog (CP2 complete timeouts).
+    pub fs_watchdog: bool,
+    /// Watchdog timeouts for read, write and delete.
+    pub fs_timeouts: FsTimeouts,
+    /// Largest HTTP response body read.
+    pub max_response_bytes: usize,
+    /// Idle connections kept per upstream host (≥ the pool sizes for reuse).
+    pub http_max_idle_per_host: usize,
+}
+
+/// CP2 FS watchdog timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct FsTimeouts {
+    /// `fs.blob_get`.
+    pub read: Duration,
+    /// `fs.blob_put`.
+    pub write: Duration,
+    /// `fs.blob_delete`.
+    pub delete: Duration,
+}
+
+/// Why the blocks could not be set up.
+#[derive(Debug)]
+pub struct SetupError {
+    /// The setting at fault.
+    pub setting: &'static str,
+    /// What went wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for SetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid {}: {}", self.setting, self.reason)
+    }
+}
+
+impl std::error::Error for SetupError {}
+
+/// All block families, sharing one HTTP agent and one FS root.
+#[derive(Debug)]
+pub struct Blocks {
+    http: http::HttpBlock,
+    fs: fs::FsBlock,
+}
+
+impl Blocks {
+    /// Builds the blocks; creates the FS root if missing.
+    pub fn new(settings: &BlockSettings) -> Result<Blocks, SetupError> {
+        Ok(Blocks {
+            http: http::HttpBlock::new(settings),
+            fs: fs::FsBlock::new(settings)?,
+        })
+    }
+
+    /// Runs one attempt of `job` on `payload`.
+    pub fn execute(
+        &self,
+        job: JobType,
+        payload: &Map<String, Value>,
+        ctx: &AttemptContext<'_>,
+    ) -> Result<Value, BlockError> {
+        match job {
+            JobType::HttpRequest => self.http.execute(payload, ctx),
+            JobType::FsBlobPut => self.fs.put(payload, ctx),
+            JobType::FsBlobGet => self.fs.get(payload, ctx),
+            JobType::FsBlobDelete => self.fs.delete(payload, ctx),
+            JobType::DebugEcho => Ok(Value::Object(payload.clone())),
+            JobType::DebugSleep => debug::sleep(payload, ctx),
+            JobType::DebugFail => debug::fail(payload, ctx),
+        }
+    }
+
+    /// FS operations abandoned to their helper thread and still running.
+    pub fn fs_abandoned(&self) -> usize {
+        self.fs.abandoned()
+    }
+
+    /// True if a probe file can be created and removed under the FS root.
+    pub fn fs_root_writable(&self) -> bool {
+        self.fs.root_writable()
+    }
+
+    /// The canonical FS root.
+    pub fn fs_root(&self) -> &std::path::Path {
+        self.fs.root()
+    }
+}

@@ -1,0 +1,172 @@
+//! The three commands (SPEC §1) and the command line that selects them.
+//! `main.rs` only parses arguments and calls [`main`].
+
+mod input;
+mod run;
+mod serve;
+mod validate;
+
+use crate::config::{self, Settings, Sources};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Exit code: everything succeeded.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: some step did not succeed or some input was rejected.
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code: usage, configuration or unreadable input; nothing ran.
+pub const EXIT_USAGE: i32 = 2;
+
+/// caf-worker: runs Beamline workflow steps (HTTP calls, file blobs, debug
+/// steps) with retries and timeouts, and answers each with exactly one result.
+#[derive(Debug, Parser)]
+#[command(
+    name = "caf-worker",
+    version,
+    after_help = "Every option also has an environment variable and a config-file key; \
+precedence is command line > environment > config file > default. \
+See docs/SPEC.md §2 for the full list (`--set KEY=VALUE` sets any of them).\n\n\
+Exit codes: 0 all steps succeeded; 1 a step failed or an input was rejected; \
+2 usage/configuration error or unreadable input (nothing ran)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the long-lived worker: ingress (assignment API), health and metrics ports.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Execute a batch of assignments (JSON array or JSON Lines) and print one
+    /// ExecResult per line on stdout as each finishes; logs go to stderr.
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Input file, or `-` for standard input.
+        #[arg(value_name = "FILE|-")]
+        input: String,
+    },
+    /// Check assignments without executing anything: one line per assignment,
+    /// `ok` or the rejection reason and message.
+    Validate {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Input file, or `-` for standard input.
+        #[arg(value_name = "FILE|-")]
+        input: String,
+    },
+}
+
+/// Options shared by every command; each maps to a settings key.
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// TOML config file (keys as in docs/SPEC.md §2, e.g. `io_pool_size = 8`).
+    #[arg(long, value_name = "FILE", env = "WORKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Set any setting by key, e.g. `--set retry_jitter=full` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Worker id in acks, results and logs [env: WORKER_ID; default: <hostname>-<pid>].
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// Root directory of every fs.* path [env: WORKER_FS_ROOT; default: ./data].
+    #[arg(long, value_name = "DIR")]
+    fs_root: Option<String>,
+    /// Threads of the cpu pool [env: WORKER_CPU_POOL_SIZE; default: 4].
+    #[arg(long, value_name = "N")]
+    cpu_pool_size: Option<String>,
+    /// Threads of the io pool [env: WORKER_IO_POOL_SIZE; default: 8].
+    #[arg(long, value_name = "N")]
+    io_pool_size: Option<String>,
+    /// Threads of the gpu pool [env: WORKER_GPU_POOL_SIZE; default: 1].
+    #[arg(long, value_name = "N")]
+    gpu_pool_size: Option<String>,
+    /// Per-pool queue bound with queue management on [env: WORKER_MAX_QUEUE_SIZE; default: 1000].
+    #[arg(long, value_name = "N")]
+    max_queue_size: Option<String>,
+    /// Assignment API address [env: WORKER_INGRESS_ADDR; default: 127.0.0.1:9090].
+    #[arg(long, value_name = "ADDR")]
+    ingress_addr: Option<String>,
+    /// Health address [env: WORKER_HEALTH_ADDR; default: 0.0.0.0:9091].
+    #[arg(long, value_name = "ADDR")]
+    health_addr: Option<String>,
+    /// Metrics address [env: WORKER_METRICS_ADDR; default: 0.0.0.0:9092].
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
+    /// Append every result as a JSON line to FILE [env: WORKER_RESULTS_FILE].
+    #[arg(long, value_name = "FILE")]
+    results_file: Option<String>,
+    /// `json` or `text` [env: WORKER_LOG_FORMAT; default: json].
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
+    /// Log filter, env_logger syntax [env: RUST_LOG; default: info].
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+}
+
+impl ConfigArgs {
+    fn sources(&self) -> Result<Sources, config::ConfigError> {
+        let mut cli = Vec::new();
+        for (key, value) in [
+            ("worker_id", &self.worker_id),
+            ("fs_root", &self.fs_root),
+            ("cpu_pool_size", &self.cpu_pool_size),
+            ("io_pool_size", &self.io_pool_size),
+            ("gpu_pool_size", &self.gpu_pool_size),
+            ("max_queue_size", &self.max_queue_size),
+            ("ingress_addr", &self.ingress_addr),
+            ("health_addr", &self.health_addr),
+            ("metrics_addr", &self.metrics_addr),
+            ("results_file", &self.results_file),
+            ("log_format", &self.log_format),
+            ("log", &self.log),
+        ] {
+            if let Some(v) = value {
+                cli.push((key.to_owned(), v.clone()));
+            }
+        }
+        for kv in &self.set {
+            let Some((k, v)) = kv.split_once('=') else {
+                return Err(config::ConfigError::UnknownKey(format!(
+                    "{kv} (--set takes KEY=VALUE)"
+                )));
+            };
+            cli.push((k.trim().to_owned(), v.to_owned()));
+        }
+        Ok(Sources::from_process_env(cli, self.config.clone()))
+    }
+
+    fn load(&self) -> Result<Settings, config::ConfigError> {
+        config::load(&self.sources()?)
+    }
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub fn main(cli: Cli) -> i32 {
+    let (config, command) = match &cli.command {
+        Command::Serve { config } => (config, &cli.command),
+        Command::Run { config, .. } => (config, &cli.command),
+        Command::Validate { config, .. } => (config, &cli.command),
+    };
+    let settings = match config.load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("caf-worker: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    crate::telemetry::logging::init(&settings.log_filter, settings.log_format);
+    crate::telemetry::logging::install_panic_hook();
+    for w in &settings.warnings {
+        log::warn!("{w}");
+    }
+    match command {
+        Command::Serve { .. } => serve::serve(settings),
+        Command::Run { input, .. } => run::run(settings, input),
+        Command::Validate { input, .. } => validate::validate(&settings, input),
+    }
+}

@@ -1,0 +1,169 @@
+//! `caf-worker run FILE|-`: execute a batch through the same pools, retry
+//! and timeout code as `serve`, printing each result as it finishes.
+
+use super::validate::intake_rules;
+use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, input, serve};
+use crate::config::Settings;
+use crate::contract::{Ack, AckStatus};
+use crate::engine::{Admission, Backpressure, Engine, ResultSink};
+use crate::sinks::{BatchLine, ChannelSink};
+use crossbeam_channel::{Receiver, Sender};
+use std::io::{self, BufWriter, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// What the printer saw.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    results: usize,
+    failures: usize,
+}
+
+/// Runs the batch and returns the exit code (SPEC §1).
+pub fn run(settings: Settings, path: &str) -> i32 {
+    let items = match input::open(path, intake_rules(&settings)) {
+        Ok(items) => items,
+        Err(e) => {
+            eprintln!("caf-worker: {}", e.0);
+            return EXIT_USAGE;
+        }
+    };
+    let stop = match serve::signal_flag() {
+        Ok(flag) => flag,
+        Err(e) => {
+            eprintln!("caf-worker: cannot install signal handlers: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let (line_tx, line_rx) = crossbeam_channel::unbounded::<BatchLine>();
+    let mut sinks: Vec<Arc<dyn ResultSink>> = vec![Arc::new(ChannelSink(line_tx.clone()))];
+    let results_file = match serve::open_results_file(&settings) {
+        Ok(f) => f,
+        Err(code) => return code,
+    };
+    if let Some(f) = &results_file {
+        sinks.push(f.clone());
+    }
+    let observer = crate::telemetry::observer_for(&settings);
+    let engine = match Engine::start(&settings, observer, sinks) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("caf-worker: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let printed = Arc::new(AtomicUsize::new(0));
+    let printer = spawn_printer(line_rx, printed.clone());
+
+    let (accepted, rejected) = submit_all(&engine, items, &stop, &line_tx);
+
+    // Wait until every accepted step's result is printed; on a signal, drain
+    // for the grace period and let shutdown answer the rest as `cancelled`.
+    let mut shut = false;
+    while printed.load(Ordering::Acquire) < accepted {
+        if !shut && stop.load(Ordering::Acquire) {
+            shut = true;
+            let report = engine.shutdown(settings.shutdown_grace);
+            log::warn!(cancelled = report.cancelled; "signal received: drained for {} ms", settings.shutdown_grace.as_millis());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    engine.begin_shutdown();
+    let _ = line_tx.send(BatchLine::Done);
+    let tally = printer.join().unwrap_or_default();
+    if let Some(f) = results_file {
+        let _ = f.sync();
+    }
+    log::info!(accepted = accepted, rejected = rejected, failed = tally.failures; "run finished: {} result(s)", tally.results);
+    if rejected == 0 && tally.failures == 0 {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    }
+}
+
+/// Feeds every input item to the engine, waiting for queue space. Returns
+/// (accepted, rejected) counts; rejected and duplicate inputs get an Ack line.
+fn submit_all(
+    engine: &Engine,
+    items: input::Items,
+    stop: &std::sync::atomic::AtomicBool,
+    out: &Sender<BatchLine>,
+) -> (usize, usize) {
+    let (mut accepted, mut rejected) = (0, 0);
+    let worker_id = engine.worker_id().to_owned();
+    for item in items {
+        if stop.load(Ordering::Acquire) {
+            log::warn!("signal received: no further input is read");
+            break;
+        }
+        let item = match item {
+            Ok(i) => i,
+            Err(e) => {
+                log::error!("{}; the rest of the input is not read", e.0);
+                rejected += 1;
+                break;
+            }
+        };
+        let n = item.number;
+        let ack = match item.parsed {
+            Err(r) => {
+                engine.note_rejection(r.reason);
+                log::warn!(line = n, reason = r.reason.as_str(); "line {n}: rejected: {}", r.message);
+                Ack::rejected(&r, &worker_id)
+            }
+            Ok(a) => match engine.submit(a, Backpressure::Wait) {
+                Admission::Accepted(_) => {
+                    accepted += 1;
+                    continue;
+                }
+                Admission::Duplicate(a) => {
+                    log::warn!(line = n; "line {n}: duplicate assignment_id {}; not executed again", a.assignment_id);
+                    Ack::duplicate(&a, &worker_id)
+                }
+                Admission::Rejected(a, reason) => {
+                    Ack::refused(&a, reason, "the worker is shutting down", &worker_id)
+                }
+            },
+        };
+        if ack.status == AckStatus::Rejected {
+            rejected += 1;
+        }
+        let _ = out.send(BatchLine::Ack(
+            serde_json::to_string(&ack).unwrap_or_default(),
+        ));
+    }
+    (accepted, rejected)
+}
+
+/// Writes lines to stdout, flushing whenever it catches up with the channel.
+/// A closed stdout (e.g. `| head`) stops writing but not counting.
+fn spawn_printer(lines: Receiver<BatchLine>, printed: Arc<AtomicUsize>) -> JoinHandle<Tally> {
+    std::thread::spawn(move || {
+        let stdout = io::stdout();
+        let mut out = BufWriter::with_capacity(64 * 1024, stdout.lock());
+        let mut broken = false;
+        let mut tally = Tally::default();
+        for line in lines.iter() {
+            let text = match line {
+                BatchLine::Result { line, success } => {
+                    tally.results += 1;
+                    tally.failures += usize::from(!success);
+                    line
+                }
+                BatchLine::Ack(a) => a,
+                BatchLine::Done => break,
+            };
+            broken = broken || writeln!(out, "{text}").is_err();
+            if lines.is_empty() {
+                broken = broken || out.flush().is_err();
+            }
+            // Counted after the write, so `run` never exits before a line is out.
+            printed.store(tally.results, Ordering::Release);
+        }
+        let _ = out.flush();
+        tally
+    })
+}

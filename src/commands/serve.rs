@@ -1,0 +1,147 @@
+//! `caf-worker serve`: the long-running worker (SPEC §8, §11).
+
+use super::validate::intake_rules;
+use super::{EXIT_OK, EXIT_USAGE};
+use crate::config::Settings;
+use crate::engine::{Engine, ResultSink};
+use crate::server::{Health, HttpPort, Ingress, MetricsEndpoint};
+use crate::sinks::JsonLinesFile;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Handler threads of the ingress port (long-polls may use all but two).
+pub const INGRESS_THREADS: usize = 16;
+const HEALTH_THREADS: usize = 2;
+const METRICS_THREADS: usize = 2;
+
+/// A flag set by SIGTERM or SIGINT. A second signal of either kind ends the
+/// process at once (exit 1), for an operator whose drain takes too long.
+pub fn signal_flag() -> std::io::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [SIGTERM, SIGINT] {
+        signal_hook::flag::register_conditional_shutdown(sig, 1, flag.clone())?;
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok(flag)
+}
+
+/// Opens `WORKER_RESULTS_FILE` if set; an unopenable file is a configuration error.
+pub fn open_results_file(settings: &Settings) -> Result<Option<Arc<JsonLinesFile>>, i32> {
+    match &settings.results_file {
+        None => Ok(None),
+        Some(path) => JsonLinesFile::open(path)
+            .map(|f| Some(Arc::new(f)))
+            .map_err(|e| {
+                eprintln!(
+                    "caf-worker: invalid WORKER_RESULTS_FILE={}: {e}",
+                    path.display()
+                );
+                EXIT_USAGE
+            }),
+    }
+}
+
+/// Runs until SIGTERM/SIGINT, then drains and exits 0.
+pub fn serve(settings: Settings) -> i32 {
+    let stop = match signal_flag() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("caf-worker: cannot install signal handlers: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let results_file = match open_results_file(&settings) {
+        Ok(f) => f,
+        Err(code) => return code,
+    };
+    let metrics = crate::telemetry::metrics_for(&settings);
+    let observer: Arc<dyn crate::engine::Observer> = match &metrics {
+        Some(m) => m.clone(),
+        None => Arc::new(crate::engine::NoopObserver),
+    };
+    let sinks: Vec<Arc<dyn ResultSink>> = results_file
+        .iter()
+        .map(|f| f.clone() as Arc<dyn ResultSink>)
+        .collect();
+    let engine = match Engine::start(&settings, observer, sinks) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("caf-worker: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let ready = Arc::new(AtomicBool::new(false));
+    let ports = start_ports(&settings, &engine, metrics, &ready);
+    let ports = match ports {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("caf-worker: {e}");
+            engine.shutdown(Duration::ZERO);
+            return EXIT_USAGE;
+        }
+    };
+    log::info!(config:serde = settings.effective_json(); "effective configuration");
+    log::info!(
+        worker_id = settings.worker_id.as_str(),
+        ingress = ports[0].addr().to_string(),
+        health = ports[1].addr().to_string(),
+        metrics = ports.get(2).map(|p| p.addr().to_string());
+        "caf-worker {} listening", env!("CARGO_PKG_VERSION")
+    );
+    ready.store(true, Ordering::Release);
+
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ready.store(false, Ordering::Release);
+    let pending = engine.pending_count();
+    log::info!(pending = pending; "shutdown requested: draining for up to {} ms", settings.shutdown_grace.as_millis());
+    let report = engine.shutdown(settings.shutdown_grace);
+    if let Some(f) = &results_file {
+        if let Err(e) = f.sync() {
+            log::error!(error = e.to_string(); "cannot sync the results file");
+        }
+    }
+    for port in ports {
+        port.stop();
+    }
+    log::info!(cancelled = report.cancelled, drained = report.drained; "caf-worker stopped");
+    EXIT_OK
+}
+
+fn start_ports(
+    settings: &Settings,
+    engine: &Engine,
+    metrics: Option<Arc<crate::telemetry::Metrics>>,
+    ready: &Arc<AtomicBool>,
+) -> Result<Vec<HttpPort>, crate::server::BindError> {
+    let ingress = Ingress::new(
+        engine.clone(),
+        intake_rules(settings),
+        settings.api_token.clone(),
+        INGRESS_THREADS,
+    );
+    let mut ports = vec![HttpPort::start(
+        "WORKER_INGRESS_ADDR",
+        settings.ingress_addr,
+        INGRESS_THREADS,
+        Arc::new(ingress),
+    )?];
+    ports.push(HttpPort::start(
+        "WORKER_HEALTH_ADDR",
+        settings.health_addr,
+        HEALTH_THREADS,
+        Arc::new(Health::new(engine.clone(), ready.clone())),
+    )?);
+    if let Some(m) = metrics {
+        ports.push(HttpPort::start(
+            "WORKER_METRICS_ADDR",
+            settings.metrics_addr,
+            METRICS_THREADS,
+            Arc::new(MetricsEndpoint::new(engine.clone(), m)),
+        )?);
+    }
+    Ok(ports)
+}

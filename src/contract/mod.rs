@@ -1,0 +1,18 @@
+//! The wire contract with the router (SPEC §3): assignments in, acks and
+//! results out, and the error codes that connect them. Pure data and
+//! validation: no I/O, no threads.
+
+mod ack;
+mod assignment;
+mod error_code;
+mod ids;
+mod result;
+
+pub use ack::{Ack, AckStatus};
+pub use assignment::{
+    Assignment, Correlation, EnvelopeIds, IntakeRules, JobType, PoolKind, RejectReason, Rejection,
+    RetryOptions, parse_assignment, validate_assignment,
+};
+pub use error_code::{ErrorCode, Status};
+pub use ids::{is_trace_id, is_ulid, is_uuid};
+pub use result::{ExecResult, JobRef, Outcome, StepStats};

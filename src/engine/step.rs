@@ -1,0 +1,214 @@
+//! One step from start to result: the attempt loop with retries, backoff
+//! sleeps, deadlines and cancellation (SPEC §6, §7).
+
+use super::retry::{backoff, cp1_delay, is_retryable, jittered};
+use super::{Shared, StepHandle};
+use crate::blocks::{AttemptContext, BlockError, TimeoutPhase};
+use crate::cancel::CancelReason;
+use crate::contract::{ErrorCode, Outcome, StepStats};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Runs the step of `h` to its outcome.
+pub(super) fn run(shared: &Shared, h: &StepHandle) -> (Outcome, StepStats) {
+    let s = &shared.settings;
+    let a = &h.assignment;
+    let accepted = h.accepted_at;
+    let never_started = |outcome| {
+        let stats = StepStats {
+            attempts: 0,
+            latency_ms: 0,
+            queue_ms: ms(accepted.elapsed()),
+        };
+        (outcome, stats)
+    };
+    if let Some(reason) = h.cancel.reason() {
+        return never_started(final_failure(BlockError::cancelled(reason), false, None));
+    }
+    if s.flags.complete_timeout && Instant::now() >= h.deadline {
+        shared.observer.timeout(a.job_type, TimeoutPhase::Deadline);
+        return never_started(Outcome::Failure {
+            code: ErrorCode::CancelledByTimeout,
+            message: "deadline passed while the step was queued; it never ran".into(),
+            retryable: true,
+            outputs: None,
+        });
+    }
+
+    let start = Instant::now();
+    let _ = h.started.set(start);
+    let queue_ms = ms(start - accepted);
+    let max_attempts = a
+        .retry
+        .max_attempts
+        .unwrap_or(s.default_max_attempts)
+        .max(1);
+    if s.flags.advanced_retry {
+        shared.budget.record_first_attempt();
+    }
+    let mut attempt = 0u32;
+    let outcome = loop {
+        attempt += 1;
+        h.attempts.store(attempt, Ordering::Release);
+        let now = Instant::now();
+        let ctx = AttemptContext {
+            attempt,
+            cancel: &h.cancel,
+            deadline: Some(attempt_deadline(shared, h, now)),
+            connect_timeout: s.flags.complete_timeout.then(|| {
+                let attempt_cap = a
+                    .attempt_timeout_ms
+                    .map_or(Duration::MAX, Duration::from_millis);
+                s.http_connect_timeout.min(attempt_cap)
+            }),
+        };
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            shared.blocks.execute(a.job_type, &a.payload, &ctx)
+        }))
+        .unwrap_or_else(|panic| Err(panic_error(panic)));
+        let err = match result {
+            Ok(outputs) => break Outcome::Success(outputs),
+            Err(e) => e,
+        };
+        if let Some(phase) = err.timeout {
+            shared.observer.timeout(a.job_type, phase);
+        }
+        if let Some(reason) = h.cancel.reason() {
+            break final_failure(BlockError::cancelled(reason), false, None);
+        }
+        if err.code == ErrorCode::CancelledByUser || attempt >= max_attempts {
+            break final_failure(err, false, None);
+        }
+        if s.flags.complete_timeout && Instant::now() >= h.deadline {
+            break deadline_failure(shared, h, err, attempt);
+        }
+        let delay = if s.flags.advanced_retry {
+            if !is_retryable(&err) {
+                break final_failure(err, false, None);
+            }
+            let base = a
+                .retry
+                .backoff_ms
+                .map_or(s.retry_base, Duration::from_millis);
+            let cap = a
+                .retry
+                .max_backoff_ms
+                .map_or(s.retry_max_delay, Duration::from_millis);
+            let mut d = jittered(backoff(base, cap, attempt), s.retry_jitter);
+            if let Some(after) = err.retry_after {
+                d = d.max(after);
+            }
+            if Instant::now() + d >= h.deadline {
+                break final_failure(
+                    err,
+                    true,
+                    Some(format!(
+                        "retry budget exhausted: the next retry (after {} ms) would end past the step deadline",
+                        d.as_millis()
+                    )),
+                );
+            }
+            if !shared.budget.try_spend() {
+                shared.observer.retry_budget_denied(a.job_type);
+                break final_failure(
+                    err,
+                    true,
+                    Some("process retry budget exhausted; retry denied".into()),
+                );
+            }
+            d
+        } else {
+            cp1_delay(attempt)
+        };
+        shared.observer.retry(a.job_type);
+        let mut wake = Instant::now() + delay;
+        if s.flags.complete_timeout {
+            wake = wake.min(h.deadline);
+        }
+        if !h.cancel.sleep_until(wake) {
+            let reason = h.cancel.reason().unwrap_or(CancelReason::User);
+            break final_failure(BlockError::cancelled(reason), false, None);
+        }
+        if s.flags.complete_timeout && Instant::now() >= h.deadline {
+            break deadline_failure(shared, h, err, attempt);
+        }
+    };
+    let stats = StepStats {
+        attempts: attempt,
+        latency_ms: ms(start.elapsed()),
+        queue_ms,
+    };
+    (outcome, stats)
+}
+
+/// When the current attempt must end.
+///
+/// CP1: the HTTP attempt's one total timeout is the step deadline, counted
+/// from the attempt start. CP2: `min(attempt_timeout_ms, time left to the
+/// deadline counted from acceptance)`.
+fn attempt_deadline(shared: &Shared, h: &StepHandle, now: Instant) -> Instant {
+    let a = &h.assignment;
+    let budget = a
+        .deadline_ms
+        .map_or(shared.settings.default_deadline, Duration::from_millis);
+    if shared.settings.flags.complete_timeout {
+        let per_attempt = a
+            .attempt_timeout_ms
+            .map_or(h.deadline, |t| now + Duration::from_millis(t));
+        per_attempt.min(h.deadline)
+    } else {
+        now + budget
+    }
+}
+
+fn deadline_failure(shared: &Shared, h: &StepHandle, last: BlockError, attempts: u32) -> Outcome {
+    shared
+        .observer
+        .timeout(h.assignment.job_type, TimeoutPhase::Deadline);
+    Outcome::Failure {
+        code: ErrorCode::CancelledByTimeout,
+        message: format!(
+            "step deadline of {} ms passed after {attempts} attempt(s); last error: {}",
+            h.deadline
+                .saturating_duration_since(h.accepted_at)
+                .as_millis(),
+            last
+        ),
+        retryable: true,
+        outputs: last.outputs,
+    }
+}
+
+/// The outcome for a final error. `budget_note` marks a retry that was
+/// skipped for budget reasons: the step could still succeed if resubmitted.
+fn final_failure(e: BlockError, budget_stop: bool, budget_note: Option<String>) -> Outcome {
+    let retryable = match e.code {
+        // A cancelled step is retryable: it did not fail on its own.
+        ErrorCode::CancelledByUser => true,
+        _ => budget_stop || is_retryable(&e),
+    };
+    let message = match budget_note {
+        Some(note) => format!("{note}; last error: {}", e.message),
+        None => e.message,
+    };
+    Outcome::Failure {
+        code: e.code,
+        message,
+        retryable,
+        outputs: e.outputs,
+    }
+}
+
+fn panic_error(panic: Box<dyn std::any::Any + Send>) -> BlockError {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    BlockError::new(ErrorCode::InternalError, format!("block panicked: {what}"))
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}

@@ -1,0 +1,151 @@
+//! The assignment table: what is pending (queued or running) and the last
+//! `WORKER_RESULT_RETENTION` results. It is the single place that enforces
+//! "exactly one result per accepted assignment": the first completion wins.
+
+use super::StepHandle;
+use crate::contract::ExecResult;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+enum Slot {
+    Pending(Arc<StepHandle>),
+    Done(Arc<ExecResult>),
+}
+
+/// What a lookup found.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// Finished; the result.
+    Done(Arc<ExecResult>),
+    /// Queued or running.
+    Pending,
+    /// Never accepted, or aged out of retention.
+    Unknown,
+}
+
+struct Table {
+    slots: HashMap<String, Slot>,
+    done_order: VecDeque<String>,
+}
+
+pub(super) struct Tracker {
+    table: Mutex<Table>,
+    finished: Condvar,
+    retention: usize,
+}
+
+impl Tracker {
+    pub fn new(retention: usize) -> Tracker {
+        Tracker {
+            table: Mutex::new(Table {
+                slots: HashMap::new(),
+                done_order: VecDeque::new(),
+            }),
+            finished: Condvar::new(),
+            retention: retention.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // A panic while holding this lock cannot leave the table half-updated
+        // (each method does single map operations), so poisoning is ignored.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a pending step; `false` if the id is already pending or retained.
+    pub fn insert(&self, handle: &Arc<StepHandle>) -> bool {
+        let mut t = self.lock();
+        let id = &handle.assignment.assignment_id;
+        if t.slots.contains_key(id) {
+            return false;
+        }
+        t.slots.insert(id.clone(), Slot::Pending(handle.clone()));
+        true
+    }
+
+    /// Forgets a pending step that was never queued (rejected after insert).
+    pub fn remove_pending(&self, id: &str) {
+        let mut t = self.lock();
+        if matches!(t.slots.get(id), Some(Slot::Pending(_))) {
+            t.slots.remove(id);
+        }
+    }
+
+    /// Records a result; `true` only for the first completion of a pending step.
+    pub fn complete(&self, result: &Arc<ExecResult>) -> bool {
+        let mut t = self.lock();
+        match t.slots.get_mut(&result.assignment_id) {
+            Some(slot @ Slot::Pending(_)) => *slot = Slot::Done(result.clone()),
+            _ => return false,
+        }
+        t.done_order.push_back(result.assignment_id.clone());
+        while t.done_order.len() > self.retention {
+            if let Some(old) = t.done_order.pop_front() {
+                t.slots.remove(&old);
+            }
+        }
+        drop(t);
+        self.finished.notify_all();
+        true
+    }
+
+    pub fn lookup(&self, id: &str) -> Lookup {
+        match self.lock().slots.get(id) {
+            Some(Slot::Done(r)) => Lookup::Done(r.clone()),
+            Some(Slot::Pending(_)) => Lookup::Pending,
+            None => Lookup::Unknown,
+        }
+    }
+
+    /// Waits up to `timeout` for a pending step to finish.
+    pub fn wait(&self, id: &str, timeout: Duration) -> Lookup {
+        let deadline = Instant::now() + timeout;
+        let mut t = self.lock();
+        loop {
+            match t.slots.get(id) {
+                Some(Slot::Done(r)) => return Lookup::Done(r.clone()),
+                None => return Lookup::Unknown,
+                Some(Slot::Pending(_)) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Lookup::Pending;
+            }
+            t = self
+                .finished
+                .wait_timeout(t, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// The pending step with this id, if any.
+    pub fn pending(&self, id: &str) -> Option<Arc<StepHandle>> {
+        match self.lock().slots.get(id) {
+            Some(Slot::Pending(h)) => Some(h.clone()),
+            _ => None,
+        }
+    }
+
+    /// Every pending step (for shutdown).
+    pub fn all_pending(&self) -> Vec<Arc<StepHandle>> {
+        self.lock()
+            .slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Pending(h) => Some(h.clone()),
+                Slot::Done(_) => None,
+            })
+            .collect()
+    }
+
+    /// Number of pending steps.
+    pub fn pending_count(&self) -> usize {
+        self.lock()
+            .slots
+            .values()
+            .filter(|s| matches!(s, Slot::Pending(_)))
+            .count()
+    }
+}

@@ -1,0 +1,296 @@
+//! The assignment API (SPEC §8.1) on `WORKER_INGRESS_ADDR`.
+
+use super::{
+    Handler, Reply, error_body, header, json, json_text, method_not_allowed, not_found, respond,
+};
+use crate::contract::{Ack, IntakeRules, RejectReason, Rejection, parse_assignment};
+use crate::engine::{Admission, Backpressure, CancelOutcome, Engine, Lookup};
+use serde_json::json;
+use std::io::Read;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tiny_http::Request;
+
+/// Longest `wait_ms` honoured.
+pub const MAX_WAIT_MS: u64 = 60_000;
+/// `wait_ms` of `POST /api/v1/execute` when the query gives none.
+pub const DEFAULT_EXECUTE_WAIT_MS: u64 = 30_000;
+
+/// The ingress handler.
+pub struct Ingress {
+    engine: Engine,
+    rules: IntakeRules,
+    token: Option<String>,
+    waiters: AtomicUsize,
+    max_waiters: usize,
+}
+
+impl Ingress {
+    /// An ingress for `engine`. `threads` handler threads serve it; at most
+    /// all but two of them may long-poll at once, so submissions and lookups
+    /// always have a thread.
+    pub fn new(
+        engine: Engine,
+        rules: IntakeRules,
+        token: Option<String>,
+        threads: usize,
+    ) -> Ingress {
+        Ingress {
+            engine,
+            rules,
+            token,
+            waiters: AtomicUsize::new(0),
+            max_waiters: threads.saturating_sub(2).max(1),
+        }
+    }
+
+    fn route(&self, request: &mut Request) -> Reply {
+        let url = request.url().to_owned();
+        let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
+        let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+        let method = request.method().clone();
+        let known = match segments.as_slice() {
+            ["", "api", "v1", "assignments"] => Some("POST"),
+            ["", "api", "v1", "execute"] => Some("POST"),
+            ["", "api", "v1", "results", id] if !id.is_empty() => Some("GET, HEAD"),
+            ["", "api", "v1", "assignments", id, "cancel"] if !id.is_empty() => Some("POST"),
+            _ => None,
+        };
+        let Some(allow) = known else {
+            return not_found(path);
+        };
+        if !allow.split(", ").any(|m| m == method.as_str()) {
+            return method_not_allowed(allow);
+        }
+        if !self.authorized(request) {
+            self.engine.note_rejection(RejectReason::Unauthorized);
+            let r = Rejection::new(RejectReason::Unauthorized, "missing or wrong bearer token");
+            return ack_reply(401, &Ack::rejected(&r, self.engine.worker_id()));
+        }
+        match segments.as_slice() {
+            ["", "api", "v1", "assignments"] => self.submit(request, None),
+            ["", "api", "v1", "execute"] => {
+                let wait = wait_ms(query).unwrap_or(DEFAULT_EXECUTE_WAIT_MS);
+                self.submit(request, Some(wait))
+            }
+            ["", "api", "v1", "results", id] => {
+                self.result(&percent_decode(id), wait_ms(query).unwrap_or(0))
+            }
+            ["", "api", "v1", "assignments", id, "cancel"] => self.cancel(&percent_decode(id)),
+            _ => not_found(path),
+        }
+    }
+
+    /// Constant-time comparison of the bearer token.
+    fn authorized(&self, request: &Request) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let given = request
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Authorization"))
+            .map(|h| h.value.as_str())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        constant_time_eq(given.as_bytes(), token.as_bytes())
+    }
+
+    fn submit(&self, request: &mut Request, wait: Option<u64>) -> Reply {
+        let worker = self.engine.worker_id();
+        let body = match read_body(request, self.rules.max_body_bytes) {
+            Ok(b) => b,
+            Err(BodyError::TooLarge(n)) => {
+                self.engine.note_rejection(RejectReason::PayloadTooLarge);
+                let r = Rejection::new(
+                    RejectReason::PayloadTooLarge,
+                    format!(
+                        "the body is {n} bytes, more than WORKER_MAX_BODY_BYTES ({})",
+                        self.rules.max_body_bytes
+                    ),
+                );
+                return ack_reply(413, &Ack::rejected(&r, worker));
+            }
+            Err(BodyError::Io(e)) => {
+                return json(
+                    408,
+                    &error_body("request_timeout", &format!("could not read the body: {e}")),
+                );
+            }
+        };
+        let assignment = match parse_assignment(&body, &self.rules) {
+            Ok(a) => a,
+            Err(r) => {
+                self.engine.note_rejection(r.reason);
+                return ack_reply(r.reason.http_status(), &Ack::rejected(&r, worker));
+            }
+        };
+        let (id, status, ack) = match self.engine.submit(assignment, Backpressure::Reject) {
+            Admission::Accepted(h) => (
+                h.assignment.assignment_id.clone(),
+                202,
+                Ack::accepted(&h.assignment, worker),
+            ),
+            Admission::Duplicate(a) => (a.assignment_id.clone(), 200, Ack::duplicate(&a, worker)),
+            Admission::Rejected(a, reason) => {
+                let msg = match reason {
+                    RejectReason::QueueFull => format!(
+                        "the {} pool's queue is full (WORKER_MAX_QUEUE_SIZE); retry later",
+                        a.pool.as_str()
+                    ),
+                    _ => "the worker is shutting down; submit to another worker".to_owned(),
+                };
+                let reply = ack_reply(
+                    reason.http_status(),
+                    &Ack::refused(&a, reason, &msg, worker),
+                );
+                return if reason == RejectReason::QueueFull {
+                    reply.with_header(header("Retry-After", "1"))
+                } else {
+                    reply
+                };
+            }
+        };
+        match wait {
+            None => ack_reply(status, &ack),
+            Some(ms) => self.result(&id, ms),
+        }
+    }
+
+    fn result(&self, id: &str, wait_ms: u64) -> Reply {
+        let lookup = if wait_ms == 0 {
+            self.engine.lookup(id)
+        } else if self.waiters.fetch_add(1, Ordering::AcqRel) < self.max_waiters {
+            let l = self
+                .engine
+                .wait_result(id, Duration::from_millis(wait_ms.min(MAX_WAIT_MS)));
+            self.waiters.fetch_sub(1, Ordering::AcqRel);
+            l
+        } else {
+            // Every long-poll slot is taken: answer now rather than starve the port.
+            self.waiters.fetch_sub(1, Ordering::AcqRel);
+            self.engine.lookup(id)
+        };
+        match lookup {
+            Lookup::Done(r) => json_text(200, r.to_json_line()),
+            Lookup::Pending => json(202, &json!({"status": "pending", "assignment_id": id})),
+            Lookup::Unknown => json(
+                404,
+                &error_body("not_found", &format!("no assignment {id:?} is known")),
+            ),
+        }
+    }
+
+    fn cancel(&self, id: &str) -> Reply {
+        match self.engine.cancel(id) {
+            CancelOutcome::Requested => json(
+                202,
+                &json!({"status": "cancellation_requested", "assignment_id": id}),
+            ),
+            CancelOutcome::AlreadyFinished => json(
+                409,
+                &error_body(
+                    "already_finished",
+                    &format!("assignment {id:?} already has a result"),
+                ),
+            ),
+            CancelOutcome::Unknown => json(
+                404,
+                &error_body("not_found", &format!("no assignment {id:?} is known")),
+            ),
+        }
+    }
+}
+
+impl Handler for Ingress {
+    fn handle(&self, mut request: Request) {
+        // HEAD is routed like GET; tiny_http leaves the body out.
+        let reply = self.route(&mut request);
+        respond(request, reply);
+    }
+}
+
+fn ack_reply(status: u16, ack: &Ack) -> Reply {
+    json_text(status, serde_json::to_string(ack).unwrap_or_default())
+}
+
+enum BodyError {
+    TooLarge(usize),
+    Io(std::io::Error),
+}
+
+/// Reads at most `max` bytes; the declared length is checked before reading.
+fn read_body(request: &mut Request, max: usize) -> Result<Vec<u8>, BodyError> {
+    if let Some(n) = request.body_length().filter(|n| *n > max) {
+        return Err(BodyError::TooLarge(n));
+    }
+    let mut body = Vec::with_capacity(request.body_length().unwrap_or(1024).min(max));
+    request
+        .as_reader()
+        .take(max as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(BodyError::Io)?;
+    if body.len() > max {
+        return Err(BodyError::TooLarge(body.len()));
+    }
+    Ok(body)
+}
+
+fn wait_ms(query: &str) -> Option<u64> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "wait_ms")
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+        .map(|v| v.min(MAX_WAIT_MS))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Compares without an early exit, so timing does not reveal the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helpers() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert_eq!(wait_ms("a=1&wait_ms=250"), Some(250));
+        assert_eq!(wait_ms("wait_ms=999999"), Some(MAX_WAIT_MS));
+        assert_eq!(wait_ms("wait_ms=x"), None);
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("abc%"), "abc%");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("%é1"), "%é1");
+    }
+}

@@ -1,0 +1,78 @@
+//! Result sinks: where finished results go besides the lookup table.
+
+use crate::contract::{ExecResult, Status};
+use crate::engine::ResultSink;
+use crossbeam_channel::Sender;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Appends every result as one JSON line to a file, flushed per line
+/// (`WORKER_RESULTS_FILE`), so no answer is lost if nobody polls.
+#[derive(Debug)]
+pub struct JsonLinesFile {
+    path: PathBuf,
+    file: Mutex<BufWriter<File>>,
+}
+
+impl JsonLinesFile {
+    /// Opens (creating, appending) the file.
+    pub fn open(path: &Path) -> io::Result<JsonLinesFile> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(JsonLinesFile {
+            path: path.to_owned(),
+            file: Mutex::new(BufWriter::new(file)),
+        })
+    }
+
+    /// Flushes and fsyncs the file (at shutdown).
+    pub fn sync(&self) -> io::Result<()> {
+        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        f.flush()?;
+        f.get_ref().sync_all()
+    }
+}
+
+impl ResultSink for JsonLinesFile {
+    fn deliver(&self, result: &Arc<ExecResult>) {
+        let mut line = result.to_json_line();
+        line.push('\n');
+        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = f.write_all(line.as_bytes()).and_then(|()| f.flush()) {
+            log::error!(path = self.path.display().to_string(), error = e.to_string(); "cannot append a result to the results file");
+        }
+    }
+}
+
+/// A line for the `run` command's printer.
+#[derive(Debug)]
+pub enum BatchLine {
+    /// A result as a JSON line, and whether it succeeded.
+    Result {
+        /// The JSON line (no newline).
+        line: String,
+        /// `status == success`.
+        success: bool,
+    },
+    /// An Ack line for a rejected or duplicate input.
+    Ack(String),
+    /// No more lines will come.
+    Done,
+}
+
+/// Sends every result to the `run` printer.
+#[derive(Debug)]
+pub struct ChannelSink(pub Sender<BatchLine>);
+
+impl ResultSink for ChannelSink {
+    fn deliver(&self, result: &Arc<ExecResult>) {
+        let _ = self.0.send(BatchLine::Result {
+            line: result.to_json_line(),
+            success: result.status == Status::Success,
+        });
+    }
+}

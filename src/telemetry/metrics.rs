@@ -1,0 +1,385 @@
+//! Prometheus metrics (SPEC §9, CP2 observability). [`Metrics`] is an engine
+//! [`Observer`]: the engine reports outcomes, this records them. Gauges that
+//! describe live state (queue depth, active tasks, health) are refreshed from
+//! the engine when `/metrics` is scraped, so they are never stale.
+
+use crate::blocks::TimeoutPhase;
+use crate::config::Settings;
+use crate::contract::{ErrorCode, JobType, PoolKind, RejectReason};
+use crate::engine::{Observer, PoolStats, StepReport};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::collections::HashSet;
+use std::sync::RwLock;
+use std::time::Duration;
+
+/// Step duration buckets (seconds), SPEC §9.
+pub const STEP_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+];
+/// Flow duration buckets (seconds), SPEC §9.
+pub const FLOW_BUCKETS: &[f64] = &[0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+/// Queue wait buckets (seconds); our choice, docs/SPEC.md §9.
+pub const QUEUE_WAIT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Label value for tenants beyond `WORKER_METRICS_MAX_TENANTS`.
+pub const OTHER_TENANT: &str = "_other";
+
+const PHASES: [TimeoutPhase; 4] = [
+    TimeoutPhase::Connect,
+    TimeoutPhase::Attempt,
+    TimeoutPhase::Fs,
+    TimeoutPhase::Deadline,
+];
+
+/// The process's metric registry and every family of SPEC §9.
+pub struct Metrics {
+    registry: Registry,
+    step_executions: IntCounterVec,
+    step_duration: HistogramVec,
+    step_errors: IntCounterVec,
+    flow_duration: HistogramVec,
+    queue_depth: IntGaugeVec,
+    active_tasks: IntGaugeVec,
+    queue_capacity: IntGaugeVec,
+    pool_threads: IntGaugeVec,
+    health_status: IntGaugeVec,
+    assignments: IntCounterVec,
+    fs_abandoned: IntGauge,
+    budget_denied: IntCounter,
+    // Handles resolved once at start-up: these label sets are small and fixed.
+    queue_wait: [Histogram; 3],
+    retries: Vec<IntCounter>,
+    timeouts: Vec<[IntCounter; 4]>,
+    accepted: IntCounter,
+    duplicates: IntCounter,
+    rejections: Vec<IntCounter>,
+    detailed_labels: bool,
+    max_tenants: usize,
+    tenants: RwLock<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn job_index(j: JobType) -> usize {
+    JobType::ALL.iter().position(|t| *t == j).unwrap_or(0)
+}
+
+fn phase_index(p: TimeoutPhase) -> usize {
+    PHASES.iter().position(|x| *x == p).unwrap_or(0)
+}
+
+fn reason_index(r: RejectReason) -> usize {
+    RejectReason::ALL.iter().position(|x| *x == r).unwrap_or(0)
+}
+
+impl Metrics {
+    /// Registers every family on a fresh registry.
+    pub fn new(settings: &Settings) -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let step_labels = [
+            "step_type",
+            "execution_status",
+            "tenant_id",
+            "run_id",
+            "flow_id",
+            "step_id",
+        ];
+        let step_executions = IntCounterVec::new(
+            Opts::new(
+                "worker_step_executions_total",
+                "Steps finished, by final status.",
+            ),
+            &step_labels,
+        )?;
+        let step_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "worker_step_execution_duration_seconds",
+                "Step duration over all attempts and backoff sleeps.",
+            )
+            .buckets(STEP_BUCKETS.to_vec()),
+            &step_labels,
+        )?;
+        let step_errors = IntCounterVec::new(
+            Opts::new(
+                "worker_step_errors_total",
+                "Steps that ended with status error, by error code.",
+            ),
+            &[
+                "step_type",
+                "error_code",
+                "tenant_id",
+                "run_id",
+                "flow_id",
+                "step_id",
+            ],
+        )?;
+        let flow_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "worker_flow_execution_duration_seconds",
+                "One assignment end to end inside the worker: acceptance to result, queue included.",
+            )
+            .buckets(FLOW_BUCKETS.to_vec()),
+            &["tenant_id", "run_id", "flow_id"],
+        )?;
+        let pool_gauge =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["resource_pool"]);
+        let queue_depth = pool_gauge("worker_queue_depth", "Steps waiting in the pool's queue.")?;
+        let active_tasks = pool_gauge("worker_active_tasks", "Pool threads executing a step.")?;
+        let queue_capacity = pool_gauge(
+            "worker_queue_capacity",
+            "Queue bound of the pool; 0 when queues are unbounded (queue management off).",
+        )?;
+        let pool_threads = pool_gauge("worker_pool_threads", "Configured threads of the pool.")?;
+        let queue_wait_vec = HistogramVec::new(
+            HistogramOpts::new(
+                "worker_queue_wait_seconds",
+                "Acceptance to dequeue by a pool thread.",
+            )
+            .buckets(QUEUE_WAIT_BUCKETS.to_vec()),
+            &["resource_pool"],
+        )?;
+        let health_status = IntGaugeVec::new(
+            Opts::new(
+                "worker_health_status",
+                "1 if the health check passes, 0 if not.",
+            ),
+            &["check"],
+        )?;
+        let assignments = IntCounterVec::new(
+            Opts::new(
+                "worker_assignments_total",
+                "Submissions by outcome (accepted/rejected) and reason (\"\", duplicate, or the rejection reason).",
+            ),
+            &["outcome", "reason"],
+        )?;
+        let retries_vec = IntCounterVec::new(
+            Opts::new(
+                "worker_step_retries_total",
+                "Retries started (attempts after the first).",
+            ),
+            &["step_type"],
+        )?;
+        let budget_denied = IntCounter::new(
+            "worker_retry_budget_denied_total",
+            "Retries denied by the process-wide retry budget.",
+        )?;
+        let timeouts_vec = IntCounterVec::new(
+            Opts::new(
+                "worker_timeouts_total",
+                "Timeouts by phase (connect, attempt, fs, deadline).",
+            ),
+            &["step_type", "phase"],
+        )?;
+        let fs_abandoned = IntGauge::new(
+            "worker_fs_abandoned_operations",
+            "File-system operations abandoned by the watchdog and still blocked.",
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "worker_build_info",
+                "Always 1; the version label names the build.",
+            ),
+            &["version"],
+        )?;
+        for c in [
+            Box::new(step_executions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(step_duration.clone()),
+            Box::new(step_errors.clone()),
+            Box::new(flow_duration.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(active_tasks.clone()),
+            Box::new(queue_capacity.clone()),
+            Box::new(pool_threads.clone()),
+            Box::new(queue_wait_vec.clone()),
+            Box::new(health_status.clone()),
+            Box::new(assignments.clone()),
+            Box::new(retries_vec.clone()),
+            Box::new(budget_denied.clone()),
+            Box::new(timeouts_vec.clone()),
+            Box::new(fs_abandoned.clone()),
+            Box::new(build_info.clone()),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        ] {
+            registry.register(c)?;
+        }
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let queue_wait = PoolKind::ALL.map(|p| queue_wait_vec.with_label_values(&[p.as_str()]));
+        let retries = JobType::ALL
+            .iter()
+            .map(|j| retries_vec.with_label_values(&[j.as_str()]))
+            .collect();
+        let timeouts = JobType::ALL
+            .iter()
+            .map(|j| PHASES.map(|p| timeouts_vec.with_label_values(&[j.as_str(), p.as_str()])))
+            .collect();
+        let rejections = RejectReason::ALL
+            .iter()
+            .map(|r| assignments.with_label_values(&["rejected", r.as_str()]))
+            .collect();
+        Ok(Metrics {
+            accepted: assignments.with_label_values(&["accepted", ""]),
+            duplicates: assignments.with_label_values(&["accepted", "duplicate"]),
+            rejections,
+            registry,
+            step_executions,
+            step_duration,
+            step_errors,
+            flow_duration,
+            queue_depth,
+            active_tasks,
+            queue_capacity,
+            pool_threads,
+            health_status,
+            assignments,
+            fs_abandoned,
+            budget_denied,
+            queue_wait,
+            retries,
+            timeouts,
+            detailed_labels: settings.metrics_detailed_labels,
+            max_tenants: settings.metrics_max_tenants,
+            tenants: RwLock::new(HashSet::new()),
+        })
+    }
+
+    /// The tenant label value: itself while under the cap, else `_other`.
+    fn tenant_label<'a>(&self, tenant: &'a str) -> &'a str {
+        if self
+            .tenants
+            .read()
+            .map(|t| t.contains(tenant))
+            .unwrap_or(false)
+        {
+            return tenant;
+        }
+        let mut t = self.tenants.write().unwrap_or_else(|p| p.into_inner());
+        if t.contains(tenant) {
+            tenant
+        } else if t.len() < self.max_tenants {
+            t.insert(tenant.to_owned());
+            tenant
+        } else {
+            OTHER_TENANT
+        }
+    }
+
+    /// Updates the live gauges from the engine's pool numbers and health checks.
+    pub fn refresh(&self, pools: &[PoolStats], fs_abandoned: usize, health: &[(&str, bool)]) {
+        for p in pools {
+            let l = [p.kind.as_str()];
+            self.queue_depth.with_label_values(&l).set(p.queued as i64);
+            self.active_tasks.with_label_values(&l).set(p.active as i64);
+            self.queue_capacity
+                .with_label_values(&l)
+                .set(p.capacity.unwrap_or(0) as i64);
+            self.pool_threads
+                .with_label_values(&l)
+                .set(p.threads as i64);
+        }
+        self.fs_abandoned.set(fs_abandoned as i64);
+        for (check, ok) in health {
+            self.health_status
+                .with_label_values(&[check])
+                .set(i64::from(*ok));
+        }
+    }
+
+    /// The registry in Prometheus text format 0.0.4.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let families = self.registry.gather();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
+            log::error!(error = e.to_string(); "cannot encode metrics");
+        }
+        buf
+    }
+
+    /// The content type of [`Metrics::encode`].
+    pub fn content_type() -> &'static str {
+        "text/plain; version=0.0.4; charset=utf-8"
+    }
+
+    /// Number of `worker_assignments_total` series (for tests of cardinality).
+    pub fn assignment_series(&self) -> usize {
+        self.assignments.collect_len()
+    }
+}
+
+trait CollectLen {
+    fn collect_len(&self) -> usize;
+}
+
+impl CollectLen for IntCounterVec {
+    fn collect_len(&self) -> usize {
+        use prometheus::core::Collector;
+        self.collect().iter().map(|f| f.get_metric().len()).sum()
+    }
+}
+
+impl Observer for Metrics {
+    fn accepted(&self, _job: JobType, duplicate: bool) {
+        if duplicate {
+            self.duplicates.inc();
+        } else {
+            self.accepted.inc();
+        }
+    }
+
+    fn rejected(&self, reason: RejectReason) {
+        self.rejections[reason_index(reason)].inc();
+    }
+
+    fn dequeued(&self, pool: PoolKind, waited: Duration) {
+        self.queue_wait[pool.index()].observe(waited.as_secs_f64());
+    }
+
+    fn retry(&self, job: JobType) {
+        self.retries[job_index(job)].inc();
+    }
+
+    fn retry_budget_denied(&self, _job: JobType) {
+        self.budget_denied.inc();
+    }
+
+    fn timeout(&self, job: JobType, phase: TimeoutPhase) {
+        self.timeouts[job_index(job)][phase_index(phase)].inc();
+    }
+
+    fn finished<'a>(&self, report: &StepReport<'a>) {
+        let a = report.assignment;
+        let r = report.result;
+        let tenant = self.tenant_label(&a.tenant_id);
+        let c = &a.correlation;
+        let (run, flow, step) = if self.detailed_labels {
+            let id = |v: &'a Option<String>| v.as_deref().unwrap_or("");
+            (id(&c.run_id), id(&c.flow_id), id(&c.step_id))
+        } else {
+            ("", "", "")
+        };
+        let step_type = a.job_type.as_str();
+        let labels = [step_type, r.status.as_str(), tenant, run, flow, step];
+        self.step_executions.with_label_values(&labels).inc();
+        self.step_duration
+            .with_label_values(&labels)
+            .observe(r.latency_ms as f64 / 1000.0);
+        if let (crate::contract::Status::Error, Some(code)) = (r.status, r.error_code) {
+            self.step_errors
+                .with_label_values(&[step_type, ErrorCode::as_str(code), tenant, run, flow, step])
+                .inc();
+        }
+        self.flow_duration
+            .with_label_values(&[tenant, run, flow])
+            .observe(report.flow_duration.as_secs_f64());
+    }
+}
