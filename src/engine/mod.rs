@@ -515,13 +515,6 @@ fn worker_loop(shared: &Shared, kind: PoolKind, exit: Sender<()>) {
     let pool = &shared.pools[kind.index()];
     let _alive = AliveGuard(&pool.alive, exit);
     for handle in pool.receiver.iter() {
-        if shared.draining.load(Ordering::Acquire)
-            && pool.sender_gone()
-            && handle.cancel.is_cancelled()
-        {
-            // Already answered by shutdown; nothing left to do.
-            continue;
-        }
         pool.active.fetch_add(1, Ordering::AcqRel);
         shared.observer.dequeued(kind, handle.accepted_at.elapsed());
         let _ctx = logging::enter(logging::LogContext::of(&handle.assignment));
@@ -539,11 +532,5 @@ fn worker_loop(shared: &Shared, kind: PoolKind, exit: Sender<()>) {
             (outcome, StepStats::default())
         });
         shared.finish(&handle, outcome, stats);
-    }
-}
-
-impl Pool {
-    fn sender_gone(&self) -> bool {
-        self.sender.read().map(|s| s.is_none()).unwrap_or(true)
     }
 }
