@@ -369,6 +369,8 @@ impl Engine {
             };
         };
         h.cancel.cancel(CancelReason::User);
+        // Pairs with the fence in `step::run`: see the comment there.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if h.started.get().is_none() {
             self.shared.finish_cancelled(&h, CancelReason::User);
         }

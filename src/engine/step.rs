@@ -7,7 +7,7 @@ use crate::blocks::{AttemptContext, BlockError, TimeoutPhase};
 use crate::cancel::CancelReason;
 use crate::contract::{ErrorCode, Outcome, StepStats};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
 /// Runs the step of `h` to its outcome.
@@ -23,6 +23,13 @@ pub(super) fn run(shared: &Shared, h: &StepHandle) -> (Outcome, StepStats) {
         };
         (outcome, stats)
     };
+    // Publish "started" before looking at the token; `Engine::cancel` sets the
+    // token before looking at "started". With a SeqCst fence on both sides at
+    // least one of us sees the other, so a queued step is never both answered
+    // by the canceller and run here.
+    let start = Instant::now();
+    let _ = h.started.set(start);
+    fence(Ordering::SeqCst);
     if let Some(reason) = h.cancel.reason() {
         return never_started(final_failure(BlockError::cancelled(reason), false, None));
     }
@@ -36,8 +43,6 @@ pub(super) fn run(shared: &Shared, h: &StepHandle) -> (Outcome, StepStats) {
         });
     }
 
-    let start = Instant::now();
-    let _ = h.started.set(start);
     let queue_ms = ms(start - accepted);
     let max_attempts = a
         .retry
@@ -201,11 +206,7 @@ fn final_failure(e: BlockError, budget_stop: bool, budget_note: Option<String>) 
 }
 
 fn panic_error(panic: Box<dyn std::any::Any + Send>) -> BlockError {
-    let what = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into());
+    let what = crate::telemetry::logging::panic_message(panic.as_ref());
     BlockError::new(ErrorCode::InternalError, format!("block panicked: {what}"))
 }
 
