@@ -1,0 +1,337 @@
+//! `http.request` (SPEC §4.1) against a real tiny_http upstream on
+//! 127.0.0.1:0, CP1 baseline (all flags off).
+mod support;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use support::{Reply, Upstream};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn request(id: &str, payload: Value) -> Value {
+    support::assignment(id, "http.request", payload)
+}
+
+/// One attempt only, so a failure is reported without CP1's retries.
+fn once(a: Value) -> Value {
+    support::with_options(a, json!({"retry": {"max_attempts": 1}}))
+}
+
+fn header<'a>(seen: &'a support::Seen, name: &str) -> Option<&'a str> {
+    seen.headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn a_200_is_success_with_status_lower_case_headers_and_body() {
+    let up = Upstream::start(|_, _| {
+        Reply::status(200)
+            .header("Content-Type", "text/plain; charset=utf-8")
+            .header("X-Upstream-Thing", "Mixed-Case-Value")
+            .body("hi there")
+    });
+    let r = support::run_one(
+        &request("ok", json!({"url": up.url("/hello?x=1")})),
+        &[],
+        LIMIT,
+    );
+    assert_eq!(r["status"], "success", "{r}");
+    assert_eq!(r["attempts"], 1);
+    let out = &r["outputs"];
+    assert_eq!(out["status_code"], 200);
+    assert_eq!(out["body"], "hi there");
+    assert!(out.get("body_base64").is_none());
+    let headers = out["headers"].as_object().expect("headers object");
+    assert!(
+        headers.keys().all(|k| *k == k.to_ascii_lowercase()),
+        "header names must be lower case: {headers:?}"
+    );
+    assert_eq!(
+        headers["x-upstream-thing"], "Mixed-Case-Value",
+        "values are kept as sent"
+    );
+    assert_eq!(headers["content-type"], "text/plain; charset=utf-8");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "GET", "GET is the default method");
+    assert_eq!(seen[0].url, "/hello?x=1");
+    support::check_results(&[r.to_string()]);
+}
+
+#[test]
+fn non_2xx_is_http_error_with_status_code_and_body_head() {
+    for status in [404u16, 503] {
+        let up = Upstream::start(move |_, _| {
+            Reply::status(status)
+                .header("Content-Type", "text/plain")
+                .body(format!("upstream says {status}"))
+        });
+        let r = support::run_one(
+            &once(request("non2xx", json!({"url": up.url("/x")}))),
+            &[],
+            LIMIT,
+        );
+        assert_eq!(r["status"], "error", "{r}");
+        assert_eq!(r["error_code"], "HTTP_ERROR", "{r}");
+        assert!(
+            r["error_message"]
+                .as_str()
+                .unwrap()
+                .contains(&status.to_string()),
+            "{r}"
+        );
+        assert_eq!(r["outputs"]["status_code"], status, "{r}");
+        assert_eq!(r["outputs"]["body"], format!("upstream says {status}"));
+        assert_eq!(r["outputs"]["headers"]["content-type"], "text/plain");
+        assert!(r["retryable"].is_boolean());
+        support::check_results(&[r.to_string()]);
+    }
+    // Only the first 4 KiB of an error body are kept.
+    let big = "e".repeat(10_000);
+    let up = Upstream::start(move |_, _| Reply::status(500).body(big.clone()));
+    let r = support::run_one(
+        &once(request("head", json!({"url": up.url("/")}))),
+        &[],
+        LIMIT,
+    );
+    assert_eq!(r["error_code"], "HTTP_ERROR");
+    assert_eq!(r["outputs"]["status_code"], 500);
+    assert_eq!(r["outputs"]["body"].as_str().unwrap().len(), 4096);
+}
+
+#[test]
+fn request_headers_and_a_json_body_round_trip() {
+    let up = Upstream::start(|_, seen| {
+        Reply::status(201)
+            .header("Content-Type", "application/json")
+            .body(seen.body.clone())
+    });
+    let body =
+        json!({"name": "caf", "n": 3, "tags": ["a", "b"], "nested": {"ok": true}, "none": null});
+    let r = support::run_one(
+        &request(
+            "post",
+            json!({
+                "url": up.url("/items"), "method": "post",
+                "headers": {"X-Request-Tag": "tag-1", "X-Count": 7, "Accept": "application/json"},
+                "body": body,
+            }),
+        ),
+        &[],
+        LIMIT,
+    );
+    assert_eq!(r["status"], "success", "{r}");
+    assert_eq!(r["outputs"]["status_code"], 201);
+    let seen = &up.seen()[0];
+    assert_eq!(seen.method, "POST", "method is case-insensitive");
+    assert_eq!(seen.url, "/items");
+    assert_eq!(header(seen, "x-request-tag"), Some("tag-1"));
+    assert_eq!(
+        header(seen, "x-count"),
+        Some("7"),
+        "JSON values are sent as text"
+    );
+    assert_eq!(header(seen, "accept"), Some("application/json"));
+    assert_eq!(
+        header(seen, "content-type"),
+        Some("application/json"),
+        "an object body is sent as JSON"
+    );
+    let sent: Value = serde_json::from_slice(&seen.body).expect("the body sent is JSON");
+    assert_eq!(sent, body);
+    // The echoed body comes back as a string.
+    let echoed: Value = serde_json::from_str(r["outputs"]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(echoed, body);
+
+    // A string body is sent byte for byte, without a forced JSON content type;
+    // an explicit content-type header wins for JSON bodies.
+    let up = Upstream::start(|_, _| Reply::status(204));
+    let r = support::run_one(
+        &request(
+            "put",
+            json!({"url": up.url("/raw"), "method": "PUT", "body": "plain {not json} ✓"}),
+        ),
+        &[],
+        LIMIT,
+    );
+    assert_eq!(r["status"], "success", "{r}");
+    assert_eq!(r["outputs"]["status_code"], 204);
+    let r2 = support::run_one(
+        &request(
+            "patch",
+            json!({"url": up.url("/typed"), "method": "PATCH",
+                   "headers": {"Content-Type": "application/merge-patch+json"}, "body": [1, 2]}),
+        ),
+        &[],
+        LIMIT,
+    );
+    assert_eq!(r2["status"], "success", "{r2}");
+    let seen = up.seen();
+    assert_eq!(seen[0].method, "PUT");
+    assert_eq!(seen[0].body, "plain {not json} ✓".as_bytes());
+    assert_ne!(header(&seen[0], "content-type"), Some("application/json"));
+    assert_eq!(seen[1].method, "PATCH");
+    assert_eq!(
+        header(&seen[1], "content-type"),
+        Some("application/merge-patch+json")
+    );
+    assert_eq!(seen[1].body, b"[1,2]");
+}
+
+#[test]
+fn a_non_utf8_body_comes_back_as_body_base64() {
+    let bytes: Vec<u8> = vec![0xff, 0xfe, 0x00, 0x80, b'a', 0xc3];
+    let reply = bytes.clone();
+    let up = Upstream::start(move |_, _| {
+        Reply::status(200)
+            .header("Content-Type", "application/octet-stream")
+            .body(reply.clone())
+    });
+    let r = support::run_one(&request("bin", json!({"url": up.url("/bin")})), &[], LIMIT);
+    assert_eq!(r["status"], "success", "{r}");
+    assert!(r["outputs"].get("body").is_none(), "{r}");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(r["outputs"]["body_base64"].as_str().expect("body_base64"))
+        .unwrap();
+    assert_eq!(decoded, bytes);
+}
+
+#[test]
+fn a_slow_upstream_past_the_step_deadline_ends_in_timeout() {
+    let up = Upstream::start(|_, _| {
+        Reply::status(200)
+            .body("late")
+            .delay(Duration::from_secs(4))
+    });
+    let a = support::with_options(
+        request("slow", json!({"url": up.url("/slow")})),
+        json!({"deadline_ms": 300, "retry": {"max_attempts": 1}}),
+    );
+    let started = Instant::now();
+    let r = support::run_one(&a, &[], LIMIT);
+    let took = started.elapsed();
+    assert_eq!(r["status"], "timeout", "{r}");
+    assert_eq!(r["error_code"], "CANCELLED_BY_TIMEOUT");
+    assert_eq!(r["attempts"], 1);
+    let latency = r["latency_ms"].as_u64().unwrap();
+    assert!(
+        (250..2000).contains(&latency),
+        "latency {latency} ms for a 300 ms deadline"
+    );
+    assert!(
+        took < Duration::from_millis(3500),
+        "the worker did not wait for the upstream: {took:?}"
+    );
+    assert_eq!(up.requests(), 1);
+    support::check_results(&[r.to_string()]);
+
+    // CP1 retries a timed-out attempt like any error; each attempt gets the
+    // full 300 ms, the final status is still `timeout`.
+    let a = support::with_options(
+        request("slow-2", json!({"url": up.url("/slow")})),
+        json!({"deadline_ms": 300, "retry": {"max_attempts": 2}}),
+    );
+    let r = support::run_one(&a, &[], LIMIT);
+    assert_eq!(r["status"], "timeout", "{r}");
+    assert_eq!(r["error_code"], "CANCELLED_BY_TIMEOUT");
+    assert_eq!(r["attempts"], 2);
+    assert_eq!(r["retries_used"], 1);
+    let latency = r["latency_ms"].as_u64().unwrap();
+    // 300 + 100 (CP1 delay) + 300 ms.
+    assert!((650..2500).contains(&latency), "latency {latency} ms");
+}
+
+#[test]
+fn non_http_schemes_are_invalid_input_without_any_network() {
+    let up = Upstream::start(|_, _| Reply::status(200));
+    let host = up.addr.to_string();
+    for url in [
+        "file:///etc/passwd".to_owned(),
+        format!("ftp://{host}/x"),
+        format!("gopher://{host}/"),
+        format!("FILE://{host}/etc/passwd"),
+    ] {
+        let r = support::run_one(&request("scheme", json!({"url": url})), &[], LIMIT);
+        assert_eq!(r["status"], "error", "{url}: {r}");
+        assert_eq!(r["error_code"], "INVALID_INPUT", "{url}: {r}");
+        assert_eq!(r["retryable"], false, "{url}");
+        assert!(
+            r.get("outputs")
+                .is_none_or(|o| o.get("status_code").is_none()),
+            "{r}"
+        );
+    }
+    assert_eq!(up.requests(), 0, "no request may reach the network");
+    // Payload type and presence problems use the other input codes.
+    let r = support::run_one(&once(request("no-url", json!({}))), &[], LIMIT);
+    assert_eq!(r["error_code"], "MISSING_REQUIRED_FIELD");
+    let r = support::run_one(&once(request("num-url", json!({"url": 5}))), &[], LIMIT);
+    assert_eq!(r["error_code"], "INVALID_FORMAT");
+    let r = support::run_one(
+        &once(request(
+            "bad-method",
+            json!({"url": up.url("/"), "method": "TRACE"}),
+        )),
+        &[],
+        LIMIT,
+    );
+    assert_eq!(r["error_code"], "INVALID_INPUT");
+    assert_eq!(up.requests(), 0);
+}
+
+#[test]
+fn a_body_over_max_response_bytes_is_execution_failed() {
+    let up = Upstream::start(|_, seen| {
+        let n = if seen.url == "/big" { 5_000 } else { 1_000 };
+        Reply::status(200).body(vec![b'x'; n])
+    });
+    let env = [("WORKER_MAX_RESPONSE_BYTES", "1000")];
+    let r = support::run_one(
+        &once(request("big", json!({"url": up.url("/big")}))),
+        &env,
+        LIMIT,
+    );
+    assert_eq!(r["status"], "error", "{r}");
+    assert_eq!(r["error_code"], "EXECUTION_FAILED", "{r}");
+    assert!(
+        r["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("WORKER_MAX_RESPONSE_BYTES"),
+        "{r}"
+    );
+    assert!(
+        r.get("outputs").is_none_or(|o| o.get("body").is_none()),
+        "never a partial body: {r}"
+    );
+    // Exactly at the limit is fine.
+    let r = support::run_one(
+        &once(request("fits", json!({"url": up.url("/fits")}))),
+        &env,
+        LIMIT,
+    );
+    assert_eq!(r["status"], "success", "{r}");
+    assert_eq!(r["outputs"]["body"].as_str().unwrap().len(), 1_000);
+}
+
+#[test]
+fn a_refused_connection_is_network_error() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let r = support::run_one(
+        &once(request(
+            "refused",
+            json!({"url": format!("http://127.0.0.1:{port}/")}),
+        )),
+        &[],
+        LIMIT,
+    );
+    assert_eq!(r["status"], "error", "{r}");
+    assert_eq!(r["error_code"], "NETWORK_ERROR", "{r}");
+    assert_eq!(r["retryable"], true);
+}
