@@ -64,7 +64,11 @@ impl HttpBlock {
             .max_redirects(if follow_redirects { MAX_REDIRECTS } else { 0 })
             .max_redirects_will_error(follow_redirects)
             .build();
-        let mut response = self.agent.run(request).map_err(|e| map_error(e, total))?;
+        let connect = ctx.connect_timeout;
+        let mut response = self
+            .agent
+            .run(request)
+            .map_err(|e| map_error(e, total, connect))?;
         let status = response.status().as_u16();
         let headers = response_headers(response.headers());
         let retry_after = response
@@ -84,7 +88,7 @@ impl HttpBlock {
                     format!("response body exceeds WORKER_MAX_RESPONSE_BYTES ({limit} bytes)"),
                 )
                 .permanent(),
-                other => map_error(other, total),
+                other => map_error(other, total, connect),
             })?;
         if (200..300).contains(&status) {
             let mut out = json!({"status_code": status, "headers": headers});
@@ -244,14 +248,23 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
 }
 
 /// Converts ureq's error into a block error at the I/O boundary.
-fn map_error(e: ureq::Error, total: Option<Duration>) -> BlockError {
+///
+/// `total` is the attempt's total timeout and `connect` the connect timeout
+/// (CP2 only), both as configured on the request.
+fn map_error(e: ureq::Error, total: Option<Duration>, connect: Option<Duration>) -> BlockError {
     use ureq::Timeout;
     let ms = |d: Option<Duration>| d.map_or_else(|| "?".to_owned(), |d| d.as_millis().to_string());
+    // ureq names the phase a timeout hit, not the limit that fired: a timeout
+    // while connecting is a connect timeout only when a connect timeout shorter
+    // than the total was set; otherwise the total (attempt) timeout fired.
+    let connect_fired = connect.is_some_and(|c| total.is_none_or(|t| c < t));
     match e {
-        ureq::Error::Timeout(Timeout::Connect | Timeout::Resolve) => BlockError::timeout(
-            TimeoutPhase::Connect,
-            "connect did not finish within the connect timeout",
-        ),
+        ureq::Error::Timeout(Timeout::Connect | Timeout::Resolve) if connect_fired => {
+            BlockError::timeout(
+                TimeoutPhase::Connect,
+                "connect did not finish within the connect timeout",
+            )
+        }
         ureq::Error::Timeout(_) => BlockError::timeout(
             TimeoutPhase::Attempt,
             format!("attempt timed out after {} ms", ms(total)),
@@ -298,6 +311,24 @@ fn map_error(e: ureq::Error, total: Option<Duration>) -> BlockError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timeout_while_connecting_is_typed_by_the_limit_that_fired() {
+        use ureq::Timeout;
+        let ms = |n| Some(Duration::from_millis(n));
+        let typed = |total, connect| {
+            let e = map_error(ureq::Error::Timeout(Timeout::Connect), total, connect);
+            (e.code, e.timeout)
+        };
+        // CP2: a connect timeout shorter than the total fired.
+        let connect = (ErrorCode::ConnectionTimeout, Some(TimeoutPhase::Connect));
+        assert_eq!(typed(ms(3000), ms(300)), connect);
+        // CP1 (no connect timeout) or a connect timeout capped at the total:
+        // the total (attempt) timeout fired while connecting.
+        let attempt = (ErrorCode::CancelledByTimeout, Some(TimeoutPhase::Attempt));
+        assert_eq!(typed(ms(1200), None), attempt);
+        assert_eq!(typed(ms(300), ms(300)), attempt);
+    }
 
     #[test]
     fn retry_after_forms() {

@@ -477,3 +477,566 @@ pub fn read_jsonl(path: &Path) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l}: {e}")))
         .collect()
 }
+
+// ---------------------------------------------------------------- one step (issue 2)
+
+/// Runs one assignment through `caf-worker run -` and returns its single
+/// result line (asserting there is exactly one line and it is not an Ack).
+pub fn run_one(a: &Value, env: &[(&str, &str)], limit: Duration) -> Value {
+    let out = run_lines(std::slice::from_ref(a), env, limit);
+    assert_eq!(
+        out.stdout.len(),
+        1,
+        "expected one result line; stdout {:?} stderr {:?}",
+        out.stdout,
+        out.stderr
+    );
+    let v = out.json_lines().remove(0);
+    assert!(
+        v.get("acknowledged_at").is_none(),
+        "assignment was rejected: {v}"
+    );
+    let expected_code = if v["status"] == "success" { 0 } else { 1 };
+    assert_eq!(out.code, expected_code, "exit code for {v}");
+    v
+}
+
+/// `a` with `options` set to `options`.
+pub fn with_options(mut a: Value, options: Value) -> Value {
+    a["options"] = options;
+    a
+}
+
+// ---------------------------------------------------------------- retries and timeouts (issue 3)
+
+/// A scripted HTTP/1.1 upstream on 127.0.0.1:0 with one thread per
+/// connection and keep-alive, recording arrival times like [`Upstream`].
+///
+/// Why not tiny_http here: tiny_http 0.12's task pool can queue a new
+/// connection behind threads parked on idle keep-alive connections (a race in
+/// `TaskPool::spawn`), so with a worker that pools connections a request may
+/// not be seen until some other connection closes. Tests with many concurrent
+/// steps hung on that. A thread per connection has no such queue, and it can
+/// really cut a connection mid-response for [`Reply::drop_connection`].
+pub struct HttpStub {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    count: Arc<AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HttpStub {
+    /// Answers request `n` (0-based, across all paths) with `script(n, seen)`.
+    pub fn start(script: impl Fn(usize, &Seen) -> Reply + Send + Sync + 'static) -> HttpStub {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind stub");
+        let addr = listener.local_addr().expect("stub addr");
+        let stub = HttpStub {
+            addr,
+            seen: Arc::new(Mutex::new(Vec::new())),
+            count: Arc::new(AtomicUsize::new(0)),
+            stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let script: Arc<Script> = Arc::new(script);
+        let (seen, count, stop) = (stub.seen.clone(), stub.count.clone(), stub.stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let (script, seen, count) = (script.clone(), seen.clone(), count.clone());
+                std::thread::spawn(move || serve_stub_connection(conn, &*script, &seen, &count));
+            }
+        });
+        stub
+    }
+
+    /// Answers each URL path from its own list: request `k` on `path` gets
+    /// `replies[k]`, the last reply repeating; other paths get 404.
+    pub fn routes(routes: &[(&str, Vec<Reply>)]) -> HttpStub {
+        let routes: std::collections::HashMap<String, Vec<Reply>> = routes
+            .iter()
+            .map(|(p, r)| {
+                assert!(!r.is_empty(), "route {p} has no replies");
+                ((*p).to_owned(), r.clone())
+            })
+            .collect();
+        let counters = Mutex::new(std::collections::HashMap::<String, usize>::new());
+        HttpStub::start(move |_, s| {
+            let path = s.url.split('?').next().unwrap_or("");
+            let Some(replies) = routes.get(path) else {
+                return Reply::status(404).body("no such route");
+            };
+            let mut c = counters.lock().unwrap();
+            let k = c.entry(path.to_owned()).or_insert(0);
+            let reply = replies[(*k).min(replies.len() - 1)].clone();
+            *k += 1;
+            reply
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Requests seen so far (all paths).
+    pub fn requests(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Arrival times of the requests whose URL is `url` exactly, or whose path
+    /// is `url` when it has no query; in order.
+    pub fn arrivals(&self, url: &str) -> Vec<Instant> {
+        let mut at: Vec<Instant> = self
+            .seen()
+            .into_iter()
+            .filter(|s| {
+                s.url == url || (!url.contains('?') && s.url.split('?').next() == Some(url))
+            })
+            .map(|s| s.at)
+            .collect();
+        at.sort();
+        at
+    }
+
+    /// Requests seen on `url` (as in [`HttpStub::arrivals`]).
+    pub fn requests_to(&self, url: &str) -> usize {
+        self.arrivals(url).len()
+    }
+
+    /// Milliseconds between consecutive requests to `url`.
+    pub fn gaps_ms(&self, url: &str) -> Vec<u64> {
+        self.arrivals(url)
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_millis() as u64)
+            .collect()
+    }
+}
+
+impl Drop for HttpStub {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(100));
+    }
+}
+
+/// Serves one connection: requests in a loop until the client closes it or
+/// asks to (`Connection: close`), or a reply drops it.
+fn serve_stub_connection(
+    conn: std::net::TcpStream,
+    script: &Script,
+    seen: &Mutex<Vec<Seen>>,
+    count: &AtomicUsize,
+) {
+    use std::io::Read;
+    // An idle client must not pin the thread forever.
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(mut writer) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(method), Some(url)) = (parts.next(), parts.next()) else {
+            return;
+        };
+        let (method, url) = (method.to_owned(), url.to_owned());
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.push((k.trim().to_owned(), v.trim().to_owned()));
+            }
+        }
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        let len: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let s = Seen {
+            at: Instant::now(),
+            method,
+            url,
+            headers,
+            body,
+        };
+        let n = count.fetch_add(1, Ordering::SeqCst);
+        seen.lock().unwrap().push(s.clone());
+        let reply = script(n, &s);
+        std::thread::sleep(reply.delay);
+        if reply.drop_connection {
+            // Promise 64 bytes, send a few, then cut the connection.
+            let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 64\r\n\r\npartial");
+            let _ = writer.flush();
+            let _ = writer.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        let mut head = format!(
+            "HTTP/1.1 {} Stub\r\ncontent-length: {}\r\n",
+            reply.status,
+            reply.body.len()
+        );
+        for (k, v) in &reply.headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut out = head.into_bytes();
+        if s.method != "HEAD" {
+            out.extend_from_slice(&reply.body);
+        }
+        if writer
+            .write_all(&out)
+            .and_then(|()| writer.flush())
+            .is_err()
+            || close
+        {
+            return;
+        }
+    }
+}
+
+/// A loopback listener whose accept queue is full: it never accepts, and a
+/// new `connect()` to it hangs (Linux drops the SYN while the queue is full).
+pub struct FullBacklog {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _held: Vec<std::net::TcpStream>,
+}
+
+/// Builds a [`FullBacklog`] on 127.0.0.1:0 with `listen(0)`, fills the queue
+/// with plain connects until one hangs, then checks that connects really hang.
+pub fn full_backlog_listener() -> FullBacklog {
+    use socket2::{Domain, Socket, Type};
+    use std::net::TcpStream;
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    listener.bind(&any.into()).expect("bind 127.0.0.1:0");
+    listener.listen(0).expect("listen");
+    let addr = listener
+        .local_addr()
+        .expect("local addr")
+        .as_socket()
+        .expect("inet addr");
+    assert!(addr.ip().is_loopback());
+    let hangs = |limit_ms: u64| {
+        matches!(
+            TcpStream::connect_timeout(&addr, Duration::from_millis(limit_ms)),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut
+        )
+    };
+    let mut held = Vec::new();
+    // Each connect either completes into the queue (kept open) or times out
+    // after 200 ms because the queue is full: bounded either way.
+    for _ in 0..64 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => held.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break,
+            Err(e) => panic!("unexpected connect error while filling the backlog: {e}"),
+        }
+    }
+    assert!(
+        hangs(100) && hangs(100),
+        "connects to a full-backlog loopback listener do not hang on this kernel"
+    );
+    FullBacklog {
+        addr,
+        _listener: listener,
+        _held: held,
+    }
+}
+
+/// Creates a named pipe at `path` (with the `mkfifo` tool).
+pub fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo is needed for the FS hang tests");
+    assert!(status.success(), "mkfifo {} failed", path.display());
+}
+
+// ---------------------------------------------------------------- serve ports (issue 4)
+
+/// Helpers for the `serve_*` tests: submissions, lookups, raw sockets and
+/// the metrics gauges used to know when a pool is busy.
+pub mod serve {
+    use super::{Worker, http};
+    use serde_json::{Value, json};
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    /// `a` routed to pool `class` (`cpu`, `io`, `gpu`) via `job.resources.class`.
+    pub fn on_pool(mut a: Value, class: &str) -> Value {
+        a["job"]["resources"] = json!({ "class": class });
+        a
+    }
+
+    /// A `debug.sleep` of `ms` on pool `class`.
+    pub fn sleep_step(id: &str, ms: u64, class: &str) -> Value {
+        on_pool(
+            super::assignment(id, "debug.sleep", json!({ "ms": ms })),
+            class,
+        )
+    }
+
+    /// A response: status, headers, body parsed as JSON (`Null` if not JSON), raw body.
+    #[derive(Debug, Clone)]
+    pub struct Answer {
+        pub status: u16,
+        pub headers: Vec<(String, String)>,
+        pub json: Value,
+        pub text: String,
+    }
+
+    impl Answer {
+        /// The first header named `name` (case-insensitive).
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    fn answer((status, headers, text): (u16, Vec<(String, String)>, String)) -> Answer {
+        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Answer {
+            status,
+            headers,
+            json,
+            text,
+        }
+    }
+
+    /// Any request with extra headers (e.g. `Authorization`).
+    pub fn request(
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Answer {
+        let mut b = ureq::http::Request::builder().method(method).uri(url);
+        if body.is_some() {
+            b = b.header("content-type", "application/json");
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(body.unwrap_or(b"").to_vec()).expect("request");
+        let mut resp = super::client().run(req).expect("request failed");
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        answer((status, headers, text))
+    }
+
+    /// `POST /api/v1/assignments`.
+    pub fn submit(w: &Worker, a: &Value) -> Answer {
+        answer(http(
+            "POST",
+            &w.url("/api/v1/assignments"),
+            Some(&a.to_string()),
+        ))
+    }
+
+    /// `GET /api/v1/results/{id}?wait_ms=N`.
+    pub fn result(w: &Worker, id: &str, wait_ms: u64) -> Answer {
+        answer(http(
+            "GET",
+            &w.url(&format!("/api/v1/results/{id}?wait_ms={wait_ms}")),
+            None,
+        ))
+    }
+
+    /// `POST /api/v1/assignments/{id}/cancel`.
+    pub fn cancel(w: &Worker, id: &str) -> Answer {
+        answer(http(
+            "POST",
+            &w.url(&format!("/api/v1/assignments/{id}/cancel")),
+            None,
+        ))
+    }
+
+    /// `GET` on the health port.
+    pub fn health(w: &Worker, path: &str) -> Answer {
+        answer(http("GET", &format!("http://{}{path}", w.health), None))
+    }
+
+    /// The value of an unlabelled-or-labelled sample on the metrics port,
+    /// e.g. `worker_active_tasks{resource_pool="io"}`.
+    pub fn metric(w: &Worker, sample: &str) -> Option<f64> {
+        let addr = w
+            .metrics
+            .expect("metrics port (CP2_OBSERVABILITY_METRICS_ENABLED=1)");
+        let (_, _, text) = http("GET", &format!("http://{addr}/metrics"), None);
+        text.lines().find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
+    /// Waits until pool `pool` has `active` threads running steps and `queued`
+    /// steps waiting (needs the metrics port).
+    pub fn wait_pool(w: &Worker, pool: &str, active: u32, queued: u32, limit: Duration) {
+        let a = format!("worker_active_tasks{{resource_pool=\"{pool}\"}}");
+        let q = format!("worker_queue_depth{{resource_pool=\"{pool}\"}}");
+        let reached = super::wait_for(limit, || {
+            (metric(w, &a) == Some(f64::from(active)) && metric(w, &q) == Some(f64::from(queued)))
+                .then_some(())
+        });
+        assert!(
+            reached.is_some(),
+            "the {pool} pool never reached {active} active / {queued} queued: {:?} / {:?}",
+            metric(w, &a),
+            metric(w, &q)
+        );
+    }
+
+    /// Raw lines of a results file (empty if missing).
+    pub fn result_lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Results of a results file, with how many lines each id has.
+    pub fn result_counts(path: &Path) -> std::collections::HashMap<String, usize> {
+        let mut counts = std::collections::HashMap::new();
+        for v in super::read_jsonl(path) {
+            let id = v["assignment_id"].as_str().unwrap_or("").to_owned();
+            *counts.entry(id).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Polls until the results file has at least `n` lines.
+    pub fn wait_result_lines(path: &Path, n: usize, limit: Duration) -> Vec<String> {
+        super::wait_for(limit, || {
+            let lines = result_lines(path);
+            (lines.len() >= n).then_some(lines)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "results file has {} of {n} lines after {limit:?}",
+                result_lines(path).len()
+            )
+        })
+    }
+
+    /// A connected socket with read/write timeouts.
+    pub fn connect(addr: SocketAddr, timeout: Duration) -> TcpStream {
+        let s = TcpStream::connect_timeout(&addr, timeout).expect("connect");
+        s.set_read_timeout(Some(timeout)).expect("read timeout");
+        s.set_write_timeout(Some(timeout)).expect("write timeout");
+        s
+    }
+
+    /// Reads an HTTP/1.1 response head (up to the blank line) plus whatever
+    /// body bytes arrive until `Content-Length` is met, EOF, or `limit`.
+    pub fn read_response(s: &mut TcpStream, limit: Duration) -> (u16, String, Vec<u8>) {
+        let deadline = Instant::now() + limit;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let mut head_end = None;
+        loop {
+            if head_end.is_none() {
+                head_end = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+            }
+            if let Some(end) = head_end {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                if len.is_some_and(|n| buf.len() >= end + n) {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            let _ = s.set_read_timeout(Some(left));
+            match s.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(_) => break,
+            }
+        }
+        let end = head_end.unwrap_or(buf.len());
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, head, buf[end..].to_vec())
+    }
+
+    /// Sends `bytes` on a fresh connection and reads the response.
+    pub fn raw_exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> (u16, String, Vec<u8>) {
+        let mut s = connect(addr, limit);
+        s.write_all(bytes).expect("write request");
+        read_response(&mut s, limit)
+    }
+
+    /// Threads of process `pid` (Linux `/proc`).
+    pub fn thread_count(pid: u32) -> usize {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The soft limit on open files of this process (Linux `/proc`).
+    pub fn open_files_limit() -> usize {
+        std::fs::read_to_string("/proc/self/limits")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1024)
+    }
+}
