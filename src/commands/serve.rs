@@ -83,6 +83,9 @@ pub fn serve(settings: Settings) -> i32 {
         }
     };
     log::info!(config:serde = settings.effective_json(); "effective configuration");
+    // Ready before the "listening" line: whoever waits for that line may
+    // probe /readyz at once.
+    ready.store(true, Ordering::Release);
     log::info!(
         worker_id = settings.worker_id.as_str(),
         ingress = ports[0].addr().to_string(),
@@ -90,7 +93,6 @@ pub fn serve(settings: Settings) -> i32 {
         metrics = ports.get(2).map(|p| p.addr().to_string());
         "caf-worker {} listening", env!("CARGO_PKG_VERSION")
     );
-    ready.store(true, Ordering::Release);
 
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(50));

@@ -31,11 +31,13 @@ impl Health {
     }
 
     /// Evaluates every check: all pool threads alive, FS root writable.
+    /// Threads leaving during a drain have not died: they are done.
     pub fn checks(engine: &Engine) -> Vec<HealthCheck> {
+        let draining = engine.is_draining();
         let dead: Vec<String> = engine
             .pool_stats()
             .iter()
-            .filter(|p| p.alive < p.threads)
+            .filter(|p| !draining && p.alive < p.threads)
             .map(|p| {
                 format!(
                     "{} pool: {} of {} threads alive",
@@ -69,10 +71,14 @@ impl Health {
     }
 
     fn pools_alive(&self) -> bool {
-        self.engine
-            .pool_stats()
-            .iter()
-            .all(|p| p.alive == p.threads)
+        // A failed liveness probe during the drain would get the process
+        // killed before every accepted step has its result (SPEC §11).
+        self.engine.is_draining()
+            || self
+                .engine
+                .pool_stats()
+                .iter()
+                .all(|p| p.alive == p.threads)
     }
 
     fn route(&self, request: &Request) -> Reply {

@@ -23,7 +23,8 @@ use tiny_http::{Header, Request, Response, Server};
 /// A response as our handlers build it.
 pub type Reply = Response<Cursor<Vec<u8>>>;
 
-/// How long a client may stall mid-request before its socket read fails.
+/// How long a client may stall (sending its request or reading our answer)
+/// before its connection is dropped.
 pub const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a port could not be opened.
@@ -87,7 +88,7 @@ impl HttpPort {
             let (server, stop, handler) = (server.clone(), stop.clone(), handler.clone());
             let h = std::thread::Builder::new()
                 .name(format!("caf-http-{}-{i}", bound.port()))
-                .spawn(move || serve_loop(&server, &stop, handler.as_ref()))
+                .spawn(move || serve_loop(&server, &stop, &handler))
                 .map_err(err)?;
             handles.push(h);
         }
@@ -117,7 +118,13 @@ impl HttpPort {
 }
 
 /// Binds with SO_REUSEADDR and read/write timeouts that accepted sockets
-/// inherit on Linux: a client that stalls is dropped after [`CLIENT_IO_TIMEOUT`].
+/// inherit on Linux: a client that stalls mid-request or stops reading its
+/// response is dropped after [`CLIENT_IO_TIMEOUT`], and an idle keep-alive
+/// connection gives its tiny_http thread back after that long.
+///
+/// On Linux the read timeout also bounds `accept()` on the listener; our
+/// vendored tiny_http (vendor/tiny_http, see VENDORED.md) keeps accepting
+/// after such a timeout, where upstream stopped for good.
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
@@ -129,15 +136,25 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-fn serve_loop(server: &Server, stop: &AtomicBool, handler: &dyn Handler) {
+fn serve_loop(server: &Server, stop: &AtomicBool, handler: &Arc<dyn Handler>) {
     while !stop.load(Ordering::Acquire) {
         match server.recv_timeout(Duration::from_millis(200)) {
-            Ok(Some(request)) => {
-                // tiny_http answers 500 from Drop if a handler panics before responding.
-                if catch_unwind(AssertUnwindSafe(|| handler.handle(request))).is_err() {
-                    log::error!("request handler panicked; answered 500");
+            Ok(Some(request)) if body_on_socket(&request) => {
+                // The body is read from the socket while the handler runs, and
+                // tiny_http drains what is left when the request is dropped: a
+                // client stalling mid-body must not pin one of the port's few
+                // threads. tiny_http serves one request per connection at a
+                // time, so these threads are bounded by the open connections.
+                let handler = handler.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("caf-http-body".into())
+                    .spawn(move || dispatch(handler.as_ref(), request));
+                if let Err(e) = spawned {
+                    // The request was dropped with the closure: tiny_http answered 500.
+                    log::error!(error = e.to_string(); "cannot spawn a request body thread");
                 }
             }
+            Ok(Some(request)) => dispatch(handler.as_ref(), request),
             Ok(None) => {}
             Err(e) => {
                 log::warn!(error = e.to_string(); "http server receive failed");
@@ -145,6 +162,24 @@ fn serve_loop(server: &Server, stop: &AtomicBool, handler: &dyn Handler) {
             }
         }
     }
+}
+
+fn dispatch(handler: &dyn Handler, request: Request) {
+    // tiny_http answers 500 from Drop if a handler panics before responding.
+    if catch_unwind(AssertUnwindSafe(|| handler.handle(request))).is_err() {
+        log::error!("request handler panicked; answered 500");
+    }
+}
+
+/// True when tiny_http has not buffered the body: chunked, over 1 KiB, or
+/// sent only after `100 Continue`. Smaller bodies are read before the
+/// request is handed over, on tiny_http's own per-connection thread.
+fn body_on_socket(request: &Request) -> bool {
+    let has = |name: &'static str| request.headers().iter().any(|h| h.field.equiv(name));
+    has("Transfer-Encoding")
+        || request
+            .body_length()
+            .is_some_and(|n| n > 1024 || (n > 0 && has("Expect")))
 }
 
 /// A JSON response with `status`.
