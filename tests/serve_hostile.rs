@@ -344,3 +344,76 @@ fn ports_keep_accepting_after_being_idle() {
     std::thread::sleep(Duration::from_millis(10_500));
     assert_serving(&w, "after-10.5s-idle");
 }
+
+/// Sends `head` and then `body` on one connection (from a thread, since the
+/// worker stops reading), and returns every byte the worker answered until
+/// it closed the connection.
+fn exchange_all(addr: std::net::SocketAddr, head: String, body: Vec<u8>) -> String {
+    use std::io::Read;
+    let mut s = serve::connect(addr, Duration::from_secs(10));
+    let mut writer = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let _ = writer.write_all(head.as_bytes());
+        let _ = writer.write_all(&body);
+    });
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    drop(s);
+    let _ = sender.join();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A request hidden in an undrained body must never be served: once the
+/// worker gives up draining (1 MiB), the connection ends.
+#[test]
+fn a_request_inside_an_undrained_body_is_never_served() {
+    let w = Worker::start(&[]);
+    let smuggled = "GET /api/v1/results/smuggled HTTP/1.1\r\nHost: w\r\n\r\n";
+    // Content-Length body: 3 MiB declared, 1.5 MiB of filler, then the request.
+    let mut body = vec![b'x'; 3 << 19];
+    body.extend_from_slice(smuggled.as_bytes());
+    let head = format!(
+        "POST /api/v1/assignments HTTP/1.1\r\nHost: w\r\nContent-Length: {}\r\n\r\n",
+        3 << 20
+    );
+    let answer = exchange_all(w.ingress, head, body);
+    assert_eq!(
+        answer.matches("HTTP/1.1 ").count(),
+        1,
+        "{}",
+        &answer[..answer.len().min(400)]
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "{}",
+        &answer[..answer.len().min(400)]
+    );
+
+    // Chunked body over the limit by more than the drain allows (3 MiB), then a
+    // pipelined request: the worker stops draining mid-body, so it must close
+    // the connection rather than parse chunk data (or what follows) as requests.
+    let mut chunked = Vec::new();
+    for _ in 0..(3 << 20) / 4096 {
+        chunked.extend_from_slice(b"1000\r\n");
+        chunked.extend_from_slice(&[b'y'; 4096]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    chunked.extend_from_slice(smuggled.as_bytes());
+    let head = "POST /api/v1/assignments HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .to_owned();
+    let answer = exchange_all(w.ingress, head, chunked);
+    assert_eq!(
+        answer.matches("HTTP/1.1 ").count(),
+        1,
+        "{}",
+        &answer[..answer.len().min(400)]
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "{}",
+        &answer[..answer.len().min(400)]
+    );
+    assert_serving(&w, "after-smuggling-attempts");
+}

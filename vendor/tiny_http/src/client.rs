@@ -32,6 +32,10 @@ pub struct ClientConnection {
     // set to true if we know that the previous request is the last one
     no_more_requests: bool,
 
+    // caf-worker patch: set by a request body that could not be drained; the
+    // bytes that follow are not a request, so the connection must end.
+    poisoned: std::sync::Arc<std::sync::atomic::AtomicBool>,
+
     // true if the connection goes through SSL
     secure: bool,
 }
@@ -64,6 +68,7 @@ impl ClientConnection {
             remote_addr,
             next_header_source: first_header,
             no_more_requests: false,
+            poisoned: Default::default(),
             secure,
         }
     }
@@ -109,6 +114,17 @@ impl ClientConnection {
             let (method, path, version) = {
                 let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
 
+                // caf-worker patch: if the previous body was not drained, this
+                // "request line" is body data. The sequential reader released
+                // it only after that body's reader was dropped, so the flag is
+                // already set: end the connection without answering it.
+                if self.poisoned.load(std::sync::atomic::Ordering::Acquire) {
+                    return Err(ReadError::ReadIoError(IoError::new(
+                        ErrorKind::ConnectionAborted,
+                        "previous request body was not drained",
+                    )));
+                }
+
                 parse_request_line(
                     line.as_str().trim(), // TODO: remove this conversion
                 )?
@@ -144,7 +160,7 @@ impl ClientConnection {
         std::mem::swap(&mut self.next_header_source, &mut data_source);
 
         // building the next reader
-        let request = crate::request::new_request(
+        let request = crate::request::new_request_with_poison(
             self.secure,
             method,
             path,
@@ -153,6 +169,7 @@ impl ClientConnection {
             *self.remote_addr.as_ref().unwrap(),
             data_source,
             writer,
+            self.poisoned.clone(),
         )
         .map_err(|e| {
             use crate::request;

@@ -1,5 +1,7 @@
 use std::io::Read;
 use std::io::Result as IoResult;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::sync::mpsc::channel;
 use std::sync::mpsc::{Receiver, Sender};
 
@@ -15,6 +17,9 @@ where
     reader: R,
     size: usize,
     last_read_signal: Sender<IoResult<()>>,
+    // caf-worker patch: set when the body could not be drained, so the
+    // connection stops instead of parsing body bytes as the next request.
+    poison: Option<Arc<AtomicBool>>,
 }
 
 impl<R> EqualReader<R>
@@ -28,9 +33,25 @@ where
             reader,
             size,
             last_read_signal: tx,
+            poison: None,
         };
 
         (r, rx)
+    }
+
+    /// caf-worker patch: like `new`, and sets `poison` if the unread rest of
+    /// the body cannot be drained (read error, or more than the drain limit).
+    pub fn with_poison(reader: R, size: usize, poison: Arc<AtomicBool>) -> EqualReader<R> {
+        let (mut r, _) = EqualReader::new(reader, size);
+        r.poison = Some(poison);
+        r
+    }
+
+    fn give_up(&self, e: std::io::Error) {
+        if let Some(p) = &self.poison {
+            p.store(true, Ordering::Release);
+        }
+        self.last_read_signal.send(Err(e)).ok();
     }
 }
 
@@ -67,8 +88,8 @@ where
         // caf-worker patch: drain through a fixed buffer (upstream allocated
         // the whole remaining Content-Length at once, so one request declaring
         // a huge length aborted the process), and give up after DRAIN_LIMIT
-        // bytes: the connection is then out of sync and gets closed by the
-        // next request-line parse.
+        // bytes or on a read error; `poison` then makes the connection close
+        // rather than parse body bytes as the next request.
         const DRAIN_LIMIT: usize = 1 << 20;
         let mut remaining_to_read = self.size;
         let mut drained = 0usize;
@@ -77,18 +98,19 @@ where
         while remaining_to_read > 0 {
             if drained >= DRAIN_LIMIT {
                 let e = std::io::Error::new(std::io::ErrorKind::Other, "request body too large to drain");
-                self.last_read_signal.send(Err(e)).ok();
+                self.give_up(e);
                 break;
             }
             let want = remaining_to_read.min(buf.len());
 
             match self.reader.read(&mut buf[..want]) {
                 Err(e) => {
-                    self.last_read_signal.send(Err(e)).ok();
+                    self.give_up(e);
                     break;
                 }
                 Ok(0) => {
-                    self.last_read_signal.send(Ok(())).ok();
+                    // EOF before the declared length: nothing more can follow.
+                    self.give_up(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "body ended early"));
                     break;
                 }
                 Ok(other) => {
@@ -96,6 +118,54 @@ where
                     drained += other;
                 }
             }
+        }
+    }
+}
+
+/// caf-worker patch: wraps a body reader whose length is not known up front
+/// (chunked). On drop, drains what the handler left unread, up to 1 MiB; if
+/// the end of the body is not reached, sets `poison` so the connection ends
+/// instead of parsing body bytes as the next request.
+pub struct DrainOnDrop<R: Read> {
+    reader: R,
+    finished: bool,
+    poison: Arc<AtomicBool>,
+}
+
+impl<R: Read> DrainOnDrop<R> {
+    pub fn new(reader: R, poison: Arc<AtomicBool>) -> DrainOnDrop<R> {
+        DrainOnDrop {
+            reader,
+            finished: false,
+            poison,
+        }
+    }
+}
+
+impl<R: Read> Read for DrainOnDrop<R> {
+    fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
+        let n = self.reader.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.finished = true;
+        }
+        Ok(n)
+    }
+}
+
+impl<R: Read> Drop for DrainOnDrop<R> {
+    fn drop(&mut self) {
+        const DRAIN_LIMIT: usize = 1 << 20;
+        let mut buf = [0u8; 4096];
+        let mut drained = 0usize;
+        while !self.finished && drained < DRAIN_LIMIT {
+            match self.reader.read(&mut buf) {
+                Ok(0) => self.finished = true,
+                Ok(n) => drained += n,
+                Err(_) => break,
+            }
+        }
+        if !self.finished {
+            self.poison.store(true, Ordering::Release);
         }
     }
 }
