@@ -8,9 +8,10 @@ use crate::contract::ErrorCode;
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The file-system blob block.
@@ -19,17 +20,26 @@ pub struct FsBlock {
     root: PathBuf,
     watchdog: Option<Watchdog>,
     timeouts: FsTimeouts,
+    /// Largest blob `get` reads (`WORKER_MAX_RESPONSE_BYTES`).
+    max_read_bytes: u64,
+    /// Set while a health probe of the root is running.
+    probing: Arc<AtomicBool>,
 }
 
-/// A payload path resolved under the root.
+/// A payload path joined to the root (not yet checked against symlinks).
 struct BlobPath {
     /// Normalised relative path, echoed in outputs.
     rel: String,
     /// Absolute path under the root.
     abs: PathBuf,
+    /// The path as the payload gave it, for messages.
+    raw: String,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Longest wait for the health probe of the FS root.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl FsBlock {
     pub(super) fn new(s: &BlockSettings) -> Result<FsBlock, SetupError> {
@@ -50,6 +60,8 @@ impl FsBlock {
             root,
             watchdog: s.fs_watchdog.then(Watchdog::new),
             timeouts: s.fs_timeouts,
+            max_read_bytes: s.max_response_bytes as u64,
+            probing: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -61,13 +73,32 @@ impl FsBlock {
         self.watchdog.as_ref().map_or(0, Watchdog::abandoned)
     }
 
+    /// Creates and removes a probe file, waiting at most [`PROBE_TIMEOUT`]: a
+    /// hung root reports unwritable instead of pinning a health thread. One
+    /// probe at a time; while a stuck one is still running, the answer is no.
     pub(super) fn root_writable(&self) -> bool {
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return false;
+        }
         let probe = self
             .root
             .join(format!(".caf-health-{}", std::process::id()));
-        let ok = std::fs::write(&probe, b"ok").is_ok();
-        let _ = std::fs::remove_file(&probe);
-        ok
+        let probing = self.probing.clone();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let spawned = std::thread::Builder::new()
+            .name("caf-fs-probe".into())
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                let ok = std::fs::write(&probe, b"ok").is_ok();
+                let _ = std::fs::remove_file(&probe);
+                probing.store(false, Ordering::Release);
+                let _ = tx.send(ok);
+            });
+        if spawned.is_err() {
+            self.probing.store(false, Ordering::Release);
+            return false;
+        }
+        rx.recv_timeout(PROBE_TIMEOUT).unwrap_or(false)
     }
 
     pub(super) fn put(
@@ -75,7 +106,7 @@ impl FsBlock {
         p: &Map<String, Value>,
         ctx: &AttemptContext<'_>,
     ) -> Result<Value, BlockError> {
-        let path = self.resolve(p)?;
+        let path = self.parse_path(p)?;
         let content = match (
             optional_str(p, "content")?,
             optional_str(p, "content_base64")?,
@@ -103,10 +134,10 @@ impl FsBlock {
             }
         };
         let overwrite = optional_bool(p, "overwrite")?.unwrap_or(false);
-        let rel = path.rel.clone();
-        let abs = path.abs;
         let root = self.root.clone();
         self.guarded(ctx, self.timeouts.write, move || {
+            path.confine(&root)?;
+            let BlobPath { rel, abs, .. } = path;
             write_atomic(&root, &abs, &content, overwrite).map(
                 |()| json!({"path": rel, "size": content.len(), "sha256": sha256_hex(&content)}),
             )
@@ -118,8 +149,11 @@ impl FsBlock {
         p: &Map<String, Value>,
         ctx: &AttemptContext<'_>,
     ) -> Result<Value, BlockError> {
-        let BlobPath { rel, abs } = self.resolve(p)?;
+        let path = self.parse_path(p)?;
+        let (root, max) = (self.root.clone(), self.max_read_bytes);
         self.guarded(ctx, self.timeouts.read, move || {
+            path.confine(&root)?;
+            let BlobPath { rel, abs, .. } = path;
             let meta = std::fs::metadata(&abs).map_err(|e| io_error(&rel, e))?;
             if meta.is_dir() {
                 return Err(BlockError::input(
@@ -127,7 +161,24 @@ impl FsBlock {
                     format!("{rel} is a directory, not a blob"),
                 ));
             }
-            let bytes = std::fs::read(&abs).map_err(|e| io_error(&rel, e))?;
+            let too_big = || {
+                BlockError::new(
+                    ErrorCode::ExecutionFailed,
+                    format!("{rel} is larger than WORKER_MAX_RESPONSE_BYTES ({max} bytes)"),
+                )
+                .permanent()
+            };
+            if meta.len() > max {
+                return Err(too_big());
+            }
+            // Bounded even if the file grows meanwhile (or is a pipe).
+            let mut bytes = Vec::with_capacity(meta.len() as usize);
+            std::fs::File::open(&abs)
+                .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
+                .map_err(|e| io_error(&rel, e))?;
+            if bytes.len() as u64 > max {
+                return Err(too_big());
+            }
             let modified = meta
                 .modified()
                 .map(crate::time::rfc3339_micros)
@@ -151,8 +202,11 @@ impl FsBlock {
         p: &Map<String, Value>,
         ctx: &AttemptContext<'_>,
     ) -> Result<Value, BlockError> {
-        let BlobPath { rel, abs } = self.resolve(p)?;
+        let path = self.parse_path(p)?;
+        let root = self.root.clone();
         self.guarded(ctx, self.timeouts.delete, move || {
+            path.confine(&root)?;
+            let BlobPath { rel, abs, .. } = path;
             match std::fs::symlink_metadata(&abs) {
                 Ok(m) if m.is_dir() => {
                     return Err(BlockError::input(
@@ -216,8 +270,9 @@ impl FsBlock {
         }
     }
 
-    /// Resolves `payload.path` under the root, refusing anything that escapes it.
-    fn resolve(&self, p: &Map<String, Value>) -> Result<BlobPath, BlockError> {
+    /// Validates `payload.path` and joins it to the root (no I/O: the
+    /// symlink check, which touches the file system, runs under the watchdog).
+    fn parse_path(&self, p: &Map<String, Value>) -> Result<BlobPath, BlockError> {
         let raw = required_str(p, "path")?;
         if raw.contains('\0') {
             return Err(BlockError::input(
@@ -250,17 +305,19 @@ impl FsBlock {
                 "payload.path must name a file under the FS root",
             ));
         }
-        let abs = self.root.join(&rel);
-        self.check_confined(&abs, raw)?;
         Ok(BlobPath {
+            abs: self.root.join(&rel),
             rel: rel.to_string_lossy().into_owned(),
-            abs,
+            raw: raw.to_owned(),
         })
     }
+}
 
+impl BlobPath {
     /// Follows symlinks of the deepest existing ancestor (and of the file itself)
     /// and refuses the path if the real location is outside the root.
-    fn check_confined(&self, abs: &Path, raw: &str) -> Result<(), BlockError> {
+    fn confine(&self, root: &Path) -> Result<(), BlockError> {
+        let (abs, raw) = (&self.abs, self.raw.as_str());
         let outside = || {
             BlockError::input(
                 ErrorCode::PermissionDenied,
@@ -277,14 +334,14 @@ impl FsBlock {
                         Err(_) if meta.file_type().is_symlink() => return Err(outside()),
                         Err(e) => return Err(io_error(raw, e)),
                     };
-                    return if real.starts_with(&self.root) {
+                    return if real.starts_with(root) {
                         Ok(())
                     } else {
                         Err(outside())
                     };
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if !probe.pop() || !probe.starts_with(&self.root) {
+                    if !probe.pop() || !probe.starts_with(root) {
                         return Err(outside());
                     }
                 }
@@ -314,8 +371,15 @@ fn write_atomic(
         )
         .permanent()
     };
-    if !overwrite && std::fs::symlink_metadata(dest).is_ok() {
-        return Err(exists());
+    match std::fs::symlink_metadata(dest) {
+        Ok(m) if m.is_dir() => {
+            return Err(BlockError::input(
+                ErrorCode::InvalidInput,
+                format!("{rel} is a directory, not a blob"),
+            ));
+        }
+        Ok(_) if !overwrite => return Err(exists()),
+        _ => {}
     }
     let dir = dest.parent().unwrap_or(root);
     std::fs::create_dir_all(dir).map_err(|e| io_error(&rel, e))?;
@@ -379,9 +443,11 @@ fn io_error(rel: &str, e: io::Error) -> BlockError {
 
 fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(64);
     for b in digest.iter() {
-        s.push_str(&format!("{b:02x}"));
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push(HEX[usize::from(b & 0xf)] as char);
     }
     s
 }

@@ -41,6 +41,9 @@ pub fn open(path: &str, rules: IntakeRules) -> Result<Items, InputError> {
         Box::new(BufReader::with_capacity(256 * 1024, f))
     };
     let mut reader = reader;
+    // Skip leading whitespace, however the reads happen to be chunked, to find
+    // the shape; line numbers still count the newlines skipped.
+    let mut skipped_newlines = 0;
     let first = loop {
         let buf = reader
             .fill_buf()
@@ -49,15 +52,16 @@ pub fn open(path: &str, rules: IntakeRules) -> Result<Items, InputError> {
             break None;
         }
         match buf.iter().position(|b| !b.is_ascii_whitespace()) {
-            Some(i) => break Some(buf[i]),
+            Some(i) => {
+                let first = buf[i];
+                skipped_newlines += buf[..i].iter().filter(|b| **b == b'\n').count();
+                reader.consume(i);
+                break Some(first);
+            }
             None => {
                 let n = buf.len();
-                // Only whitespace so far; line numbers still count its newlines.
-                let newlines = buf.iter().filter(|b| **b == b'\n').count();
+                skipped_newlines += buf.iter().filter(|b| **b == b'\n').count();
                 reader.consume(n);
-                if newlines > 0 {
-                    return Ok(Items::lines(reader, newlines, rules));
-                }
             }
         }
     };
@@ -76,7 +80,7 @@ pub fn open(path: &str, rules: IntakeRules) -> Result<Items, InputError> {
             rules,
         });
     }
-    Ok(Items::lines(reader, 0, rules))
+    Ok(Items::lines(reader, skipped_newlines, rules))
 }
 
 impl Items {

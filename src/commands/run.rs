@@ -10,7 +10,7 @@ use crate::sinks::{BatchLine, ChannelSink};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{self, BufWriter, Write};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -57,6 +57,22 @@ pub fn run(settings: Settings, path: &str) -> i32 {
     let printed = Arc::new(AtomicUsize::new(0));
     let printer = spawn_printer(line_rx, printed.clone());
 
+    // A signal must also reach a submission blocked on a full bounded queue:
+    // stopping intake makes that wait return `shutting_down`.
+    let finished = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (engine, stop, finished) = (engine.clone(), stop.clone(), finished.clone());
+        std::thread::spawn(move || {
+            while !finished.load(Ordering::Acquire) {
+                if stop.load(Ordering::Acquire) {
+                    engine.begin_shutdown();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
     let (accepted, rejected) = submit_all(&engine, items, &stop, &line_tx);
 
     // Wait until every accepted step's result is printed; on a signal, drain
@@ -70,6 +86,8 @@ pub fn run(settings: Settings, path: &str) -> i32 {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    finished.store(true, Ordering::Release);
+    let _ = watcher.join();
     engine.begin_shutdown();
     let _ = line_tx.send(BatchLine::Done);
     let tally = printer.join().unwrap_or_default();
@@ -89,7 +107,7 @@ pub fn run(settings: Settings, path: &str) -> i32 {
 fn submit_all(
     engine: &Engine,
     items: input::Items,
-    stop: &std::sync::atomic::AtomicBool,
+    stop: &AtomicBool,
     out: &Sender<BatchLine>,
 ) -> (usize, usize) {
     let (mut accepted, mut rejected) = (0, 0);

@@ -43,8 +43,10 @@ impl RetryBudget {
     /// Runs `f` on the current second's bucket with the window's totals
     /// (current bucket included), after expiring buckets older than the window.
     fn with_window<R>(&self, f: impl FnOnce(&mut Bucket, u64, u64) -> R) -> R {
-        let now = self.origin.elapsed().as_secs();
         let mut guard = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        // Read the clock under the lock: a thread that read an earlier second
+        // must not run after one that already moved the window forward.
+        let now = self.origin.elapsed().as_secs();
         let slot_index = (now % WINDOW_SECS) as usize;
         if guard[slot_index].second != now {
             guard[slot_index] = Bucket {
@@ -53,7 +55,10 @@ impl RetryBudget {
             };
         }
         let (mut firsts, mut retries) = (0, 0);
-        for b in guard.iter().filter(|b| now - b.second < WINDOW_SECS) {
+        for b in guard
+            .iter()
+            .filter(|b| now.saturating_sub(b.second) < WINDOW_SECS)
+        {
             firsts += b.first_attempts;
             retries += b.retries;
         }

@@ -24,7 +24,7 @@ use crate::contract::{
     Assignment, ExecResult, JobType, Outcome, PoolKind, RejectReason, StepStats,
 };
 use crate::telemetry::logging;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -159,6 +159,8 @@ pub(crate) struct Shared {
     sinks: Vec<Arc<dyn ResultSink>>,
     pools: [Pool; 3],
     draining: AtomicBool,
+    /// `finish` calls between recording a result and delivering it.
+    finishing: AtomicUsize,
 }
 
 /// The running engine. Cloning shares it.
@@ -235,6 +237,7 @@ impl Engine {
             sinks,
             pools,
             draining: AtomicBool::new(false),
+            finishing: AtomicUsize::new(0),
         });
         let (exit_tx, exit_rx) = crossbeam_channel::unbounded();
         let mut handles = Vec::new();
@@ -310,36 +313,51 @@ impl Engine {
             attempts: AtomicU32::new(0),
             started: OnceLock::new(),
         });
-        if !self.shared.tracker.insert(&handle) {
-            return Admission::Duplicate(Box::new(unwrap_handle(handle)));
-        }
         let sender = pool
             .sender
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let Some(sender) = sender else {
-            return self.refuse(handle, RejectReason::ShuttingDown);
+            return Admission::Rejected(
+                Box::new(unwrap_handle(handle)),
+                RejectReason::ShuttingDown,
+            );
         };
-        let sent = match mode {
-            Backpressure::Reject => sender.try_send(handle.clone()).map_err(|e| match e {
-                TrySendError::Full(_) => RejectReason::QueueFull,
-                TrySendError::Disconnected(_) => RejectReason::ShuttingDown,
-            }),
-            Backpressure::Wait => sender
-                .send(handle.clone())
-                .map_err(|_| RejectReason::ShuttingDown),
-        };
-        match sent {
-            Ok(()) => Admission::Accepted(handle),
-            Err(reason) => self.refuse(handle, reason),
+        match mode {
+            Backpressure::Reject => {
+                let enqueue = || {
+                    sender.try_send(handle.clone()).map_err(|e| match e {
+                        TrySendError::Full(_) => RejectReason::QueueFull,
+                        TrySendError::Disconnected(_) => RejectReason::ShuttingDown,
+                    })
+                };
+                match self.shared.tracker.insert_with(&handle, enqueue) {
+                    Ok(true) => Admission::Accepted(handle),
+                    Ok(false) => Admission::Duplicate(Box::new(unwrap_handle(handle))),
+                    Err(reason) => Admission::Rejected(Box::new(unwrap_handle(handle)), reason),
+                }
+            }
+            Backpressure::Wait => {
+                // A blocking send cannot run under the table lock. Only `run`
+                // waits, from one thread, with no cancel route, so nothing can
+                // observe the step between registration and queueing.
+                if !self.shared.tracker.insert(&handle) {
+                    return Admission::Duplicate(Box::new(unwrap_handle(handle)));
+                }
+                loop {
+                    match sender.send_timeout(handle.clone(), Duration::from_millis(50)) {
+                        Ok(()) => return Admission::Accepted(handle),
+                        Err(SendTimeoutError::Timeout(_)) if !self.is_draining() => {}
+                        Err(_) => return self.refuse(handle, RejectReason::ShuttingDown),
+                    }
+                }
+            }
         }
     }
 
     fn refuse(&self, handle: Arc<StepHandle>, reason: RejectReason) -> Admission {
-        self.shared
-            .tracker
-            .remove_pending(&handle.assignment.assignment_id);
+        self.shared.tracker.remove_pending(&handle);
         Admission::Rejected(Box::new(unwrap_handle(handle)), reason)
     }
 
@@ -427,6 +445,13 @@ impl Engine {
                     cancelled += 1;
                 }
             }
+            // A pool thread may have recorded a result just before us and still
+            // be handing it to the sinks: let it finish (bounded: sinks are
+            // quick, but a stuck disk must not stop the exit).
+            let until = Instant::now() + Duration::from_secs(2);
+            while self.shared.finishing.load(Ordering::Acquire) > 0 && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         } else {
             let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
             for t in threads.drain(..) {
@@ -452,7 +477,8 @@ impl Shared {
             stats,
             &self.settings.worker_id,
         ));
-        if !self.tracker.complete(&result) {
+        let _in_flight = InFlight::enter(&self.finishing);
+        if !self.tracker.complete(h, &result) {
             return false;
         }
         for sink in &self.sinks {
@@ -478,20 +504,7 @@ impl Shared {
 
     /// Ends a pending step as `cancelled` from outside its pool thread.
     fn finish_cancelled(&self, h: &StepHandle, reason: CancelReason) -> bool {
-        let attempts = h.attempts.load(Ordering::Acquire);
-        let now = Instant::now();
-        let stats = match h.started.get() {
-            Some(start) => StepStats {
-                attempts,
-                latency_ms: (now - *start).as_millis() as u64,
-                queue_ms: (*start - h.accepted_at).as_millis() as u64,
-            },
-            None => StepStats {
-                attempts: 0,
-                latency_ms: 0,
-                queue_ms: (now - h.accepted_at).as_millis() as u64,
-            },
-        };
+        let stats = stats_so_far(h);
         let e = BlockError::cancelled(reason);
         let outcome = Outcome::Failure {
             code: e.code,
@@ -500,6 +513,40 @@ impl Shared {
             outputs: None,
         };
         self.finish(h, outcome, stats)
+    }
+}
+
+/// Attempts and timings of a step as far as it got (it may still be running).
+fn stats_so_far(h: &StepHandle) -> StepStats {
+    let now = Instant::now();
+    match h.started.get() {
+        Some(start) => StepStats {
+            attempts: h.attempts.load(Ordering::Acquire),
+            latency_ms: now.saturating_duration_since(*start).as_millis() as u64,
+            queue_ms: start.saturating_duration_since(h.accepted_at).as_millis() as u64,
+        },
+        None => StepStats {
+            attempts: 0,
+            latency_ms: 0,
+            queue_ms: now.saturating_duration_since(h.accepted_at).as_millis() as u64,
+        },
+    }
+}
+
+/// Counts a `finish` in progress (between recording a result and handing it
+/// to the sinks), so shutdown can wait until every recorded result is out.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicUsize) -> InFlight<'a> {
+        counter.fetch_add(1, Ordering::AcqRel);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -531,7 +578,7 @@ fn worker_loop(shared: &Shared, kind: PoolKind, exit: Sender<()>) {
                 retryable: true,
                 outputs: None,
             };
-            (outcome, StepStats::default())
+            (outcome, stats_so_far(&handle))
         });
         shared.finish(&handle, outcome, stats);
     }

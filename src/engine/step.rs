@@ -126,7 +126,6 @@ pub(super) fn run(shared: &Shared, h: &StepHandle) -> (Outcome, StepStats) {
         } else {
             cp1_delay(attempt)
         };
-        shared.observer.retry(a.job_type);
         let mut wake = Instant::now() + delay;
         if s.flags.complete_timeout {
             wake = wake.min(h.deadline);
@@ -138,6 +137,8 @@ pub(super) fn run(shared: &Shared, h: &StepHandle) -> (Outcome, StepStats) {
         if s.flags.complete_timeout && Instant::now() >= h.deadline {
             break deadline_failure(shared, h, err, attempt);
         }
+        // Counted when the retry really starts, not when it was planned.
+        shared.observer.retry(a.job_type);
     };
     let stats = StepStats {
         attempts: attempt,
@@ -168,9 +169,13 @@ fn attempt_deadline(shared: &Shared, h: &StepHandle, now: Instant) -> Instant {
 }
 
 fn deadline_failure(shared: &Shared, h: &StepHandle, last: BlockError, attempts: u32) -> Outcome {
-    shared
-        .observer
-        .timeout(h.assignment.job_type, TimeoutPhase::Deadline);
+    // One timeout, one count: an attempt cut short by the deadline was
+    // already counted in its own phase.
+    if last.timeout.is_none() {
+        shared
+            .observer
+            .timeout(h.assignment.job_type, TimeoutPhase::Deadline);
+    }
     Outcome::Failure {
         code: ErrorCode::CancelledByTimeout,
         message: format!(

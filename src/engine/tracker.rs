@@ -64,19 +64,48 @@ impl Tracker {
         true
     }
 
-    /// Forgets a pending step that was never queued (rejected after insert).
-    pub fn remove_pending(&self, id: &str) {
+    /// Checks for a duplicate, runs `enqueue` and registers the step, all under
+    /// the table lock, so no other submission or cancel can see the step
+    /// between its registration and the queue's verdict. `enqueue` must not
+    /// block. `Ok(false)`: duplicate, nothing enqueued; `Err`: not registered.
+    pub fn insert_with<E>(
+        &self,
+        handle: &Arc<StepHandle>,
+        enqueue: impl FnOnce() -> Result<(), E>,
+    ) -> Result<bool, E> {
         let mut t = self.lock();
-        if matches!(t.slots.get(id), Some(Slot::Pending(_))) {
+        let id = &handle.assignment.assignment_id;
+        if t.slots.contains_key(id) {
+            return Ok(false);
+        }
+        enqueue()?;
+        t.slots.insert(id.clone(), Slot::Pending(handle.clone()));
+        Ok(true)
+    }
+
+    /// Forgets `handle` if it is still the pending step of its id (it was
+    /// registered but could not be queued).
+    pub fn remove_pending(&self, handle: &StepHandle) {
+        let mut t = self.lock();
+        let id = &handle.assignment.assignment_id;
+        if matches!(t.slots.get(id), Some(Slot::Pending(h)) if std::ptr::eq(h.as_ref(), handle)) {
             t.slots.remove(id);
         }
     }
 
-    /// Records a result; `true` only for the first completion of a pending step.
-    pub fn complete(&self, result: &Arc<ExecResult>) -> bool {
+    /// Records the result of `handle`; `true` only for the first completion,
+    /// and only while `handle` is still the pending step of its id. A stale
+    /// handle (cancelled while queued, its id since aged out and re-sent)
+    /// must not complete the newer assignment that reuses the id.
+    pub fn complete(&self, handle: &StepHandle, result: &Arc<ExecResult>) -> bool {
         let mut t = self.lock();
         match t.slots.get_mut(&result.assignment_id) {
-            Some(slot @ Slot::Pending(_)) => *slot = Slot::Done(result.clone()),
+            Some(slot @ Slot::Pending(_)) => {
+                if !matches!(slot, Slot::Pending(h) if std::ptr::eq(h.as_ref(), handle)) {
+                    return false;
+                }
+                *slot = Slot::Done(result.clone());
+            }
             _ => return false,
         }
         t.done_order.push_back(result.assignment_id.clone());

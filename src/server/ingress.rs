@@ -91,8 +91,10 @@ impl Ingress {
             .iter()
             .find(|h| h.field.equiv("Authorization"))
             .map(|h| h.value.as_str())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            // The auth scheme is case-insensitive (RFC 9110 §11.1).
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
         constant_time_eq(given.as_bytes(), token.as_bytes())
     }
 
