@@ -5,10 +5,14 @@ use super::payload::{optional_bool, required_str, wrong_type};
 use super::{AttemptContext, BlockError, BlockSettings, TimeoutPhase};
 use crate::contract::ErrorCode;
 use base64::Engine as _;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
+use ureq::config::{Config, IpFamily};
 use ureq::http::{self, Method};
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 const ERROR_BODY_HEAD: usize = 4096;
@@ -34,8 +38,13 @@ impl HttpBlock {
             .max_idle_connections_per_host(s.http_max_idle_per_host.max(3))
             .user_agent(concat!("caf-worker/", env!("CARGO_PKG_VERSION")))
             .build();
+        let agent = ureq::Agent::with_parts(
+            config,
+            DefaultConnector::default(),
+            LiteralFirstResolver::default(),
+        );
         HttpBlock {
-            agent: config.into(),
+            agent,
             max_response_bytes: s.max_response_bytes,
         }
     }
@@ -91,11 +100,11 @@ impl HttpBlock {
                 other => map_error(other, total, connect),
             })?;
         if (200..300).contains(&status) {
-            let mut out = json!({"status_code": status, "headers": headers});
+            let mut out = status_and_headers(status, headers);
             put_body(&mut out, bytes);
             return Ok(out);
         }
-        let mut out = json!({"status_code": status, "headers": headers});
+        let mut out = status_and_headers(status, headers);
         let head_len = bytes.len().min(ERROR_BODY_HEAD);
         let mut head = bytes;
         head.truncate(head_len);
@@ -111,6 +120,50 @@ impl HttpBlock {
         }
         Err(e)
     }
+}
+
+/// ureq's resolver, except that an IP-literal host is answered in place.
+///
+/// ureq resolves before it looks in its connection pool, and its default
+/// resolver spawns a thread per lookup whenever the request has a timeout
+/// (every attempt here has one) — even for `127.0.0.1` and even when a
+/// pooled connection is then reused: one OS thread per step. Parsing a
+/// literal never blocks, so skipping that thread changes nothing else; host
+/// names still go through the default resolver and its timeout.
+#[derive(Debug, Default)]
+struct LiteralFirstResolver(DefaultResolver);
+
+impl Resolver for LiteralFirstResolver {
+    fn resolve(
+        &self,
+        uri: &http::Uri,
+        config: &Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        match ip_literal(uri) {
+            Some(addr) if config.ip_family() == IpFamily::Any => {
+                let mut addrs = self.empty();
+                addrs.push(addr);
+                Ok(addrs)
+            }
+            _ => self.0.resolve(uri, config, timeout),
+        }
+    }
+}
+
+/// The socket address of an `http(s)://<ip>[:port]` URI; `None` for host names.
+fn ip_literal(uri: &http::Uri) -> Option<SocketAddr> {
+    let port = uri.port_u16().or(match uri.scheme_str()? {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    })?;
+    let host = uri.host()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    Some(SocketAddr::new(host.parse::<IpAddr>().ok()?, port))
 }
 
 /// Validates the payload and builds the request (no I/O).
@@ -205,6 +258,15 @@ fn prepare(p: &Map<String, Value>) -> Result<Prepared, BlockError> {
         request,
         follow_redirects,
     })
+}
+
+/// `{"status_code": .., "headers": ..}`, moving `headers` in (`json!` would
+/// serialise the already-built headers value into a copy).
+fn status_and_headers(status: u16, headers: Value) -> Value {
+    let mut out = Map::new();
+    out.insert("status_code".to_owned(), Value::from(status));
+    out.insert("headers".to_owned(), headers);
+    Value::Object(out)
 }
 
 fn put_body(out: &mut Value, bytes: Vec<u8>) {
@@ -311,6 +373,7 @@ fn map_error(e: ureq::Error, total: Option<Duration>, connect: Option<Duration>)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn a_timeout_while_connecting_is_typed_by_the_limit_that_fired() {
@@ -328,6 +391,29 @@ mod tests {
         let attempt = (ErrorCode::CancelledByTimeout, Some(TimeoutPhase::Attempt));
         assert_eq!(typed(ms(1200), None), attempt);
         assert_eq!(typed(ms(300), ms(300)), attempt);
+    }
+
+    #[test]
+    fn ip_literal_hosts_are_resolved_in_place() {
+        let addr = |u: &str| ip_literal(&u.parse().unwrap());
+        assert_eq!(
+            addr("http://127.0.0.1:8080/x"),
+            Some(([127, 0, 0, 1], 8080).into())
+        );
+        assert_eq!(
+            addr("http://127.0.0.1/x"),
+            Some(([127, 0, 0, 1], 80).into())
+        );
+        assert_eq!(addr("https://10.1.2.3"), Some(([10, 1, 2, 3], 443).into()));
+        assert_eq!(
+            addr("http://[::1]:9/"),
+            Some(SocketAddr::new(
+                IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
+                9
+            ))
+        );
+        assert_eq!(addr("http://localhost:8080/"), None);
+        assert_eq!(addr("http://example.com/"), None);
     }
 
     #[test]

@@ -413,15 +413,16 @@ fn check_envelope(
     let correlation =
         correlation(obj, rules.strict_ids).map_err(|m| (RejectReason::InvalidCorrelation, m))?;
 
+    let no_options = Map::new();
     let options = match obj.get("options") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(o)) => o.clone(),
+        None | Some(Value::Null) => &no_options,
+        Some(Value::Object(o)) => o,
         Some(_) => return Err(invalid("options must be an object")),
     };
-    let deadline_ms = int_option(&options, "deadline_ms", 1, MAX_DEADLINE_MS)?;
+    let deadline_ms = int_option(options, "deadline_ms", 1, MAX_DEADLINE_MS)?;
     let deadline_bound = deadline_ms.unwrap_or(rules.default_deadline_ms);
-    let attempt_timeout_ms = int_option(&options, "attempt_timeout_ms", 1, deadline_bound)?;
-    int_option(&options, "priority", 0, u64::MAX)?;
+    let attempt_timeout_ms = int_option(options, "attempt_timeout_ms", 1, deadline_bound)?;
+    int_option(options, "priority", 0, u64::MAX)?;
     let retry = match options.get("retry") {
         None | Some(Value::Null) => RetryOptions::default(),
         Some(Value::Object(r)) => {
@@ -476,7 +477,12 @@ fn int_option(
     min: u64,
     max: u64,
 ) -> Result<Option<u64>, Invalid> {
-    int_field(options, &format!("options.{key}"), min, max)
+    // The "options.<key>" path only serves error messages: build it only then
+    // (this runs three times per assignment on the intake path).
+    match options.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => int_field(options, &format!("options.{key}"), min, max),
+    }
 }
 
 /// Reads the last path segment of `path` from `map` as an integer in `min..=max`.

@@ -5,14 +5,16 @@
 
 use crate::blocks::TimeoutPhase;
 use crate::config::Settings;
-use crate::contract::{ErrorCode, JobType, PoolKind, RejectReason};
+use crate::contract::{ErrorCode, JobType, PoolKind, RejectReason, Status};
 use crate::engine::{Observer, PoolStats, StepReport};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Step duration buckets (seconds), SPEC §9.
@@ -61,6 +63,39 @@ pub struct Metrics {
     detailed_labels: bool,
     max_tenants: usize,
     tenants: RwLock<HashSet<String>>,
+    /// Tells registries apart in the per-thread [`SeriesCache`].
+    id: usize,
+}
+
+/// Source of [`Metrics::id`].
+static NEXT_METRICS_ID: AtomicUsize = AtomicUsize::new(1);
+
+/// Label sets a pool thread keeps resolved before it starts over.
+const SERIES_CACHE_CAP: usize = 1024;
+
+/// The series a finished step updates (without detailed labels).
+struct StepSeries {
+    executions: IntCounter,
+    duration: Histogram,
+    flow: Histogram,
+}
+
+/// Per-thread cache of resolved [`StepSeries`], keyed by the raw tenant id,
+/// job type and status. Without it every finished step took the tenant-set
+/// lock and three `with_label_values` look-ups (each a hash of the label
+/// values, a read lock and an `Arc` clone/drop) — atomics on cache lines that
+/// all pool threads share. A tenant's label never changes once decided (the
+/// tenant set only grows, and `_other` is final once it is full), so a cached
+/// entry stays exact.
+#[derive(Default)]
+struct SeriesCache {
+    owner: usize,
+    len: usize,
+    by_tenant: HashMap<String, HashMap<(JobType, Status), StepSeries>>,
+}
+
+thread_local! {
+    static SERIES: RefCell<SeriesCache> = RefCell::new(SeriesCache::default());
 }
 
 impl std::fmt::Debug for Metrics {
@@ -250,6 +285,7 @@ impl Metrics {
             detailed_labels: settings.metrics_detailed_labels,
             max_tenants: settings.metrics_max_tenants,
             tenants: RwLock::new(HashSet::new()),
+            id: NEXT_METRICS_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -272,6 +308,47 @@ impl Metrics {
         } else {
             OTHER_TENANT
         }
+    }
+
+    /// Calls `f` with the step series of this label set, from this thread's
+    /// cache (borrowed, not cloned: a clone is an atomic on a shared `Arc`).
+    /// Only without detailed labels, where `run_id`, `flow_id`, `step_id` are empty.
+    fn with_step_series(
+        &self,
+        job: JobType,
+        status: Status,
+        tenant_id: &str,
+        f: impl FnOnce(&StepSeries),
+    ) {
+        SERIES.with(|cache| {
+            let mut c = cache.borrow_mut();
+            if c.owner != self.id || c.len >= SERIES_CACHE_CAP {
+                *c = SeriesCache {
+                    owner: self.id,
+                    ..SeriesCache::default()
+                };
+            }
+            if let Some(s) = c
+                .by_tenant
+                .get(tenant_id)
+                .and_then(|m| m.get(&(job, status)))
+            {
+                return f(s);
+            }
+            let tenant = self.tenant_label(tenant_id);
+            let labels = [job.as_str(), status.as_str(), tenant, "", "", ""];
+            let s = StepSeries {
+                executions: self.step_executions.with_label_values(&labels),
+                duration: self.step_duration.with_label_values(&labels),
+                flow: self.flow_duration.with_label_values(&[tenant, "", ""]),
+            };
+            f(&s);
+            c.len += 1;
+            c.by_tenant
+                .entry(tenant_id.to_owned())
+                .or_default()
+                .insert((job, status), s);
+        })
     }
 
     /// Updates the live gauges from the engine's pool numbers and health checks.
@@ -359,6 +436,19 @@ impl Observer for Metrics {
     fn finished<'a>(&self, report: &StepReport<'a>) {
         let a = report.assignment;
         let r = report.result;
+        if !self.detailed_labels {
+            self.with_step_series(a.job_type, r.status, &a.tenant_id, |s| {
+                s.executions.inc();
+                s.duration.observe(r.latency_ms as f64 / 1000.0);
+                if let (Status::Error, Some(code)) = (r.status, r.error_code) {
+                    let tenant = self.tenant_label(&a.tenant_id);
+                    let labels = [a.job_type.as_str(), code.as_str(), tenant, "", "", ""];
+                    self.step_errors.with_label_values(&labels).inc();
+                }
+                s.flow.observe(report.flow_duration.as_secs_f64());
+            });
+            return;
+        }
         let tenant = self.tenant_label(&a.tenant_id);
         let c = &a.correlation;
         let (run, flow, step) = if self.detailed_labels {
