@@ -105,10 +105,7 @@ impl HttpBlock {
             return Ok(out);
         }
         let mut out = status_and_headers(status, headers);
-        let head_len = bytes.len().min(ERROR_BODY_HEAD);
-        let mut head = bytes;
-        head.truncate(head_len);
-        put_body(&mut out, head);
+        put_body(&mut out, body_head(bytes, ERROR_BODY_HEAD));
         let mut e = BlockError::new(
             ErrorCode::HttpError,
             format!("upstream answered HTTP {status}"),
@@ -269,6 +266,23 @@ fn status_and_headers(status: u16, headers: Value) -> Value {
     Value::Object(out)
 }
 
+/// The first `max` bytes of a body; a UTF-8 body is cut at a character
+/// boundary so its head stays text (and is reported as `body`, not base64).
+fn body_head(mut bytes: Vec<u8>, max: usize) -> Vec<u8> {
+    if bytes.len() <= max {
+        return bytes;
+    }
+    let cut = match std::str::from_utf8(&bytes) {
+        Ok(text) => (0..=max)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0),
+        Err(_) => max,
+    };
+    bytes.truncate(cut);
+    bytes
+}
+
 fn put_body(out: &mut Value, bytes: Vec<u8>) {
     match String::from_utf8(bytes) {
         Ok(s) => out["body"] = Value::String(s),
@@ -414,6 +428,17 @@ mod tests {
         );
         assert_eq!(addr("http://localhost:8080/"), None);
         assert_eq!(addr("http://example.com/"), None);
+    }
+
+    #[test]
+    fn error_body_head_keeps_utf8_whole() {
+        let body = format!("a{}", "é".repeat(3000)).into_bytes();
+        let head = body_head(body, ERROR_BODY_HEAD);
+        assert_eq!(head.len(), 4095);
+        assert!(std::str::from_utf8(&head).is_ok());
+        let binary = vec![0xffu8; 5000];
+        assert_eq!(body_head(binary, ERROR_BODY_HEAD).len(), ERROR_BODY_HEAD);
+        assert_eq!(body_head(b"short".to_vec(), ERROR_BODY_HEAD), b"short");
     }
 
     #[test]

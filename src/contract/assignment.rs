@@ -349,7 +349,7 @@ fn check_envelope(
         Some(other) => {
             return Err((
                 RejectReason::UnsupportedVersion,
-                format!("version must be the string \"1\", got {other}"),
+                format!("version must be the string \"1\", got {}", describe(other)),
             ));
         }
         None => {
@@ -377,7 +377,8 @@ fn check_envelope(
             (
                 RejectReason::UnsupportedJobType,
                 format!(
-                    "job.type {t:?} is not supported; supported: {}",
+                    "job.type {} is not supported; supported: {}",
+                    describe_str(t),
                     JobType::ALL
                         .iter()
                         .map(|t| t.as_str())
@@ -404,7 +405,8 @@ fn check_envelope(
         None | Some(None) | Some(Some(Value::Null)) => job_type.default_pool(),
         Some(Some(Value::String(c))) => PoolKind::parse(c).ok_or_else(|| {
             invalid(format!(
-                "job.resources.class must be cpu, io or gpu, got {c:?}"
+                "job.resources.class must be cpu, io or gpu, got {}",
+                describe_str(c)
             ))
         })?,
         Some(Some(_)) => return Err(invalid("job.resources.class must be a string")),
@@ -458,6 +460,28 @@ fn check_envelope(
     })
 }
 
+/// A short description of a JSON value for messages: small scalars as
+/// themselves, anything else by type (input is never echoed at length).
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => describe_str(s),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+/// A string for messages: quoted when short, else named by its length.
+fn describe_str(s: &str) -> String {
+    if s.len() <= 64 {
+        format!("{s:?}")
+    } else {
+        format!("a {}-byte string", s.len())
+    }
+}
+
 fn id_field(obj: &Map<String, Value>, name: &str) -> Result<String, Invalid> {
     match obj.get(name) {
         Some(Value::String(s)) if s.is_empty() => Err(invalid(format!("{name} must not be empty"))),
@@ -498,7 +522,10 @@ fn int_field(
         Some(v) => match v.as_u64() {
             Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
             Some(n) => Err(invalid(format!("{path} must be in {min}..={max}, got {n}"))),
-            None => Err(invalid(format!("{path} must be an integer, got {v}"))),
+            None => Err(invalid(format!(
+                "{path} must be an integer, got {}",
+                describe(v)
+            ))),
         },
     }
 }
@@ -556,4 +583,29 @@ fn correlation(obj: &Map<String, Value>, strict: bool) -> Result<Correlation, St
         }
     }
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_messages_never_echo_long_input() {
+        let rules = IntakeRules {
+            max_body_bytes: 1 << 20,
+            strict_ids: true,
+            default_deadline_ms: 30_000,
+        };
+        let secret = "s".repeat(10_000);
+        for doc in [
+            serde_json::json!({"version": secret}),
+            serde_json::json!({"version": "1", "assignment_id": "a", "request_id": "r",
+                "tenant_id": "t", "job": {"type": secret}}),
+            serde_json::json!({"version": "1", "assignment_id": "a", "request_id": "r",
+                "tenant_id": "t", "job": {"type": "debug.echo"}, "options": {"deadline_ms": {"x": secret}}}),
+        ] {
+            let r = validate_assignment(doc, &rules).unwrap_err();
+            assert!(r.message.len() < 200, "{}", r.message);
+        }
+    }
 }
