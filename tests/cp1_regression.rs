@@ -11,50 +11,19 @@ mod support;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::Duration;
-use support::{HttpStub, Reply};
+use support::{HttpStub, Reply, assert_ms_in as assert_in, field_ms as ms, http_get as get};
 
 /// Runs `lines` with every CP2 flag explicitly off plus `extra`.
 fn run_cp1(lines: &[Value], extra: &[(&str, &str)], limit: Duration) -> HashMap<String, Value> {
     let dir = support::temp_dir();
-    let root = dir.path().join("data");
-    let mut env = vec![
-        ("WORKER_FS_ROOT", root.to_str().unwrap()),
+    let off = [
         ("CP2_ADVANCED_RETRY_ENABLED", "false"),
         ("CP2_COMPLETE_TIMEOUT_ENABLED", "false"),
         ("CP2_QUEUE_MANAGEMENT_ENABLED", "false"),
         ("CP2_OBSERVABILITY_METRICS_ENABLED", "false"),
     ];
-    env.extend_from_slice(extra);
-    let out = support::run_lines(lines, &env, limit);
-    let results = out.results();
-    assert_eq!(
-        results.len(),
-        lines.len(),
-        "one result per assignment; stdout {:?} stderr {:?}",
-        out.stdout,
-        out.stderr
-    );
-    support::check_results(&out.stdout);
-    results
-}
-
-fn get(id: &str, url: &str, options: Value) -> Value {
-    let mut a = support::assignment(id, "http.request", json!({ "url": url }));
-    a["options"] = options;
-    a
-}
-
-fn ms(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing: {v}"))
-}
-
-fn assert_in(what: &str, v: u64, lo: u64, hi: u64) {
-    assert!(
-        (lo..=hi).contains(&v),
-        "{what} = {v} ms, expected [{lo}, {hi}]"
-    );
+    let env: Vec<_> = off.iter().chain(extra).copied().collect();
+    support::run_checked(&dir.path().join("data"), lines, &env, limit)
 }
 
 #[test]

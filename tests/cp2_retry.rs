@@ -10,49 +10,20 @@ mod support;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
-use support::{HttpStub, Reply};
+use support::{HttpStub, Reply, assert_ms_in as assert_in, http_get as get};
+
+/// Runs `lines` with the CP2 flags plus `extra` (later entries win).
+fn run_batch(lines: &[Value], extra: &[(&str, &str)], limit: Duration) -> HashMap<String, Value> {
+    let dir = support::temp_dir();
+    let env: Vec<_> = CP2.iter().chain(extra).copied().collect();
+    support::run_checked(&dir.path().join("data"), lines, &env, limit)
+}
 
 /// Wave 1 as shipped: both reliability flags on.
 const CP2: [(&str, &str); 2] = [
     ("CP2_ADVANCED_RETRY_ENABLED", "1"),
     ("CP2_COMPLETE_TIMEOUT_ENABLED", "1"),
 ];
-
-/// Runs `lines` through `caf-worker run -` with the CP2 flags plus `extra`
-/// (later entries win), checks every result with the shared checker and
-/// returns the results by assignment id.
-fn run_batch(lines: &[Value], extra: &[(&str, &str)], limit: Duration) -> HashMap<String, Value> {
-    let dir = support::temp_dir();
-    let root = dir.path().join("data");
-    let mut env = vec![("WORKER_FS_ROOT", root.to_str().unwrap())];
-    env.extend_from_slice(&CP2);
-    env.extend_from_slice(extra);
-    let out = support::run_lines(lines, &env, limit);
-    let results = out.results();
-    assert_eq!(
-        results.len(),
-        lines.len(),
-        "one result per assignment; stdout {:?} stderr {:?}",
-        out.stdout,
-        out.stderr
-    );
-    support::check_results(&out.stdout);
-    results
-}
-
-/// An `http.request` GET of `url` with `options`.
-fn get(id: &str, url: &str, options: Value) -> Value {
-    let mut a = support::assignment(id, "http.request", json!({ "url": url }));
-    a["options"] = options;
-    a
-}
-
-fn assert_in(what: &str, v: u64, lo: u64, hi: u64) {
-    assert!(
-        (lo..=hi).contains(&v),
-        "{what} = {v} ms, expected [{lo}, {hi}]"
-    );
-}
 
 #[test]
 fn exponential_backoff_doubles_from_the_base_and_stops_at_the_cap() {

@@ -10,36 +10,17 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
-use support::{HttpStub, Reply};
+use support::{HttpStub, Reply, assert_ms_in as assert_in, field_ms as ms, http_get as get};
 
-/// Wave 1 as shipped: both reliability flags on.
-const CP2: [(&str, &str); 2] = [
-    ("CP2_ADVANCED_RETRY_ENABLED", "1"),
-    ("CP2_COMPLETE_TIMEOUT_ENABLED", "1"),
-];
-
-/// Runs `lines` with the FS root `root`, the CP2 flags and `extra` (later
-/// entries win); checks the results with the shared checker.
+/// Runs `lines` with the FS root `root`, the CP2 flags and `extra`.
 fn run_in(
     root: &Path,
     lines: &[Value],
     extra: &[(&str, &str)],
     limit: Duration,
 ) -> HashMap<String, Value> {
-    let mut env = vec![("WORKER_FS_ROOT", root.to_str().unwrap())];
-    env.extend_from_slice(&CP2);
-    env.extend_from_slice(extra);
-    let out = support::run_lines(lines, &env, limit);
-    let results = out.results();
-    assert_eq!(
-        results.len(),
-        lines.len(),
-        "one result per assignment; stdout {:?} stderr {:?}",
-        out.stdout,
-        out.stderr
-    );
-    support::check_results(&out.stdout);
-    results
+    let env: Vec<_> = CP2.iter().chain(extra).copied().collect();
+    support::run_checked(root, lines, &env, limit)
 }
 
 fn run_batch(lines: &[Value], extra: &[(&str, &str)], limit: Duration) -> HashMap<String, Value> {
@@ -47,24 +28,11 @@ fn run_batch(lines: &[Value], extra: &[(&str, &str)], limit: Duration) -> HashMa
     run_in(&dir.path().join("data"), lines, extra, limit)
 }
 
-fn get(id: &str, url: &str, options: Value) -> Value {
-    let mut a = support::assignment(id, "http.request", json!({ "url": url }));
-    a["options"] = options;
-    a
-}
-
-fn ms(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing: {v}"))
-}
-
-fn assert_in(what: &str, v: u64, lo: u64, hi: u64) {
-    assert!(
-        (lo..=hi).contains(&v),
-        "{what} = {v} ms, expected [{lo}, {hi}]"
-    );
-}
+/// Wave 1 as shipped: both reliability flags on.
+const CP2: [(&str, &str); 2] = [
+    ("CP2_ADVANCED_RETRY_ENABLED", "1"),
+    ("CP2_COMPLETE_TIMEOUT_ENABLED", "1"),
+];
 
 #[test]
 fn connect_timeout_is_separate_from_the_attempt_timeout() {

@@ -1040,3 +1040,51 @@ pub mod serve {
             .unwrap_or(1024)
     }
 }
+
+// ---------------------------------------------------------------- batch helpers
+
+/// Runs `lines` through `caf-worker run -` with the FS root `root` and `env`
+/// (later entries win), asserts one result per line and the shared checker,
+/// and returns the results by assignment id.
+pub fn run_checked(
+    root: &Path,
+    lines: &[Value],
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> std::collections::HashMap<String, Value> {
+    let mut all = vec![("WORKER_FS_ROOT", root.to_str().expect("utf-8 temp path"))];
+    all.extend_from_slice(env);
+    let out = run_lines(lines, &all, limit);
+    let results = out.results();
+    assert_eq!(
+        results.len(),
+        lines.len(),
+        "one result per assignment; stdout {:?} stderr {:?}",
+        out.stdout,
+        out.stderr
+    );
+    check_results(&out.stdout);
+    results
+}
+
+/// An `http.request` GET of `url` with `options`.
+pub fn http_get(id: &str, url: &str, options: Value) -> Value {
+    let mut a = assignment(id, "http.request", serde_json::json!({ "url": url }));
+    a["options"] = options;
+    a
+}
+
+/// An integer field of a result, in ms.
+pub fn field_ms(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing: {v}"))
+}
+
+/// Asserts `lo <= v <= hi` (milliseconds) with a readable message.
+pub fn assert_ms_in(what: &str, v: u64, lo: u64, hi: u64) {
+    assert!(
+        (lo..=hi).contains(&v),
+        "{what} = {v} ms, expected [{lo}, {hi}]"
+    );
+}
