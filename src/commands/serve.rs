@@ -97,6 +97,8 @@ pub fn serve(settings: Settings) -> i32 {
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Stop intake first: /readyz then reports "draining", never "starting".
+    engine.begin_shutdown();
     ready.store(false, Ordering::Release);
     let pending = engine.pending_count();
     log::info!(pending = pending; "shutdown requested: draining for up to {} ms", settings.shutdown_grace.as_millis());
