@@ -364,6 +364,13 @@ fn exchange_all(addr: std::net::SocketAddr, head: String, body: Vec<u8>) -> Stri
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// The connection carried exactly one answer, the 413.
+fn assert_only_413(answer: &str) {
+    let head = &answer[..answer.len().min(400)];
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{head}");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{head}");
+}
+
 /// A request hidden in an undrained body must never be served: once the
 /// worker gives up draining (1 MiB), the connection ends.
 #[test]
@@ -377,18 +384,7 @@ fn a_request_inside_an_undrained_body_is_never_served() {
         "POST /api/v1/assignments HTTP/1.1\r\nHost: w\r\nContent-Length: {}\r\n\r\n",
         3 << 20
     );
-    let answer = exchange_all(w.ingress, head, body);
-    assert_eq!(
-        answer.matches("HTTP/1.1 ").count(),
-        1,
-        "{}",
-        &answer[..answer.len().min(400)]
-    );
-    assert!(
-        answer.starts_with("HTTP/1.1 413"),
-        "{}",
-        &answer[..answer.len().min(400)]
-    );
+    assert_only_413(&exchange_all(w.ingress, head, body));
 
     // Chunked body over the limit by more than the drain allows (3 MiB), then a
     // pipelined request: the worker stops draining mid-body, so it must close
@@ -403,17 +399,6 @@ fn a_request_inside_an_undrained_body_is_never_served() {
     chunked.extend_from_slice(smuggled.as_bytes());
     let head = "POST /api/v1/assignments HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n"
         .to_owned();
-    let answer = exchange_all(w.ingress, head, chunked);
-    assert_eq!(
-        answer.matches("HTTP/1.1 ").count(),
-        1,
-        "{}",
-        &answer[..answer.len().min(400)]
-    );
-    assert!(
-        answer.starts_with("HTTP/1.1 413"),
-        "{}",
-        &answer[..answer.len().min(400)]
-    );
+    assert_only_413(&exchange_all(w.ingress, head, chunked));
     assert_serving(&w, "after-smuggling-attempts");
 }

@@ -283,12 +283,12 @@ impl Upstream {
                         seen.lock().unwrap().push(s.clone());
                         let reply = script(n, &s);
                         std::thread::sleep(reply.delay);
-                        if reply.drop_connection {
-                            // Take the raw socket and close it: the client sees a reset/EOF.
-                            let stream = rq.into_writer();
-                            drop(stream);
-                            continue;
-                        }
+                        // tiny_http keeps the socket's read half open, so this server
+                        // cannot cut a connection: use `HttpStub` for that.
+                        assert!(
+                            !reply.drop_connection,
+                            "Upstream cannot drop connections; use HttpStub"
+                        );
                         let mut resp = tiny_http::Response::from_data(reply.body)
                             .with_status_code(reply.status);
                         for (k, v) in &reply.headers {
