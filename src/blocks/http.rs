@@ -6,9 +6,11 @@ use super::{AttemptContext, BlockError, BlockSettings, TimeoutPhase};
 use crate::contract::ErrorCode;
 use base64::Engine as _;
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use ureq::config::{Config, IpFamily};
 use ureq::http::{self, Method};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
@@ -41,7 +43,7 @@ impl HttpBlock {
         let agent = ureq::Agent::with_parts(
             config,
             DefaultConnector::default(),
-            LiteralFirstResolver::default(),
+            CachingResolver::default(),
         );
         HttpBlock {
             agent,
@@ -119,42 +121,75 @@ impl HttpBlock {
     }
 }
 
-/// ureq's resolver, except that an IP-literal host is answered in place.
+/// ureq's resolver, with an IP-literal host answered in place and host names
+/// cached for [`DNS_TTL`].
 ///
 /// ureq resolves before it looks in its connection pool, and its default
 /// resolver spawns a thread per lookup whenever the request has a timeout
 /// (every attempt here has one) — even for `127.0.0.1` and even when a
 /// pooled connection is then reused: one OS thread per step. Parsing a
-/// literal never blocks, so skipping that thread changes nothing else; host
-/// names still go through the default resolver and its timeout.
+/// literal never blocks; a host name is looked up (with ureq's thread and
+/// timeout) at most once per [`DNS_TTL`] per host and port, so a DNS change
+/// is seen within that time. Failed lookups are not cached.
 #[derive(Debug, Default)]
-struct LiteralFirstResolver(DefaultResolver);
+struct CachingResolver {
+    inner: DefaultResolver,
+    cache: Mutex<HashMap<(String, u16), (ResolvedSocketAddrs, Instant)>>,
+}
 
-impl Resolver for LiteralFirstResolver {
+/// How long a successful host-name lookup is reused.
+const DNS_TTL: Duration = Duration::from_secs(5);
+/// Host/port pairs cached before the cache starts over.
+const DNS_CACHE_MAX: usize = 1024;
+
+impl Resolver for CachingResolver {
     fn resolve(
         &self,
         uri: &http::Uri,
         config: &Config,
         timeout: NextTimeout,
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        match ip_literal(uri) {
-            Some(addr) if config.ip_family() == IpFamily::Any => {
-                let mut addrs = self.empty();
-                addrs.push(addr);
-                Ok(addrs)
-            }
-            _ => self.0.resolve(uri, config, timeout),
+        if config.ip_family() != IpFamily::Any {
+            return self.inner.resolve(uri, config, timeout);
         }
+        if let Some(addr) = ip_literal(uri) {
+            let mut addrs = self.empty();
+            addrs.push(addr);
+            return Ok(addrs);
+        }
+        let key = match (uri.host(), default_port(uri)) {
+            (Some(h), Some(p)) => (h.to_ascii_lowercase(), p),
+            _ => return self.inner.resolve(uri, config, timeout),
+        };
+        let now = Instant::now();
+        let lock = || self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((addrs, at)) = lock().get(&key) {
+            if now.saturating_duration_since(*at) < DNS_TTL {
+                return Ok(addrs.clone());
+            }
+        }
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        let mut cache = lock();
+        if cache.len() >= DNS_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, (addrs.clone(), now));
+        Ok(addrs)
     }
+}
+
+/// The URI's port, or its scheme's default.
+fn default_port(uri: &http::Uri) -> Option<u16> {
+    uri.port_u16().or(match uri.scheme_str()? {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    })
 }
 
 /// The socket address of an `http(s)://<ip>[:port]` URI; `None` for host names.
 fn ip_literal(uri: &http::Uri) -> Option<SocketAddr> {
-    let port = uri.port_u16().or(match uri.scheme_str()? {
-        "http" => Some(80),
-        "https" => Some(443),
-        _ => None,
-    })?;
+    let port = default_port(uri)?;
     let host = uri.host()?;
     let host = host
         .strip_prefix('[')
