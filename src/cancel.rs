@@ -11,6 +11,8 @@ pub enum CancelReason {
     User,
     /// The shutdown grace period ran out.
     Shutdown,
+    /// The step's deadline passed while it was still queued (CP2).
+    Deadline,
 }
 
 /// A flag set once; readers poll it between attempts and in sleep slices.
@@ -20,6 +22,7 @@ pub struct CancelToken(AtomicU8);
 const NONE: u8 = 0;
 const USER: u8 = 1;
 const SHUTDOWN: u8 = 2;
+const DEADLINE: u8 = 3;
 
 /// Longest uninterrupted sleep: cancellation and shutdown are seen within this.
 pub const SLICE: Duration = Duration::from_millis(50);
@@ -35,6 +38,7 @@ impl CancelToken {
         let v = match reason {
             CancelReason::User => USER,
             CancelReason::Shutdown => SHUTDOWN,
+            CancelReason::Deadline => DEADLINE,
         };
         let _ = self
             .0
@@ -46,6 +50,7 @@ impl CancelToken {
         match self.0.load(Ordering::Acquire) {
             USER => Some(CancelReason::User),
             SHUTDOWN => Some(CancelReason::Shutdown),
+            DEADLINE => Some(CancelReason::Deadline),
             _ => None,
         }
     }

@@ -267,6 +267,15 @@ fn step_queued_past_its_deadline_never_runs() {
     assert_eq!(v["latency_ms"], 0);
     assert!(v.get("outputs").is_none_or(Value::is_null), "{v}");
     assert!(ms(v, "queue_ms") >= 200, "{v}");
+    // Answered at its deadline, not when the blocker freed the thread (800 ms).
+    assert!(ms(v, "queue_ms") < 650, "{v}");
+    assert!(
+        v["error_message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("never ran"),
+        "{v}"
+    );
 }
 
 #[test]

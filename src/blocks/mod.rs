@@ -99,6 +99,9 @@ impl BlockError {
         let why = match reason {
             CancelReason::User => "cancelled by request",
             CancelReason::Shutdown => "cancelled by worker shutdown",
+            CancelReason::Deadline => {
+                return BlockError::timeout(TimeoutPhase::Deadline, "the step deadline passed");
+            }
         };
         BlockError::new(ErrorCode::CancelledByUser, why)
     }

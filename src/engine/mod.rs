@@ -137,7 +137,7 @@ pub struct StepHandle {
     /// Acceptance + `deadline_ms` (or the default).
     pub deadline: Instant,
     attempts: AtomicU32,
-    started: OnceLock<Instant>,
+    pub(crate) started: OnceLock<Instant>,
 }
 
 struct Pool {
@@ -260,6 +260,15 @@ impl Engine {
                         });
                     }
                 }
+            }
+        }
+        if settings.flags.complete_timeout {
+            let weak = Arc::downgrade(&shared);
+            let spawned = std::thread::Builder::new()
+                .name("caf-deadlines".into())
+                .spawn(move || reap_expired(&weak));
+            if let Err(e) = spawned {
+                log::error!(error = e.to_string(); "cannot start the deadline thread; queued steps past their deadline are answered when dequeued");
             }
         }
         Ok(Engine {
@@ -513,6 +522,39 @@ impl Shared {
             outputs: None,
         };
         self.finish(h, outcome, stats)
+    }
+}
+
+/// How often queued steps are checked against their deadlines (CP2).
+const REAP_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Answers queued steps whose deadline passed (CP2 timeouts) at the deadline,
+/// not when a pool thread finally reaches them. Claims a step the way a
+/// cancel does (token, fence, "started" check: see `step::run`), so a step a
+/// pool thread already started is never answered here. Ends when the engine
+/// is gone.
+fn reap_expired(weak: &std::sync::Weak<Shared>) {
+    loop {
+        std::thread::sleep(REAP_INTERVAL);
+        let Some(shared) = weak.upgrade() else { return };
+        for h in shared.tracker.expired_unstarted(Instant::now()) {
+            h.cancel.cancel(CancelReason::Deadline);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if h.started.get().is_some() || h.cancel.reason() != Some(CancelReason::Deadline) {
+                continue;
+            }
+            let outcome = Outcome::Failure {
+                code: crate::contract::ErrorCode::CancelledByTimeout,
+                message: "deadline passed while the step was queued; it never ran".into(),
+                retryable: true,
+                outputs: None,
+            };
+            if shared.finish(&h, outcome, stats_so_far(&h)) {
+                shared
+                    .observer
+                    .timeout(h.assignment.job_type, TimeoutPhase::Deadline);
+            }
+        }
     }
 }
 

@@ -194,8 +194,10 @@ fn deadline_failure(shared: &Shared, h: &StepHandle, last: BlockError, attempts:
 /// skipped for budget reasons: the step could still succeed if resubmitted.
 fn final_failure(e: BlockError, budget_stop: bool, budget_note: Option<String>) -> Outcome {
     let retryable = match e.code {
-        // A cancelled step is retryable: it did not fail on its own.
+        // A cancelled step, or one its deadline ended, did not fail on its
+        // own: resubmitting it could succeed.
         ErrorCode::CancelledByUser => true,
+        _ if e.timeout == Some(TimeoutPhase::Deadline) => true,
         _ => budget_stop || is_retryable(&e),
     };
     let message = match budget_note {
