@@ -34,15 +34,16 @@ impl CancelToken {
     }
 
     /// Requests cancellation; the first reason wins.
-    pub fn cancel(&self, reason: CancelReason) {
+    /// Returns `true` if this call set the token (it was not cancelled yet).
+    pub fn cancel(&self, reason: CancelReason) -> bool {
         let v = match reason {
             CancelReason::User => USER,
             CancelReason::Shutdown => SHUTDOWN,
             CancelReason::Deadline => DEADLINE,
         };
-        let _ = self
-            .0
-            .compare_exchange(NONE, v, Ordering::AcqRel, Ordering::Acquire);
+        self.0
+            .compare_exchange(NONE, v, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     /// The reason, once cancelled.
@@ -88,8 +89,8 @@ mod tests {
         let t2 = t.clone();
         let h = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(30));
-            t2.cancel(CancelReason::User);
-            t2.cancel(CancelReason::Shutdown);
+            assert!(t2.cancel(CancelReason::User));
+            assert!(!t2.cancel(CancelReason::Shutdown));
         });
         let start = Instant::now();
         assert!(!t.sleep_until(Instant::now() + Duration::from_secs(10)));

@@ -105,9 +105,8 @@ fn ten_megabyte_body_gets_413_before_it_is_sent() {
     );
     assert_eq!(a.status, 413, "{}", a.text);
     assert!(took < Duration::from_secs(5), "took {took:?}");
-    // tiny_http drains the unread body with buffers the size of what is
-    // left (upstream PR #290): the peak grows by about twice the body, but
-    // nothing is kept. The bound catches a body that is actually stored.
+    // The unread body is drained through a small fixed buffer (vendored
+    // tiny_http, patch 1); the bound catches a body that is actually stored.
     assert!(
         grew < 48 * 1024,
         "peak RSS grew {grew} KiB for a refused body"
@@ -372,25 +371,26 @@ fn assert_only_413(answer: &str) {
 }
 
 /// A request hidden in an undrained body must never be served: once the
-/// worker gives up draining (1 MiB), the connection ends.
+/// worker gives up draining (16 MiB), the connection ends.
 #[test]
 fn a_request_inside_an_undrained_body_is_never_served() {
     let w = Worker::start(&[]);
     let smuggled = "GET /api/v1/results/smuggled HTTP/1.1\r\nHost: w\r\n\r\n";
-    // Content-Length body: 3 MiB declared, 1.5 MiB of filler, then the request.
-    let mut body = vec![b'x'; 3 << 19];
+    // Content-Length body: 24 MiB declared, 17 MiB of filler (past the 16 MiB
+    // the worker drains), then the request.
+    let mut body = vec![b'x'; 17 << 20];
     body.extend_from_slice(smuggled.as_bytes());
     let head = format!(
         "POST /api/v1/assignments HTTP/1.1\r\nHost: w\r\nContent-Length: {}\r\n\r\n",
-        3 << 20
+        24 << 20
     );
     assert_only_413(&exchange_all(w.ingress, head, body));
 
-    // Chunked body over the limit by more than the drain allows (3 MiB), then a
+    // Chunked body over the limit by more than the drain allows (20 MiB), then a
     // pipelined request: the worker stops draining mid-body, so it must close
     // the connection rather than parse chunk data (or what follows) as requests.
     let mut chunked = Vec::new();
-    for _ in 0..(3 << 20) / 4096 {
+    for _ in 0..(20 << 20) / 4096 {
         chunked.extend_from_slice(b"1000\r\n");
         chunked.extend_from_slice(&[b'y'; 4096]);
         chunked.extend_from_slice(b"\r\n");
@@ -401,4 +401,78 @@ fn a_request_inside_an_undrained_body_is_never_served() {
         .to_owned();
     assert_only_413(&exchange_all(w.ingress, head, chunked));
     assert_serving(&w, "after-smuggling-attempts");
+}
+
+/// Framing the worker cannot trust ends the connection: an invalid or
+/// conflicting Content-Length, a broken chunked body, an upgrade request.
+/// Nothing after them on the same connection is ever served.
+#[test]
+fn ambiguous_framing_never_lets_a_second_request_through() {
+    let w = Worker::start(&[]);
+    let smuggled = "GET /api/v1/results/smuggled HTTP/1.1\r\nHost: w\r\n\r\n";
+    let cases = [
+        // Not plain digits: upstream tiny_http read this as "no body".
+        format!(
+            "POST /api/v1/assignments HTTP/1.1\r\nHost: w\r\nContent-Length: 40, 40\r\n\r\n{smuggled}"
+        ),
+        format!(
+            "POST /api/v1/assignments HTTP/1.1\r\nHost: w\r\nContent-Length: +5\r\n\r\n{smuggled}"
+        ),
+        // Two different lengths.
+        format!(
+            "POST /api/v1/assignments HTTP/1.1\r\nHost: w\r\nContent-Length: 0\r\nContent-Length: 50\r\n\r\n{smuggled}"
+        ),
+        // A chunk size that is not hex, followed by what looks like a valid end.
+        format!(
+            "POST /api/v1/assignments HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n0\r\n\r\n{smuggled}"
+        ),
+        // Upgrade: tiny_http would hand over the raw socket as the body.
+        format!(
+            "POST /api/v1/assignments HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n{smuggled}"
+        ),
+    ];
+    for case in cases {
+        let answer = exchange_all(w.ingress, case.clone(), Vec::new());
+        let head = &answer[..answer.len().min(300)];
+        assert!(
+            answer.matches("HTTP/1.1 ").count() <= 1,
+            "{case:?} → {head}"
+        );
+        assert!(!answer.contains("smuggled"), "{case:?} → {head}");
+        assert!(!answer.starts_with("HTTP/1.1 2"), "{case:?} → {head}");
+    }
+    assert_serving(&w, "after-ambiguous-framing");
+}
+
+/// A request line or header without end is cut off at 8 KiB: one client
+/// cannot make the worker buffer without bound.
+#[test]
+fn endless_header_lines_are_cut_off() {
+    let w = Worker::start(&[]);
+    let pid = w.child.id();
+    let before = vm_kib(pid, "VmRSS:");
+    let head = "GET /_health HTTP/1.1\r\nHost: w\r\nX-Endless: ".to_owned();
+    let answer = exchange_all(w.health, head, vec![b'a'; 16 << 20]);
+    assert!(
+        !answer.contains("healthy"),
+        "{}",
+        &answer[..answer.len().min(300)]
+    );
+    let after = vm_kib(pid, "VmRSS:");
+    assert!(
+        after < before + 8 * 1024,
+        "RSS grew from {before} to {after} KiB"
+    );
+    let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let answer = exchange_all(
+        w.health,
+        format!("GET /_health HTTP/1.1\r\nHost: w\r\n{many}\r\n"),
+        Vec::new(),
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "{}",
+        &answer[..answer.len().min(300)]
+    );
+    assert_serving(&w, "after-endless-headers");
 }

@@ -89,6 +89,9 @@ pub fn run(settings: Settings, path: &str) -> i32 {
     finished.store(true, Ordering::Release);
     let _ = watcher.join();
     engine.begin_shutdown();
+    // The printer has every result; the results file (the second sink) may
+    // still be writing the last one.
+    engine.quiesce(Duration::from_secs(2));
     let _ = line_tx.send(BatchLine::Done);
     let tally = printer.join().unwrap_or_default();
     if let Some(f) = results_file {

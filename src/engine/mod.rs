@@ -349,8 +349,8 @@ impl Engine {
             }
             Backpressure::Wait => {
                 // A blocking send cannot run under the table lock. Only `run`
-                // waits, from one thread, with no cancel route, so nothing can
-                // observe the step between registration and queueing.
+                // waits, from one thread, with no cancel route; the deadline
+                // thread may answer the step meanwhile, which `refuse` respects.
                 if !self.shared.tracker.insert(&handle) {
                     return Admission::Duplicate(Box::new(unwrap_handle(handle)));
                 }
@@ -365,9 +365,15 @@ impl Engine {
         }
     }
 
+    /// Withdraws a registered step that could not be queued. If it already
+    /// has a result (the deadline thread answered it while `run` waited for
+    /// queue space), it stays accepted: one assignment, one answer.
     fn refuse(&self, handle: Arc<StepHandle>, reason: RejectReason) -> Admission {
-        self.shared.tracker.remove_pending(&handle);
-        Admission::Rejected(Box::new(unwrap_handle(handle)), reason)
+        if self.shared.tracker.remove_pending(&handle) {
+            Admission::Rejected(Box::new(unwrap_handle(handle)), reason)
+        } else {
+            Admission::Accepted(handle)
+        }
     }
 
     /// Reports an intake rejection that never reached [`Engine::submit`].
@@ -396,10 +402,12 @@ impl Engine {
             };
         };
         h.cancel.cancel(CancelReason::User);
-        // Pairs with the fence in `step::run`: see the comment there.
+        // Pairs with the fence in `step::run`: see the comment there. If the
+        // token already held another reason (deadline, shutdown), whoever set
+        // it gives the answer.
         std::sync::atomic::fence(Ordering::SeqCst);
-        if h.started.get().is_none() {
-            self.shared.finish_cancelled(&h, CancelReason::User);
+        if h.started.get().is_none() && h.cancel.reason() == Some(CancelReason::User) {
+            self.shared.finish_cancelled(&h);
         }
         CancelOutcome::Requested
     }
@@ -450,16 +458,9 @@ impl Engine {
         if !drained {
             for h in self.shared.tracker.all_pending() {
                 h.cancel.cancel(CancelReason::Shutdown);
-                if self.shared.finish_cancelled(&h, CancelReason::Shutdown) {
+                if self.shared.finish_cancelled(&h) {
                     cancelled += 1;
                 }
-            }
-            // A pool thread may have recorded a result just before us and still
-            // be handing it to the sinks: let it finish (bounded: sinks are
-            // quick, but a stuck disk must not stop the exit).
-            let until = Instant::now() + Duration::from_secs(2);
-            while self.shared.finishing.load(Ordering::Acquire) > 0 && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(1));
             }
         } else {
             let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
@@ -467,7 +468,18 @@ impl Engine {
                 let _ = t.join();
             }
         }
+        self.quiesce(Duration::from_secs(2));
         ShutdownReport { cancelled, drained }
+    }
+
+    /// Waits (up to `limit`) until every result already recorded has been
+    /// handed to the sinks: a pool or deadline thread may be between the two.
+    /// Bounded because sinks are quick, but a stuck disk must not stop an exit.
+    pub fn quiesce(&self, limit: Duration) {
+        let until = Instant::now() + limit;
+        while self.shared.finishing.load(Ordering::Acquire) > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
@@ -512,8 +524,10 @@ impl Shared {
     }
 
     /// Ends a pending step as `cancelled` from outside its pool thread.
-    fn finish_cancelled(&self, h: &StepHandle, reason: CancelReason) -> bool {
+    /// The outcome follows the reason the token holds (the first one set).
+    fn finish_cancelled(&self, h: &StepHandle) -> bool {
         let stats = stats_so_far(h);
+        let reason = h.cancel.reason().unwrap_or(CancelReason::User);
         let e = BlockError::cancelled(reason);
         let outcome = Outcome::Failure {
             code: e.code,
@@ -538,9 +552,18 @@ fn reap_expired(weak: &std::sync::Weak<Shared>) {
         std::thread::sleep(REAP_INTERVAL);
         let Some(shared) = weak.upgrade() else { return };
         for h in shared.tracker.expired_unstarted(Instant::now()) {
-            h.cancel.cancel(CancelReason::Deadline);
+            if !h.cancel.cancel(CancelReason::Deadline) {
+                continue; // cancelled, shut down or claimed first: that answer stands
+            }
+            // Whoever sets the token counts the timeout (here or in
+            // `step::run`), so it is counted once, whoever gives the answer:
+            // a pool thread that started meanwhile sees this token and ends
+            // the step `timeout` itself.
+            shared
+                .observer
+                .timeout(h.assignment.job_type, TimeoutPhase::Deadline);
             std::sync::atomic::fence(Ordering::SeqCst);
-            if h.started.get().is_some() || h.cancel.reason() != Some(CancelReason::Deadline) {
+            if h.started.get().is_some() {
                 continue;
             }
             let outcome = Outcome::Failure {
@@ -549,11 +572,7 @@ fn reap_expired(weak: &std::sync::Weak<Shared>) {
                 retryable: true,
                 outputs: None,
             };
-            if shared.finish(&h, outcome, stats_so_far(&h)) {
-                shared
-                    .observer
-                    .timeout(h.assignment.job_type, TimeoutPhase::Deadline);
-            }
+            shared.finish(&h, outcome, stats_so_far(&h));
         }
     }
 }

@@ -34,6 +34,12 @@ pub(super) fn run(shared: &Shared, h: &StepHandle) -> (Outcome, StepStats) {
         return never_started(final_failure(BlockError::cancelled(reason), false, None));
     }
     if s.flags.complete_timeout && Instant::now() >= h.deadline {
+        // Claim the step as the deadline thread would; whoever sets the token
+        // counts the timeout, so it is counted once.
+        if !h.cancel.cancel(CancelReason::Deadline) {
+            let reason = h.cancel.reason().unwrap_or(CancelReason::Deadline);
+            return never_started(final_failure(BlockError::cancelled(reason), false, None));
+        }
         shared.observer.timeout(a.job_type, TimeoutPhase::Deadline);
         return never_started(Outcome::Failure {
             code: ErrorCode::CancelledByTimeout,

@@ -85,12 +85,15 @@ impl Tracker {
 
     /// Forgets `handle` if it is still the pending step of its id (it was
     /// registered but could not be queued).
-    pub fn remove_pending(&self, handle: &StepHandle) {
+    /// Returns `false` if it was no longer pending (it already has a result).
+    pub fn remove_pending(&self, handle: &StepHandle) -> bool {
         let mut t = self.lock();
         let id = &handle.assignment.assignment_id;
         if matches!(t.slots.get(id), Some(Slot::Pending(h)) if std::ptr::eq(h.as_ref(), handle)) {
             t.slots.remove(id);
+            return true;
         }
+        false
     }
 
     /// Records the result of `handle`; `true` only for the first completion,

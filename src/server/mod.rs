@@ -139,6 +139,18 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 fn serve_loop(server: &Server, stop: &AtomicBool, handler: &Arc<dyn Handler>) {
     while !stop.load(Ordering::Acquire) {
         match server.recv_timeout(Duration::from_millis(200)) {
+            // tiny_http hands an upgrade request the raw socket as its "body",
+            // unbounded and unframed; this worker never upgrades.
+            Ok(Some(request)) if wants_upgrade(&request) => respond(
+                request,
+                json(
+                    400,
+                    &error_body(
+                        "upgrade_not_supported",
+                        "connection upgrades are not supported",
+                    ),
+                ),
+            ),
             Ok(Some(request)) if body_on_socket(&request) => {
                 // The body is read from the socket while the handler runs, and
                 // tiny_http drains what is left when the request is dropped: a
@@ -169,6 +181,13 @@ fn dispatch(handler: &dyn Handler, request: Request) {
     if catch_unwind(AssertUnwindSafe(|| handler.handle(request))).is_err() {
         log::error!("request handler panicked; answered 500");
     }
+}
+
+/// True for `Connection: upgrade` requests.
+fn wants_upgrade(request: &Request) -> bool {
+    request.headers().iter().any(|h| {
+        h.field.equiv("Connection") && h.value.as_str().to_ascii_lowercase().contains("upgrade")
+    })
 }
 
 /// True when tiny_http has not buffered the body: chunked, over 1 KiB, or

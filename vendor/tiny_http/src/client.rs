@@ -40,6 +40,11 @@ pub struct ClientConnection {
     secure: bool,
 }
 
+/// caf-worker patch: longest request line or header line accepted.
+const MAX_LINE_BYTES: usize = 8 * 1024;
+/// caf-worker patch: most header lines accepted in one request.
+const MAX_HEADERS: usize = 100;
+
 /// Error that can happen when reading a request.
 #[derive(Debug)]
 enum ReadError {
@@ -94,6 +99,12 @@ impl ClientConnection {
                 None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
             };
 
+            // caf-worker patch: a request or header line has a size limit, so
+            // one client cannot make the server buffer without bound.
+            if buf.len() >= MAX_LINE_BYTES {
+                return Err(IoError::new(ErrorKind::InvalidData, "request line or header too long"));
+            }
+
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
                 return AsciiString::from_ascii(buf)
@@ -139,6 +150,10 @@ impl ClientConnection {
                     if line.is_empty() {
                         break;
                     };
+                    // caf-worker patch: bounded header count.
+                    if headers.len() >= MAX_HEADERS {
+                        return Err(ReadError::WrongHeader(version));
+                    }
                     headers.push(match FromStr::from_str(line.as_str().trim()) {
                         // TODO: remove this conversion
                         Ok(h) => h,

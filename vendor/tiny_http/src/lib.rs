@@ -292,6 +292,10 @@ impl Server {
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
+              // caf-worker patch: one connection's failure (e.g. the socket
+              // clone failing under EMFILE, or no thread to serve it) drops
+              // that connection only; it must not end the accept loop.
+              let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
@@ -349,12 +353,19 @@ impl Server {
                             std::io::ErrorKind::WouldBlock
                                 | std::io::ErrorKind::TimedOut
                                 | std::io::ErrorKind::Interrupted
+                                | std::io::ErrorKind::ConnectionAborted
+                                | std::io::ErrorKind::ConnectionReset
                         ) => {}
+                    // Out of descriptors, buffers or memory: back off briefly.
                     Err(e) => {
                         log::warn!("Error accepting new client: {}", e);
                         thread::sleep(std::time::Duration::from_millis(20));
                     }
                 }
+              }));
+              if served.is_err() {
+                  thread::sleep(std::time::Duration::from_millis(20));
+              }
             }
             log::debug!("Terminating accept thread");
         });

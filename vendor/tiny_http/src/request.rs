@@ -179,15 +179,33 @@ where
         .map(|h| h.value.clone());
 
     // finding the content-length header
+    // caf-worker patch: a Content-Length that is not plain digits, or that is
+    // repeated with different values, makes the body's end ambiguous: refuse
+    // the request (the connection closes) instead of guessing "no body".
+    let mut lengths = headers
+        .iter()
+        .filter(|h: &&Header| h.field.equiv("Content-Length"))
+        .map(|h| h.value.as_str().trim());
+    let declared = match lengths.next() {
+        None => None,
+        Some(v) => {
+            let valid = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+            let parsed: Option<usize> = if valid { FromStr::from_str(v).ok() } else { None };
+            match parsed {
+                Some(n) if lengths.all(|other| other == v) => Some(n),
+                _ => {
+                    let err = IoError::new(ErrorKind::InvalidData, "invalid Content-Length");
+                    return Err(RequestCreationError::CreationIoError(err));
+                }
+            }
+        }
+    };
     let content_length = if transfer_encoding.is_some() {
         // if transfer-encoding is specified, the Content-Length
         // header must be ignored (RFC2616 #4.4)
         None
     } else {
-        headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Content-Length"))
-            .and_then(|h| FromStr::from_str(h.value.as_str()).ok())
+        declared
     };
 
     // true if the client sent a `Expect: 100-continue` header

@@ -90,7 +90,7 @@ where
         // a huge length aborted the process), and give up after DRAIN_LIMIT
         // bytes or on a read error; `poison` then makes the connection close
         // rather than parse body bytes as the next request.
-        const DRAIN_LIMIT: usize = 1 << 20;
+        const DRAIN_LIMIT: usize = 16 << 20;
         let mut remaining_to_read = self.size;
         let mut drained = 0usize;
         let mut buf = [0u8; 4096];
@@ -123,12 +123,14 @@ where
 }
 
 /// caf-worker patch: wraps a body reader whose length is not known up front
-/// (chunked). On drop, drains what the handler left unread, up to 1 MiB; if
+/// (chunked). On drop, drains what the handler left unread, up to 16 MiB; if
 /// the end of the body is not reached, sets `poison` so the connection ends
 /// instead of parsing body bytes as the next request.
 pub struct DrainOnDrop<R: Read> {
     reader: R,
     finished: bool,
+    // A decode error means the framing is lost: never resynchronise on it.
+    failed: bool,
     poison: Arc<AtomicBool>,
 }
 
@@ -137,6 +139,7 @@ impl<R: Read> DrainOnDrop<R> {
         DrainOnDrop {
             reader,
             finished: false,
+            failed: false,
             poison,
         }
     }
@@ -144,7 +147,16 @@ impl<R: Read> DrainOnDrop<R> {
 
 impl<R: Read> Read for DrainOnDrop<R> {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
-        let n = self.reader.read(buf)?;
+        if self.failed {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "chunked body is broken"));
+        }
+        let n = match self.reader.read(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                self.failed = true;
+                return Err(e);
+            }
+        };
         if n == 0 && !buf.is_empty() {
             self.finished = true;
         }
@@ -154,10 +166,10 @@ impl<R: Read> Read for DrainOnDrop<R> {
 
 impl<R: Read> Drop for DrainOnDrop<R> {
     fn drop(&mut self) {
-        const DRAIN_LIMIT: usize = 1 << 20;
+        const DRAIN_LIMIT: usize = 16 << 20;
         let mut buf = [0u8; 4096];
         let mut drained = 0usize;
-        while !self.finished && drained < DRAIN_LIMIT {
+        while !self.finished && !self.failed && drained < DRAIN_LIMIT {
             match self.reader.read(&mut buf) {
                 Ok(0) => self.finished = true,
                 Ok(n) => drained += n,
