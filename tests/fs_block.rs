@@ -69,6 +69,21 @@ fn step(id: &str, op: &str, payload: Value) -> Value {
     )
 }
 
+/// A get, an overwriting put and a delete of each path (ids `get-N`, …).
+fn get_put_delete(paths: &[Value]) -> Vec<Value> {
+    let mut steps = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        steps.push(step(&format!("get-{i}"), "get", json!({"path": p})));
+        steps.push(step(
+            &format!("put-{i}"),
+            "put",
+            json!({"path": p, "content": "x", "overwrite": true}),
+        ));
+        steps.push(step(&format!("del-{i}"), "delete", json!({"path": p})));
+    }
+    steps
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
@@ -280,17 +295,7 @@ fn dot_dot_empty_and_nul_paths_are_refused() {
         "sub/..",
         "..",
     ];
-    let mut steps = Vec::new();
-    for (i, p) in escaping.iter().enumerate() {
-        steps.push(step(&format!("get-{i}"), "get", json!({"path": p})));
-        steps.push(step(
-            &format!("put-{i}"),
-            "put",
-            json!({"path": p, "content": "x", "overwrite": true}),
-        ));
-        steps.push(step(&format!("del-{i}"), "delete", json!({"path": p})));
-    }
-    for r in f.run(&steps) {
+    for r in f.run(&get_put_delete(&escaping.map(|p| json!(p)))) {
         assert_error(&r, &["PERMISSION_DENIED", "INVALID_INPUT"]);
         assert_eq!(r["retryable"], false, "{r}");
     }
@@ -307,17 +312,7 @@ fn dot_dot_empty_and_nul_paths_are_refused() {
         json!("a\u{0}b"),
         json!("sub/\u{0}"),
     ];
-    let mut steps = Vec::new();
-    for (i, p) in bad.iter().enumerate() {
-        steps.push(step(&format!("get-{i}"), "get", json!({"path": p})));
-        steps.push(step(
-            &format!("put-{i}"),
-            "put",
-            json!({"path": p, "content": "x", "overwrite": true}),
-        ));
-        steps.push(step(&format!("del-{i}"), "delete", json!({"path": p})));
-    }
-    for r in f.run(&steps) {
+    for r in f.run(&get_put_delete(&bad)) {
         assert_error(&r, &["PERMISSION_DENIED", "INVALID_INPUT"]);
         assert_eq!(r["retryable"], false, "{r}");
     }

@@ -566,13 +566,7 @@ fn reap_expired(weak: &std::sync::Weak<Shared>) {
             if h.started.get().is_some() {
                 continue;
             }
-            let outcome = Outcome::Failure {
-                code: crate::contract::ErrorCode::CancelledByTimeout,
-                message: "deadline passed while the step was queued; it never ran".into(),
-                retryable: true,
-                outputs: None,
-            };
-            shared.finish(&h, outcome, stats_so_far(&h));
+            shared.finish(&h, step::queued_past_deadline(), stats_so_far(&h));
         }
     }
 }

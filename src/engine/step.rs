@@ -41,12 +41,7 @@ pub(super) fn run(shared: &Shared, h: &StepHandle) -> (Outcome, StepStats) {
             return never_started(final_failure(BlockError::cancelled(reason), false, None));
         }
         shared.observer.timeout(a.job_type, TimeoutPhase::Deadline);
-        return never_started(Outcome::Failure {
-            code: ErrorCode::CancelledByTimeout,
-            message: "deadline passed while the step was queued; it never ran".into(),
-            retryable: true,
-            outputs: None,
-        });
+        return never_started(queued_past_deadline());
     }
 
     let queue_ms = ms(start - accepted);
@@ -152,6 +147,17 @@ pub(super) fn run(shared: &Shared, h: &StepHandle) -> (Outcome, StepStats) {
         queue_ms,
     };
     (outcome, stats)
+}
+
+/// The outcome of a step whose deadline passed while it was still queued
+/// (given here or by the deadline thread, whichever claims the step).
+pub(super) fn queued_past_deadline() -> Outcome {
+    Outcome::Failure {
+        code: ErrorCode::CancelledByTimeout,
+        message: "deadline passed while the step was queued; it never ran".into(),
+        retryable: true,
+        outputs: None,
+    }
 }
 
 /// When the current attempt must end.

@@ -30,14 +30,17 @@ impl Health {
         Health { engine, ready }
     }
 
-    /// Evaluates every check: all pool threads alive, FS root writable.
-    /// Threads leaving during a drain have not died: they are done.
-    pub fn checks(engine: &Engine) -> Vec<HealthCheck> {
-        let draining = engine.is_draining();
-        let dead: Vec<String> = engine
+    /// Pools with a dead thread, described. Threads leaving during a drain
+    /// have not died: they are done (and a failed liveness probe then would
+    /// get the process killed before every accepted step has its result).
+    fn dead_pools(engine: &Engine) -> Vec<String> {
+        if engine.is_draining() {
+            return Vec::new();
+        }
+        engine
             .pool_stats()
             .iter()
-            .filter(|p| !draining && p.alive < p.threads)
+            .filter(|p| p.alive < p.threads)
             .map(|p| {
                 format!(
                     "{} pool: {} of {} threads alive",
@@ -46,7 +49,12 @@ impl Health {
                     p.threads
                 )
             })
-            .collect();
+            .collect()
+    }
+
+    /// Evaluates every check: all pool threads alive, FS root writable.
+    pub fn checks(engine: &Engine) -> Vec<HealthCheck> {
+        let dead = Health::dead_pools(engine);
         let fs_ok = engine.blocks().fs_root_writable();
         vec![
             HealthCheck {
@@ -71,14 +79,7 @@ impl Health {
     }
 
     fn pools_alive(&self) -> bool {
-        // A failed liveness probe during the drain would get the process
-        // killed before every accepted step has its result (SPEC §11).
-        self.engine.is_draining()
-            || self
-                .engine
-                .pool_stats()
-                .iter()
-                .all(|p| p.alive == p.threads)
+        Health::dead_pools(&self.engine).is_empty()
     }
 
     fn route(&self, request: &Request) -> Reply {
