@@ -6,6 +6,7 @@ mod ack;
 mod assignment;
 mod error_code;
 mod ids;
+mod json;
 mod result;
 
 pub use ack::{Ack, AckStatus};
@@ -15,4 +16,5 @@ pub use assignment::{
 };
 pub use error_code::{ErrorCode, Status};
 pub use ids::{is_trace_id, is_ulid, is_uuid};
+pub use json::{Checked, from_slice_unique};
 pub use result::{ExecResult, JobRef, Outcome, StepStats};
