@@ -121,31 +121,37 @@ fn start_ports(
     metrics: Option<Arc<crate::telemetry::Metrics>>,
     ready: &Arc<AtomicBool>,
 ) -> Result<Vec<HttpPort>, crate::server::BindError> {
+    // Every port is added to the egress policy as soon as it is bound: a
+    // step must not call the worker's own API (or probes) through HTTP.
+    let deny_own = |port: HttpPort| {
+        engine.blocks().deny_own_listener(port.addr());
+        port
+    };
     let ingress = Ingress::new(
         engine.clone(),
         intake_rules(settings),
         settings.api_token.clone(),
         INGRESS_THREADS,
     );
-    let mut ports = vec![HttpPort::start(
+    let mut ports = vec![deny_own(HttpPort::start(
         "WORKER_INGRESS_ADDR",
         settings.ingress_addr,
         INGRESS_THREADS,
         Arc::new(ingress),
-    )?];
-    ports.push(HttpPort::start(
+    )?)];
+    ports.push(deny_own(HttpPort::start(
         "WORKER_HEALTH_ADDR",
         settings.health_addr,
         HEALTH_THREADS,
         Arc::new(Health::new(engine.clone(), ready.clone())),
-    )?);
+    )?));
     if let Some(m) = metrics {
-        ports.push(HttpPort::start(
+        ports.push(deny_own(HttpPort::start(
             "WORKER_METRICS_ADDR",
             settings.metrics_addr,
             METRICS_THREADS,
             Arc::new(MetricsEndpoint::new(engine.clone(), m)),
-        )?);
+        )?));
     }
     Ok(ports)
 }

@@ -205,6 +205,8 @@ impl Engine {
             },
             max_response_bytes: settings.max_response_bytes,
             http_max_idle_per_host: settings.pool_sizes.iter().sum(),
+            http_deny_nets: settings.http_deny_nets.clone(),
+            http_allow_nets: settings.http_allow_nets.clone(),
         })?;
         let capacity = settings
             .flags
