@@ -388,6 +388,11 @@ impl Engine {
         self.shared.tracker.lookup(id)
     }
 
+    /// The tenant owning assignment `id` while it is pending or retained.
+    pub fn tenant_of(&self, id: &str) -> Option<String> {
+        self.shared.tracker.tenant_of(id)
+    }
+
     /// Waits up to `timeout` for the result of a pending assignment.
     pub fn wait_result(&self, id: &str, timeout: Duration) -> Lookup {
         self.shared.tracker.wait(id, timeout)
