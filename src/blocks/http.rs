@@ -851,8 +851,38 @@ mod tests {
                 9
             ))
         );
+        assert_eq!(
+            addr("http://2130706433:8080/"),
+            Some(([127, 0, 0, 1], 8080).into())
+        );
+        assert_eq!(addr("http://127.1/"), Some(([127, 0, 0, 1], 80).into()));
         assert_eq!(addr("http://localhost:8080/"), None);
         assert_eq!(addr("http://example.com/"), None);
+    }
+
+    #[test]
+    fn redirect_locations_resolve_against_the_hop() {
+        let base: Uri = "http://127.0.0.1:8080/a/b?q=1".parse().unwrap();
+        let j = |l: &str| join_location(&base, l).map(|u| u.to_string());
+        assert_eq!(
+            j("http://127.0.0.2/x").as_deref(),
+            Some("http://127.0.0.2/x")
+        );
+        assert_eq!(
+            j("//127.0.0.3:9/y").as_deref(),
+            Some("http://127.0.0.3:9/y")
+        );
+        assert_eq!(
+            j("/z?k=v#frag").as_deref(),
+            Some("http://127.0.0.1:8080/z?k=v")
+        );
+        assert_eq!(j("c").as_deref(), Some("http://127.0.0.1:8080/a/c"));
+        let other = |l: &str| origin(&join_location(&base, l).unwrap()) != origin(&base);
+        assert!(!other("/same"));
+        assert!(!other("HTTP://127.0.0.1:8080/x"));
+        assert!(other("http://127.0.0.1:8081/x"));
+        assert!(other("https://127.0.0.1:8080/x"));
+        assert!(other("http://localhost:8080/x"));
     }
 
     #[test]
