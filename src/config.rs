@@ -2,6 +2,7 @@
 //! command line > environment > TOML file > default, then validated into a
 //! plain [`Settings`] value. No runtime objects are built here.
 
+use crate::blocks::Cidr;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -42,6 +43,7 @@ keys! {
     "health_addr", "WORKER_HEALTH_ADDR", Some("0.0.0.0:9091"), "health address";
     "metrics_addr", "WORKER_METRICS_ADDR", Some("0.0.0.0:9092"), "metrics address";
     "api_token", "WORKER_API_TOKEN", None, "bearer token the ingress requires";
+    "api_tokens_file", "WORKER_API_TOKENS_FILE", None, "TOML [tokens] table: token = tenant_id, or \"*\" for an operator";
     "fs_root", "WORKER_FS_ROOT", Some("./data"), "root of every fs.* path";
     "default_deadline_ms", "WORKER_DEFAULT_DEADLINE_MS", Some("30000"), "step budget when the assignment gives none";
     "default_max_attempts", "WORKER_DEFAULT_MAX_ATTEMPTS", Some("4"), "attempts when the assignment gives none";
@@ -51,6 +53,8 @@ keys! {
     "retry_budget_percent", "WORKER_RETRY_BUDGET_PERCENT", Some("20"), "process retry budget, % of first attempts";
     "retry_budget_min_per_sec", "WORKER_RETRY_BUDGET_MIN_PER_SEC", Some("10"), "process retry budget floor per second";
     "http_connect_timeout_ms", "WORKER_HTTP_CONNECT_TIMEOUT_MS", Some("5000"), "CP2 connect timeout";
+    "http_deny_nets", "WORKER_HTTP_DENY_NETS", Some("169.254.0.0/16,fe80::/10"), "CIDRs no http.request hop may reach (own ports always denied)";
+    "http_allow_nets", "WORKER_HTTP_ALLOW_NETS", None, "if set, the only CIDRs http.request may reach (deny wins)";
     "fs_read_timeout_ms", "WORKER_FS_READ_TIMEOUT_MS", Some("5000"), "CP2 FS read watchdog";
     "fs_write_timeout_ms", "WORKER_FS_WRITE_TIMEOUT_MS", Some("10000"), "CP2 FS write watchdog";
     "fs_delete_timeout_ms", "WORKER_FS_DELETE_TIMEOUT_MS", Some("3000"), "CP2 FS delete watchdog";
@@ -114,8 +118,10 @@ pub struct Settings {
     pub health_addr: SocketAddr,
     /// Metrics port.
     pub metrics_addr: SocketAddr,
-    /// Bearer token the ingress requires, if any.
+    /// Bearer token the ingress requires, if any (an operator token).
     pub api_token: Option<String>,
+    /// Per-tenant tokens file (read by the server at start-up).
+    pub api_tokens_file: Option<PathBuf>,
     /// Root of every fs path.
     pub fs_root: PathBuf,
     /// Step budget when the assignment gives none.
@@ -134,6 +140,10 @@ pub struct Settings {
     pub retry_budget_min_per_sec: u32,
     /// CP2 HTTP connect timeout.
     pub http_connect_timeout: Duration,
+    /// Networks no HTTP hop may reach.
+    pub http_deny_nets: Vec<Cidr>,
+    /// If set, the only networks an HTTP hop may reach.
+    pub http_allow_nets: Option<Vec<Cidr>>,
     /// CP2 FS read watchdog.
     pub fs_read_timeout: Duration,
     /// CP2 FS write watchdog.
@@ -396,6 +406,20 @@ impl Reader {
             .map_err(|_| Self::invalid(name, v, "an IP:port address such as 127.0.0.1:9090"))
     }
 
+    /// A comma-separated CIDR list; `None` when unset.
+    fn cidrs(&self, name: &str) -> Result<Option<Vec<Cidr>>, ConfigError> {
+        let Some(v) = self.raw(name) else {
+            return Ok(None);
+        };
+        Cidr::parse_list(v).map(Some).map_err(|e| {
+            Self::invalid(
+                name,
+                v,
+                &format!("comma-separated CIDRs such as 10.0.0.0/8,fd00::/8 ({e})"),
+            )
+        })
+    }
+
     fn optional(&self, name: &str) -> Option<String> {
         self.raw(name).filter(|v| !v.is_empty()).map(str::to_owned)
     }
@@ -449,6 +473,7 @@ impl Reader {
             health_addr: self.addr("health_addr")?,
             metrics_addr: self.addr("metrics_addr")?,
             api_token: self.optional("api_token"),
+            api_tokens_file: self.optional("api_tokens_file").map(PathBuf::from),
             fs_root,
             default_deadline: self.millis("default_deadline_ms", HOUR_MS)?,
             default_max_attempts: self.int("default_max_attempts", 1, 10)? as u32,
@@ -458,6 +483,8 @@ impl Reader {
             retry_budget_percent: self.int("retry_budget_percent", 0, 1000)? as u32,
             retry_budget_min_per_sec: self.int("retry_budget_min_per_sec", 0, 1_000_000)? as u32,
             http_connect_timeout: self.millis("http_connect_timeout_ms", HOUR_MS)?,
+            http_deny_nets: self.cidrs("http_deny_nets")?.unwrap_or_default(),
+            http_allow_nets: self.cidrs("http_allow_nets")?,
             fs_read_timeout: self.millis("fs_read_timeout_ms", HOUR_MS)?,
             fs_write_timeout: self.millis("fs_write_timeout_ms", HOUR_MS)?,
             fs_delete_timeout: self.millis("fs_delete_timeout_ms", HOUR_MS)?,
@@ -582,6 +609,22 @@ mod tests {
             ..Sources::default()
         };
         assert!(matches!(load(&src), Err(ConfigError::UnknownKey(_))));
+    }
+
+    #[test]
+    fn egress_nets() {
+        let s = Settings::defaults();
+        assert_eq!(s.http_deny_nets.len(), 2);
+        assert!(s.http_allow_nets.is_none());
+        let s = load(&env(&[
+            ("WORKER_HTTP_DENY_NETS", ""),
+            ("WORKER_HTTP_ALLOW_NETS", "10.0.0.0/8, ::1"),
+        ]))
+        .unwrap();
+        assert!(s.http_deny_nets.is_empty());
+        assert_eq!(s.http_allow_nets.map(|a| a.len()), Some(2));
+        let e = load(&env(&[("WORKER_HTTP_DENY_NETS", "10.0.0.0/40")])).unwrap_err();
+        assert!(e.to_string().contains("WORKER_HTTP_DENY_NETS"), "{e}");
     }
 
     #[test]

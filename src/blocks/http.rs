@@ -1,54 +1,125 @@
-//! `http.request` (SPEC §4.1): one shared ureq agent, per-attempt timeouts,
-//! typed timeout phases, bounded response bodies.
+//! `http.request` (SPEC §4.1, §12.13): one shared ureq agent, per-attempt
+//! timeouts, typed timeout phases, bounded response bodies.
+//!
+//! Hostile payloads and upstreams (issue 12):
+//! - redirects are followed here, one hop at a time, so the egress policy
+//!   ([`super::egress`]) sees the resolved address of every hop and a hop to
+//!   another origin drops every credential header (the §10 secret names);
+//! - payload headers that set framing or routing (`Content-Length`,
+//!   `Transfer-Encoding`, `Connection`, `Host`, other hop-by-hop names) are
+//!   refused as `INVALID_INPUT`;
+//! - a request that fails on a pooled keep-alive connection before any byte
+//!   of the response arrived (the upstream closed it while it sat idle) is
+//!   sent once more on a fresh connection inside the same attempt.
 
+use super::egress::{EgressDenied, EgressPolicy, parse_ipv4_loose};
 use super::payload::{optional_bool, required_str, wrong_type};
 use super::{AttemptContext, BlockError, BlockSettings, TimeoutPhase};
-use crate::contract::ErrorCode;
+use crate::contract::{ErrorCode, is_secret_key};
 use base64::Engine as _;
 use serde_json::{Map, Value};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use ureq::config::{Config, IpFamily};
-use ureq::http::{self, Method};
+use ureq::http::{self, HeaderMap, Method, Uri};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
+use ureq::unversioned::transport::{
+    Buffers, ConnectionDetails, Connector, DefaultConnector, NextTimeout, Transport,
+};
 
 const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 const ERROR_BODY_HEAD: usize = 4096;
 const MAX_REDIRECTS: u32 = 5;
+/// The most of a redirect's body read (so its connection can be reused).
+const REDIRECT_BODY_MAX: u64 = 64 * 1024;
+
+/// Payload header names that would set the request's framing or routing
+/// (request smuggling, a second request on the connection, another virtual
+/// host than the URL names). ureq sets them from the URL and the body.
+const REFUSED_HEADERS: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "host",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
 
 /// The HTTP block. The agent is shared by all io threads (connection reuse).
 #[derive(Debug)]
 pub struct HttpBlock {
     agent: ureq::Agent,
     max_response_bytes: usize,
+    egress: Arc<EgressPolicy>,
 }
 
 struct Prepared {
-    request: http::Request<Vec<u8>>,
+    hop: Hop,
     follow_redirects: bool,
+}
+
+/// One hop's request, kept whole so it can be sent again (on a fresh
+/// connection) or turned into the next hop of a redirect.
+#[derive(Debug, Clone)]
+struct Hop {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Hop {
+    fn request(&self) -> http::Request<Vec<u8>> {
+        let mut r = http::Request::new(self.body.clone());
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
 }
 
 impl HttpBlock {
     pub(super) fn new(s: &BlockSettings) -> HttpBlock {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // Redirects are followed by `execute`, hop by hop.
+            .max_redirects(0)
+            .max_redirects_will_error(false)
             .max_idle_connections(s.http_max_idle_per_host.max(10) * 4)
             .max_idle_connections_per_host(s.http_max_idle_per_host.max(3))
             .user_agent(concat!("caf-worker/", env!("CARGO_PKG_VERSION")))
             .build();
+        let egress = Arc::new(EgressPolicy::new(
+            s.http_deny_nets.clone(),
+            s.http_allow_nets.clone(),
+        ));
         let agent = ureq::Agent::with_parts(
             config,
-            DefaultConnector::default(),
-            CachingResolver::default(),
+            TrackingConnector::default(),
+            CachingResolver {
+                inner: DefaultResolver::default(),
+                cache: Mutex::default(),
+                egress: egress.clone(),
+            },
         );
         HttpBlock {
             agent,
             max_response_bytes: s.max_response_bytes,
+            egress,
         }
+    }
+
+    /// The egress policy (the serve command adds the worker's own ports).
+    pub(super) fn egress(&self) -> &EgressPolicy {
+        &self.egress
     }
 
     pub(super) fn execute(
@@ -57,29 +128,41 @@ impl HttpBlock {
         ctx: &AttemptContext<'_>,
     ) -> Result<Value, BlockError> {
         let Prepared {
-            request,
+            mut hop,
             follow_redirects,
         } = prepare(p)?;
-        let total = ctx.remaining();
-        if total == Some(Duration::ZERO) {
-            return Err(BlockError::timeout(
-                TimeoutPhase::Attempt,
-                "no time left for the attempt",
-            ));
-        }
-        let request = self
-            .agent
-            .configure_request(request)
-            .timeout_global(total)
-            .timeout_connect(ctx.connect_timeout)
-            .max_redirects(if follow_redirects { MAX_REDIRECTS } else { 0 })
-            .max_redirects_will_error(follow_redirects)
-            .build();
         let connect = ctx.connect_timeout;
-        let mut response = self
-            .agent
-            .run(request)
-            .map_err(|e| map_error(e, total, connect))?;
+        let mut redirects = 0;
+        let (mut response, total) = loop {
+            let total = ctx.remaining();
+            let mut response = self.send(&hop, ctx)?;
+            let status = response.status().as_u16();
+            let location = response
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            match location {
+                Some(location) if follow_redirects && is_redirect(status) => {
+                    if redirects == MAX_REDIRECTS {
+                        return Err(BlockError::new(
+                            ErrorCode::ExecutionFailed,
+                            format!("more than {MAX_REDIRECTS} redirects"),
+                        )
+                        .permanent());
+                    }
+                    // Read the (small) body so the connection goes back to the pool.
+                    let _ = response
+                        .body_mut()
+                        .with_config()
+                        .limit(REDIRECT_BODY_MAX)
+                        .read_to_vec();
+                    hop = next_hop(hop, status, &location)?;
+                    redirects += 1;
+                }
+                _ => break (response, total),
+            }
+        };
         let status = response.status().as_u16();
         let headers = response_headers(response.headers());
         let retry_after = response
@@ -119,10 +202,275 @@ impl HttpBlock {
         }
         Err(e)
     }
+
+    /// Sends one hop with the attempt's remaining time. A failure on a
+    /// reused pooled connection before any response byte came back is sent
+    /// once more on a fresh connection: the upstream closed that connection
+    /// while it sat idle, which says nothing about the upstream now. (Any
+    /// method: the step's own retries would resend it anyway, and the
+    /// request never reached an upstream that was still listening.)
+    fn send(
+        &self,
+        hop: &Hop,
+        ctx: &AttemptContext<'_>,
+    ) -> Result<http::Response<ureq::Body>, BlockError> {
+        let connect = ctx.connect_timeout;
+        let mut fresh = false;
+        loop {
+            let total = ctx.remaining();
+            if total == Some(Duration::ZERO) {
+                return Err(BlockError::timeout(
+                    TimeoutPhase::Attempt,
+                    "no time left for the attempt",
+                ));
+            }
+            let mut request = self
+                .agent
+                .configure_request(hop.request())
+                .timeout_global(total)
+                .timeout_connect(connect);
+            if fresh {
+                // Skips (and closes) idle pooled connections to this host.
+                request = request.max_idle_age(Duration::ZERO);
+            }
+            begin_call();
+            match self.agent.run(request.build()) {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    let trace = call_trace();
+                    if !fresh && trace.reused && !trace.received && is_stale_connection(&e) {
+                        log::debug!(error = e.to_string(); "pooled connection was closed; sending again on a fresh one");
+                        fresh = true;
+                        continue;
+                    }
+                    return Err(map_error(e, total, connect));
+                }
+            }
+        }
+    }
 }
 
-/// ureq's resolver, with an IP-literal host answered in place and host names
-/// cached for [`DNS_TTL`].
+/// Statuses whose `Location` is followed (with `follow_redirects`).
+fn is_redirect(status: u16) -> bool {
+    matches!(status, 301 | 302 | 303 | 307 | 308)
+}
+
+/// The request for the hop after a `status` redirect to `location`: 301,
+/// 302 and 303 turn a method with a body into a GET without one; 307 and
+/// 308 keep the method, so a body-carrying or DELETE request is not
+/// followed (as ureq did). Another origin (scheme, host or port) gets no
+/// credential headers.
+fn next_hop(hop: Hop, status: u16, location: &str) -> Result<Hop, BlockError> {
+    let failed = |why: &str| {
+        BlockError::new(
+            ErrorCode::ExecutionFailed,
+            format!("redirect failed: {why}"),
+        )
+        .permanent()
+    };
+    let uri = join_location(&hop.uri, location)
+        .ok_or_else(|| failed("the Location header is not a valid URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
+        return Err(failed("the Location is not an http(s) URL with a host"));
+    }
+    let Hop {
+        mut method,
+        headers,
+        mut body,
+        ..
+    } = hop;
+    let has_body = matches!(method, Method::POST | Method::PUT | Method::PATCH);
+    let mut headers = if origin(&uri) == origin(&hop.uri) {
+        headers
+    } else {
+        let mut kept = HeaderMap::new();
+        for (name, value) in &headers {
+            if !is_secret_key(name.as_str()) {
+                kept.append(name.clone(), value.clone());
+            }
+        }
+        kept
+    };
+    if matches!(status, 307 | 308) {
+        if has_body || method == Method::DELETE {
+            return Err(failed(&format!(
+                "a {status} redirect of a {method} request is not followed"
+            )));
+        }
+    } else if !matches!(method, Method::GET | Method::HEAD) {
+        method = Method::GET;
+        body.clear();
+        headers.remove(http::header::CONTENT_TYPE);
+    }
+    Ok(Hop {
+        method,
+        uri,
+        headers,
+        body,
+    })
+}
+
+/// Scheme, host and port (default filled in), lower-case.
+fn origin(uri: &Uri) -> (String, String, Option<u16>) {
+    (
+        uri.scheme_str().unwrap_or("").to_ascii_lowercase(),
+        uri.host().unwrap_or("").to_ascii_lowercase(),
+        default_port(uri),
+    )
+}
+
+/// `location` resolved against `base` (absolute, `//host/..`, `/path` or a
+/// relative path); the fragment is dropped.
+fn join_location(base: &Uri, location: &str) -> Option<Uri> {
+    let location = location.trim();
+    let location = location.split('#').next().unwrap_or("");
+    if let Ok(u) = location.parse::<Uri>() {
+        if u.scheme().is_some() {
+            return Some(u);
+        }
+    }
+    let scheme = base.scheme_str()?;
+    if location.starts_with("//") {
+        return format!("{scheme}:{location}").parse().ok();
+    }
+    let authority = base.authority()?.as_str();
+    let path = if location.starts_with('/') {
+        location.to_owned()
+    } else {
+        let base_path = base.path();
+        let dir = base_path.rfind('/').map_or("/", |i| &base_path[..=i]);
+        format!("{dir}{location}")
+    };
+    format!("{scheme}://{authority}{path}").parse().ok()
+}
+
+// ------------------------------------------------ pooled-connection tracking
+
+thread_local! {
+    /// What the current `agent.run` on this thread did with its connection.
+    static CALL: Cell<CallTrace> = const { Cell::new(CallTrace { id: 0, reused: false, received: false }) };
+}
+
+/// Call ids, unique across threads (a pooled transport moves between them).
+static CALL_IDS: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Debug, Clone, Copy)]
+struct CallTrace {
+    id: u64,
+    /// The connection had served an earlier call (it came from the pool).
+    reused: bool,
+    /// At least one byte of the response arrived.
+    received: bool,
+}
+
+/// Starts a new call on this thread (ureq does all of a call's I/O on the
+/// calling thread).
+fn begin_call() {
+    let id = CALL_IDS.fetch_add(1, Ordering::Relaxed);
+    CALL.with(|c| {
+        c.set(CallTrace {
+            id,
+            reused: false,
+            received: false,
+        })
+    });
+}
+
+fn call_trace() -> CallTrace {
+    CALL.with(Cell::get)
+}
+
+/// An I/O error that a connection the upstream closed while idle produces
+/// when it is used again. Timeouts and egress denials are not among them.
+fn is_stale_connection(e: &ureq::Error) -> bool {
+    matches!(e, ureq::Error::Io(io) if matches!(
+        io.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::NotConnected
+    ))
+}
+
+/// ureq's connector, with every transport wrapped in [`Tracked`].
+#[derive(Debug, Default)]
+struct TrackingConnector(DefaultConnector);
+
+impl Connector<()> for TrackingConnector {
+    type Out = Tracked;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<()>,
+    ) -> Result<Option<Tracked>, ureq::Error> {
+        Ok(self.0.connect(details, chained)?.map(|inner| Tracked {
+            inner,
+            last_call: 0,
+        }))
+    }
+}
+
+/// A transport that tells the current call whether it was reused and
+/// whether any response byte arrived on it.
+#[derive(Debug)]
+struct Tracked {
+    inner: Box<dyn Transport>,
+    /// The last call that used this transport (0: none yet).
+    last_call: u64,
+}
+
+impl Tracked {
+    fn touch(&mut self) {
+        CALL.with(|c| {
+            let mut t = c.get();
+            if self.last_call != t.id {
+                t.reused |= self.last_call != 0;
+                self.last_call = t.id;
+                c.set(t);
+            }
+        });
+    }
+}
+
+impl Transport for Tracked {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        self.inner.buffers()
+    }
+
+    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        self.touch();
+        self.inner.transmit_output(amount, timeout)
+    }
+
+    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        self.touch();
+        let r = self.inner.await_input(timeout);
+        if matches!(r, Ok(true)) {
+            CALL.with(|c| {
+                let mut t = c.get();
+                t.received = true;
+                c.set(t);
+            });
+        }
+        r
+    }
+
+    fn is_open(&mut self) -> bool {
+        self.inner.is_open()
+    }
+
+    fn is_tls(&self) -> bool {
+        self.inner.is_tls()
+    }
+}
+
+// ------------------------------------------------------------------ resolver
+
+/// ureq's resolver, with an IP-literal host answered in place, host names
+/// cached for [`DNS_TTL`], and every resolved address checked against the
+/// egress policy.
 ///
 /// ureq resolves before it looks in its connection pool, and its default
 /// resolver spawns a thread per lookup whenever the request has a timeout
@@ -130,11 +478,15 @@ impl HttpBlock {
 /// pooled connection is then reused: one OS thread per step. Parsing a
 /// literal never blocks; a host name is looked up (with ureq's thread and
 /// timeout) at most once per [`DNS_TTL`] per host and port, so a DNS change
-/// is seen within that time. Failed lookups are not cached.
-#[derive(Debug, Default)]
+/// is seen within that time. Failed lookups are not cached. Because ureq
+/// resolves for every request, pooled or not, the egress check here covers
+/// every hop; one denied address denies the hop (a name may not mix an
+/// allowed address with a denied one).
+#[derive(Debug)]
 struct CachingResolver {
     inner: DefaultResolver,
     cache: Mutex<HashMap<(String, u16), (ResolvedSocketAddrs, Instant)>>,
+    egress: Arc<EgressPolicy>,
 }
 
 /// How long a successful host-name lookup is reused.
@@ -144,6 +496,26 @@ const DNS_CACHE_MAX: usize = 1024;
 
 impl Resolver for CachingResolver {
     fn resolve(
+        &self,
+        uri: &http::Uri,
+        config: &Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let addrs = self.resolve_unchecked(uri, config, timeout)?;
+        for addr in addrs.iter() {
+            self.egress.check(*addr).map_err(egress_error)?;
+        }
+        Ok(addrs)
+    }
+}
+
+/// An egress denial as the ureq error the resolver returns.
+fn egress_error(e: EgressDenied) -> ureq::Error {
+    ureq::Error::Io(io::Error::new(io::ErrorKind::PermissionDenied, e))
+}
+
+impl CachingResolver {
+    fn resolve_unchecked(
         &self,
         uri: &http::Uri,
         config: &Config,
@@ -187,7 +559,8 @@ fn default_port(uri: &http::Uri) -> Option<u16> {
     })
 }
 
-/// The socket address of an `http(s)://<ip>[:port]` URI; `None` for host names.
+/// The socket address of an `http(s)://<ip>[:port]` URI (IPv4 in any
+/// `inet_aton` form); `None` for host names.
 fn ip_literal(uri: &http::Uri) -> Option<SocketAddr> {
     let port = default_port(uri)?;
     let host = uri.host()?;
@@ -195,7 +568,12 @@ fn ip_literal(uri: &http::Uri) -> Option<SocketAddr> {
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
-    Some(SocketAddr::new(host.parse::<IpAddr>().ok()?, port))
+    let ip = match host.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        // `2130706433`, `127.1`, `0x7f.1`: IPv4 numbers written as a host name.
+        Err(_) => IpAddr::V4(parse_ipv4_loose(host)?),
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// Validates the payload and builds the request (no I/O).
@@ -240,8 +618,7 @@ fn prepare(p: &Map<String, Value>) -> Result<Prepared, BlockError> {
         Some(v) => return Err(wrong_type("method", "a string", v)),
     };
     let follow_redirects = optional_bool(p, "follow_redirects")?.unwrap_or(false);
-    let mut builder = http::Request::builder().method(method).uri(uri);
-    let mut has_content_type = false;
+    let mut headers = HeaderMap::new();
     match p.get("headers") {
         None | Some(Value::Null) => {}
         Some(Value::Object(h)) => {
@@ -258,14 +635,22 @@ fn prepare(p: &Map<String, Value>) -> Result<Prepared, BlockError> {
                         format!("payload.headers: {name:?} is not a valid header name"),
                     )
                 })?;
+                if REFUSED_HEADERS.contains(&hn.as_str()) {
+                    return Err(BlockError::input(
+                        ErrorCode::InvalidInput,
+                        format!(
+                            "payload.headers.{name} is not allowed: the worker sets framing, \
+                             connection and host headers from the URL and the body"
+                        ),
+                    ));
+                }
                 let hv = http::HeaderValue::from_str(&text).map_err(|_| {
                     BlockError::input(
                         ErrorCode::InvalidInput,
                         format!("payload.headers.{name} is not a valid header value"),
                     )
                 })?;
-                has_content_type |= hn == http::header::CONTENT_TYPE;
-                builder = builder.header(hn, hv);
+                headers.append(hn, hv);
             }
         }
         Some(v) => return Err(wrong_type("headers", "an object of strings", v)),
@@ -274,20 +659,22 @@ fn prepare(p: &Map<String, Value>) -> Result<Prepared, BlockError> {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => s.as_bytes().to_vec(),
         Some(other) => {
-            if !has_content_type {
-                builder = builder.header(http::header::CONTENT_TYPE, "application/json");
+            if !headers.contains_key(http::header::CONTENT_TYPE) {
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
             }
             other.to_string().into_bytes()
         }
     };
-    let request = builder.body(body).map_err(|e| {
-        BlockError::input(
-            ErrorCode::InvalidInput,
-            format!("cannot build the request: {e}"),
-        )
-    })?;
     Ok(Prepared {
-        request,
+        hop: Hop {
+            method,
+            uri,
+            headers,
+            body,
+        },
         follow_redirects,
     })
 }
@@ -380,6 +767,9 @@ fn map_error(e: ureq::Error, total: Option<Duration>, connect: Option<Duration>)
             TimeoutPhase::Attempt,
             format!("attempt timed out after {} ms", ms(total)),
         ),
+        ureq::Error::Io(io) if io.get_ref().is_some_and(|e| e.is::<EgressDenied>()) => {
+            BlockError::new(ErrorCode::PermissionDenied, format!("egress denied: {io}")).permanent()
+        }
         ureq::Error::Io(io) => match io.kind() {
             io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => BlockError::timeout(
                 TimeoutPhase::Attempt,
@@ -461,8 +851,38 @@ mod tests {
                 9
             ))
         );
+        assert_eq!(
+            addr("http://2130706433:8080/"),
+            Some(([127, 0, 0, 1], 8080).into())
+        );
+        assert_eq!(addr("http://127.1/"), Some(([127, 0, 0, 1], 80).into()));
         assert_eq!(addr("http://localhost:8080/"), None);
         assert_eq!(addr("http://example.com/"), None);
+    }
+
+    #[test]
+    fn redirect_locations_resolve_against_the_hop() {
+        let base: Uri = "http://127.0.0.1:8080/a/b?q=1".parse().unwrap();
+        let j = |l: &str| join_location(&base, l).map(|u| u.to_string());
+        assert_eq!(
+            j("http://127.0.0.2/x").as_deref(),
+            Some("http://127.0.0.2/x")
+        );
+        assert_eq!(
+            j("//127.0.0.3:9/y").as_deref(),
+            Some("http://127.0.0.3:9/y")
+        );
+        assert_eq!(
+            j("/z?k=v#frag").as_deref(),
+            Some("http://127.0.0.1:8080/z?k=v")
+        );
+        assert_eq!(j("c").as_deref(), Some("http://127.0.0.1:8080/a/c"));
+        let other = |l: &str| origin(&join_location(&base, l).unwrap()) != origin(&base);
+        assert!(!other("/same"));
+        assert!(!other("HTTP://127.0.0.1:8080/x"));
+        assert!(other("http://127.0.0.1:8081/x"));
+        assert!(other("https://127.0.0.1:8080/x"));
+        assert!(other("http://localhost:8080/x"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! ingress or metrics: the engine decides what an error means for the step.
 
 mod debug;
+mod egress;
 mod fs;
 mod http;
 mod payload;
@@ -17,6 +18,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+pub use egress::{Cidr, EgressDenied, EgressPolicy, parse_ipv4_loose};
 pub use watchdog::{MAX_ABANDONED, Watchdog, WatchdogError};
 
 /// The phase a timeout happened in (the `phase` label of `worker_timeouts_total`).
@@ -161,6 +163,10 @@ pub struct BlockSettings {
     pub max_response_bytes: usize,
     /// Idle connections kept per upstream host (≥ the pool sizes for reuse).
     pub http_max_idle_per_host: usize,
+    /// `WORKER_HTTP_DENY_NETS`.
+    pub http_deny_nets: Vec<Cidr>,
+    /// `WORKER_HTTP_ALLOW_NETS`.
+    pub http_allow_nets: Option<Vec<Cidr>>,
 }
 
 /// CP2 FS watchdog timeouts.
@@ -223,6 +229,12 @@ impl Blocks {
             JobType::DebugSleep => debug::sleep(payload, ctx),
             JobType::DebugFail => debug::fail(payload, ctx),
         }
+    }
+
+    /// Denies every later `http.request` hop to `addr`, one of the worker's
+    /// own listening sockets (`0.0.0.0`/`::` binds cover every local address).
+    pub fn deny_own_listener(&self, addr: std::net::SocketAddr) {
+        self.http.egress().deny_own_listener(addr);
     }
 
     /// FS operations abandoned to their helper thread and still running.

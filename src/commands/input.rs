@@ -3,9 +3,9 @@
 //! backpressure); an array is read whole.
 
 use crate::contract::{
-    Assignment, IntakeRules, RejectReason, Rejection, parse_assignment, validate_assignment,
+    Assignment, Checked, IntakeRules, RejectReason, Rejection, parse_assignment,
+    validate_assignment,
 };
-use serde_json::Value;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 
@@ -23,7 +23,7 @@ pub struct InputError(pub String);
 
 enum Source {
     Lines(Box<dyn BufRead>, usize),
-    Array(std::vec::IntoIter<Value>, usize),
+    Array(std::vec::IntoIter<Checked>, usize),
 }
 
 /// Iterator over the items of a batch input.
@@ -70,7 +70,7 @@ pub fn open(path: &str, rules: IntakeRules) -> Result<Items, InputError> {
         reader
             .read_to_end(&mut text)
             .map_err(|e| InputError(format!("cannot read {path}: {e}")))?;
-        let values: Vec<Value> = serde_json::from_slice(&text).map_err(|e| {
+        let values: Vec<Checked> = serde_json::from_slice(&text).map_err(|e| {
             InputError(format!(
                 "{path} starts with '[' but is not a JSON array: {e}"
             ))
@@ -98,8 +98,21 @@ impl Iterator for Items {
     fn next(&mut self) -> Option<Self::Item> {
         match &mut self.source {
             Source::Array(values, n) => {
-                let v = values.next()?;
+                let checked = values.next()?;
                 *n += 1;
+                let v = match checked.into_result() {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let r = Rejection::new(
+                            RejectReason::InvalidJson,
+                            format!("the assignment is not valid JSON: {e}"),
+                        );
+                        return Some(Ok(Item {
+                            number: *n,
+                            parsed: Err(r),
+                        }));
+                    }
+                };
                 let size = v.to_string().len();
                 let parsed = if size > self.rules.max_body_bytes {
                     Err(Rejection::new(

@@ -4,7 +4,7 @@ use super::validate::intake_rules;
 use super::{EXIT_OK, EXIT_USAGE};
 use crate::config::Settings;
 use crate::engine::{Engine, ResultSink};
-use crate::server::{Health, HttpPort, Ingress, MetricsEndpoint};
+use crate::server::{Auth, Health, HttpPort, Ingress, MetricsEndpoint};
 use crate::sinks::JsonLinesFile;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,8 +72,19 @@ pub fn serve(settings: Settings) -> i32 {
             return EXIT_USAGE;
         }
     };
+    let auth = match Auth::load(
+        settings.api_token.as_deref(),
+        settings.api_tokens_file.as_deref(),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("caf-worker: {e}");
+            engine.shutdown(Duration::ZERO);
+            return EXIT_USAGE;
+        }
+    };
     let ready = Arc::new(AtomicBool::new(false));
-    let ports = start_ports(&settings, &engine, metrics, &ready);
+    let ports = start_ports(&settings, &engine, auth, metrics, &ready);
     let ports = match ports {
         Ok(p) => p,
         Err(e) => {
@@ -118,34 +129,41 @@ pub fn serve(settings: Settings) -> i32 {
 fn start_ports(
     settings: &Settings,
     engine: &Engine,
+    auth: Auth,
     metrics: Option<Arc<crate::telemetry::Metrics>>,
     ready: &Arc<AtomicBool>,
 ) -> Result<Vec<HttpPort>, crate::server::BindError> {
+    // Every port is added to the egress policy as soon as it is bound: a
+    // step must not call the worker's own API (or probes) through HTTP.
+    let deny_own = |port: HttpPort| {
+        engine.blocks().deny_own_listener(port.addr());
+        port
+    };
     let ingress = Ingress::new(
         engine.clone(),
         intake_rules(settings),
-        settings.api_token.clone(),
+        auth,
         INGRESS_THREADS,
     );
-    let mut ports = vec![HttpPort::start(
+    let mut ports = vec![deny_own(HttpPort::start(
         "WORKER_INGRESS_ADDR",
         settings.ingress_addr,
         INGRESS_THREADS,
         Arc::new(ingress),
-    )?];
-    ports.push(HttpPort::start(
+    )?)];
+    ports.push(deny_own(HttpPort::start(
         "WORKER_HEALTH_ADDR",
         settings.health_addr,
         HEALTH_THREADS,
         Arc::new(Health::new(engine.clone(), ready.clone())),
-    )?);
+    )?));
     if let Some(m) = metrics {
-        ports.push(HttpPort::start(
+        ports.push(deny_own(HttpPort::start(
             "WORKER_METRICS_ADDR",
             settings.metrics_addr,
             METRICS_THREADS,
             Arc::new(MetricsEndpoint::new(engine.clone(), m)),
-        )?);
+        )?));
     }
     Ok(ports)
 }

@@ -298,7 +298,7 @@ pub fn parse_assignment(bytes: &[u8], rules: &IntakeRules) -> Result<Assignment,
             ),
         ));
     }
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+    let value = super::json::from_slice_unique(bytes).map_err(|e| {
         Rejection::new(
             RejectReason::InvalidJson,
             format!("the body is not valid JSON: {e}"),

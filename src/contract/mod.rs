@@ -6,7 +6,9 @@ mod ack;
 mod assignment;
 mod error_code;
 mod ids;
+mod json;
 mod result;
+mod secret;
 
 pub use ack::{Ack, AckStatus};
 pub use assignment::{
@@ -15,4 +17,6 @@ pub use assignment::{
 };
 pub use error_code::{ErrorCode, Status};
 pub use ids::{is_trace_id, is_ulid, is_uuid};
+pub use json::{Checked, from_slice_unique};
 pub use result::{ExecResult, JobRef, Outcome, StepStats};
+pub use secret::is_secret_key;

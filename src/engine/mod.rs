@@ -205,6 +205,8 @@ impl Engine {
             },
             max_response_bytes: settings.max_response_bytes,
             http_max_idle_per_host: settings.pool_sizes.iter().sum(),
+            http_deny_nets: settings.http_deny_nets.clone(),
+            http_allow_nets: settings.http_allow_nets.clone(),
         })?;
         let capacity = settings
             .flags
@@ -384,6 +386,11 @@ impl Engine {
     /// The result or state of an assignment.
     pub fn lookup(&self, id: &str) -> Lookup {
         self.shared.tracker.lookup(id)
+    }
+
+    /// The tenant owning assignment `id` while it is pending or retained.
+    pub fn tenant_of(&self, id: &str) -> Option<String> {
+        self.shared.tracker.tenant_of(id)
     }
 
     /// Waits up to `timeout` for the result of a pending assignment.

@@ -130,6 +130,14 @@ impl Tracker {
         }
     }
 
+    /// The tenant of a pending or retained assignment.
+    pub fn tenant_of(&self, id: &str) -> Option<String> {
+        match self.lock().slots.get(id)? {
+            Slot::Pending(h) => Some(h.assignment.tenant_id.clone()),
+            Slot::Done(r) => Some(r.tenant_id.clone()),
+        }
+    }
+
     /// Waits up to `timeout` for a pending step to finish.
     pub fn wait(&self, id: &str, timeout: Duration) -> Lookup {
         let deadline = Instant::now() + timeout;

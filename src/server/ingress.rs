@@ -1,5 +1,7 @@
-//! The assignment API (SPEC §8.1) on `WORKER_INGRESS_ADDR`.
+//! The assignment API (SPEC §8.1) on `WORKER_INGRESS_ADDR`. Who may do what
+//! is decided in [`super::auth`] alone.
 
+use super::auth::{Auth, Principal};
 use super::{
     Handler, Reply, error_body, header, json, json_text, method_not_allowed, not_found, respond,
 };
@@ -20,7 +22,7 @@ pub const DEFAULT_EXECUTE_WAIT_MS: u64 = 30_000;
 pub struct Ingress {
     engine: Engine,
     rules: IntakeRules,
-    token: Option<String>,
+    auth: Auth,
     waiters: AtomicUsize,
     max_waiters: usize,
 }
@@ -28,17 +30,12 @@ pub struct Ingress {
 impl Ingress {
     /// An ingress for `engine`. `threads` handler threads serve it; at most
     /// all but two of them may long-poll at once, so submissions and lookups
-    /// always have a thread.
-    pub fn new(
-        engine: Engine,
-        rules: IntakeRules,
-        token: Option<String>,
-        threads: usize,
-    ) -> Ingress {
+    /// always have a thread. `auth` decides who may call it (see [`Auth`]).
+    pub fn new(engine: Engine, rules: IntakeRules, auth: Auth, threads: usize) -> Ingress {
         Ingress {
             engine,
             rules,
-            token,
+            auth,
             waiters: AtomicUsize::new(0),
             max_waiters: threads.saturating_sub(2).max(1),
         }
@@ -62,43 +59,39 @@ impl Ingress {
         if !allow.split(", ").any(|m| m == method.as_str()) {
             return method_not_allowed(allow);
         }
-        if !self.authorized(request) {
+        let authorization = request
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Authorization"))
+            .map(|h| h.value.as_str());
+        let Some(who) = self.auth.authenticate(authorization) else {
             self.engine.note_rejection(RejectReason::Unauthorized);
             let r = Rejection::new(RejectReason::Unauthorized, "missing or wrong bearer token");
             return ack_reply(401, &Ack::rejected(&r, self.engine.worker_id()));
-        }
+        };
         match segments.as_slice() {
-            ["", "api", "v1", "assignments"] => self.submit(request, None),
+            ["", "api", "v1", "assignments"] => self.submit(&who, request, None),
             ["", "api", "v1", "execute"] => {
                 let wait = wait_ms(query).unwrap_or(DEFAULT_EXECUTE_WAIT_MS);
-                self.submit(request, Some(wait))
+                self.submit(&who, request, Some(wait))
             }
             ["", "api", "v1", "results", id] => {
-                self.result(&percent_decode(id), wait_ms(query).unwrap_or(0))
+                self.result(&who, &percent_decode(id), wait_ms(query).unwrap_or(0))
             }
-            ["", "api", "v1", "assignments", id, "cancel"] => self.cancel(&percent_decode(id)),
+            ["", "api", "v1", "assignments", id, "cancel"] => {
+                self.cancel(&who, &percent_decode(id))
+            }
             _ => not_found(path),
         }
     }
 
-    /// Constant-time comparison of the bearer token.
-    fn authorized(&self, request: &Request) -> bool {
-        let Some(token) = &self.token else {
-            return true;
-        };
-        let given = request
-            .headers()
-            .iter()
-            .find(|h| h.field.equiv("Authorization"))
-            .map(|h| h.value.as_str())
-            // The auth scheme is case-insensitive (RFC 9110 §11.1).
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map_or("", |(_, token)| token.trim());
-        constant_time_eq(given.as_bytes(), token.as_bytes())
+    /// True if `who` may see assignment `id`: it is known and belongs to a
+    /// tenant `who` is authorized for. Anything else is answered as unknown.
+    fn visible(&self, who: &Principal, id: &str) -> bool {
+        self.engine.tenant_of(id).is_some_and(|t| who.authorize(&t))
     }
 
-    fn submit(&self, request: &mut Request, wait: Option<u64>) -> Reply {
+    fn submit(&self, who: &Principal, request: &mut Request, wait: Option<u64>) -> Reply {
         let worker = self.engine.worker_id();
         let body = match read_body(request, self.rules.max_body_bytes) {
             Ok(b) => b,
@@ -127,6 +120,16 @@ impl Ingress {
                 return ack_reply(r.reason.http_status(), &Ack::rejected(&r, worker));
             }
         };
+        if !who.authorize(&assignment.tenant_id) {
+            self.engine.note_rejection(RejectReason::Unauthorized);
+            let ack = Ack::refused(
+                &assignment,
+                RejectReason::Unauthorized,
+                "this token may not submit assignments for this tenant_id",
+                worker,
+            );
+            return ack_reply(403, &ack);
+        }
         let (id, status, ack) = match self.engine.submit(assignment, Backpressure::Reject) {
             Admission::Accepted(h) => (
                 h.assignment.assignment_id.clone(),
@@ -155,11 +158,14 @@ impl Ingress {
         };
         match wait {
             None => ack_reply(status, &ack),
-            Some(ms) => self.result(&id, ms),
+            Some(ms) => self.result(who, &id, ms),
         }
     }
 
-    fn result(&self, id: &str, wait_ms: u64) -> Reply {
+    fn result(&self, who: &Principal, id: &str, wait_ms: u64) -> Reply {
+        if !self.visible(who, id) {
+            return unknown(id);
+        }
         let lookup = if wait_ms == 0 {
             self.engine.lookup(id)
         } else if self.waiters.fetch_add(1, Ordering::AcqRel) < self.max_waiters {
@@ -174,16 +180,17 @@ impl Ingress {
             self.engine.lookup(id)
         };
         match lookup {
-            Lookup::Done(r) => json_text(200, r.to_json_line()),
+            // Checked again: the id may have aged out and been reused meanwhile.
+            Lookup::Done(r) if who.authorize(&r.tenant_id) => json_text(200, r.to_json_line()),
             Lookup::Pending => json(202, &json!({"status": "pending", "assignment_id": id})),
-            Lookup::Unknown => json(
-                404,
-                &error_body("not_found", &format!("no assignment {id:?} is known")),
-            ),
+            Lookup::Done(_) | Lookup::Unknown => unknown(id),
         }
     }
 
-    fn cancel(&self, id: &str) -> Reply {
+    fn cancel(&self, who: &Principal, id: &str) -> Reply {
+        if !self.visible(who, id) {
+            return unknown(id);
+        }
         match self.engine.cancel(id) {
             CancelOutcome::Requested => json(
                 202,
@@ -196,12 +203,17 @@ impl Ingress {
                     &format!("assignment {id:?} already has a result"),
                 ),
             ),
-            CancelOutcome::Unknown => json(
-                404,
-                &error_body("not_found", &format!("no assignment {id:?} is known")),
-            ),
+            CancelOutcome::Unknown => unknown(id),
         }
     }
+}
+
+/// `404` for an id that is unknown, or not the caller's to see.
+fn unknown(id: &str) -> Reply {
+    json(
+        404,
+        &error_body("not_found", &format!("no assignment {id:?} is known")),
+    )
 }
 
 impl Handler for Ingress {
@@ -266,27 +278,12 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Compares without an early exit, so timing does not reveal the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn helpers() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-        assert!(!constant_time_eq(b"", b"a"));
         assert_eq!(wait_ms("a=1&wait_ms=250"), Some(250));
         assert_eq!(wait_ms("wait_ms=999999"), Some(MAX_WAIT_MS));
         assert_eq!(wait_ms("wait_ms=x"), None);

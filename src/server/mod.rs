@@ -2,10 +2,12 @@
 //! pools, so health, rejections and lookups keep answering while every pool
 //! thread is busy.
 
+pub mod auth;
 mod health;
 mod ingress;
 mod metrics;
 
+pub use auth::{Auth, Principal};
 pub use health::{Health, HealthCheck};
 pub use ingress::Ingress;
 pub use metrics::MetricsEndpoint;
