@@ -537,6 +537,7 @@ mod tests {
         assert_eq!(s.flags, Flags::default());
         assert_eq!(s.ingress_addr.to_string(), "127.0.0.1:9090");
         assert_eq!(s.fs_read_timeout, Duration::from_millis(5000));
+        assert_eq!(s.result_retention_bytes, 268_435_456);
         assert!(s.strict_ids);
         assert!(s.worker_id.contains('-'));
     }
