@@ -315,7 +315,8 @@ fn a_half_written_temp_file_is_not_a_blob_and_is_swept_at_start() {
         assert_eq!(r["error_code"], "PERMISSION_DENIED", "{r}");
         assert!(!r.to_string().contains("half a blo"), "{r}");
     }
-    // The one-shot run swept too; a serve start must as well.
+    // Planted again (the one-shot run may have swept them already): a
+    // serve start sweeps them.
     for p in &stale {
         plant(p, true);
     }
