@@ -61,6 +61,7 @@ keys! {
     "max_body_bytes", "WORKER_MAX_BODY_BYTES", Some("1048576"), "largest assignment accepted";
     "max_response_bytes", "WORKER_MAX_RESPONSE_BYTES", Some("10485760"), "largest HTTP response body a step reads";
     "result_retention", "WORKER_RESULT_RETENTION", Some("10000"), "finished results kept for lookup and de-duplication";
+    "result_retention_bytes", "WORKER_RESULT_RETENTION_BYTES", Some("268435456"), "retained results' total size (serialized JSON); oldest evicted first";
     "results_file", "WORKER_RESULTS_FILE", None, "append every result here as a JSON line";
     "shutdown_grace_ms", "WORKER_SHUTDOWN_GRACE_MS", Some("30000"), "drain time on SIGTERM/SIGINT";
     "strict_ids", "WORKER_STRICT_IDS", Some("true"), "enforce the router's ID formats";
@@ -156,6 +157,8 @@ pub struct Settings {
     pub max_response_bytes: usize,
     /// Finished results kept.
     pub result_retention: usize,
+    /// Total serialized size of the finished results kept.
+    pub result_retention_bytes: usize,
     /// JSON Lines results file.
     pub results_file: Option<PathBuf>,
     /// Drain time on shutdown.
@@ -491,6 +494,7 @@ impl Reader {
             max_body_bytes: self.int("max_body_bytes", 1, 1 << 30)? as usize,
             max_response_bytes: self.int("max_response_bytes", 1, 1 << 32)? as usize,
             result_retention: self.int("result_retention", 1, 10_000_000)? as usize,
+            result_retention_bytes: self.int("result_retention_bytes", 1, 1 << 40)? as usize,
             results_file: self.optional("results_file").map(PathBuf::from),
             shutdown_grace: self
                 .int("shutdown_grace_ms", 0, HOUR_MS)
@@ -560,6 +564,7 @@ mod tests {
         assert_eq!(s.flags, Flags::default());
         assert_eq!(s.ingress_addr.to_string(), "127.0.0.1:9090");
         assert_eq!(s.fs_read_timeout, Duration::from_millis(5000));
+        assert_eq!(s.result_retention_bytes, 268_435_456);
         assert!(s.strict_ids);
         assert!(s.worker_id.contains('-'));
     }

@@ -309,6 +309,10 @@ fn counters_histograms_and_labels_match_what_was_sent() {
         value(&m, "worker_health_status", &[("check", "fs_root")]),
         1.0
     );
+    assert_eq!(
+        value(&m, "worker_health_status", &[("check", "fs_watchdog")]),
+        1.0
+    );
     assert_eq!(value(&m, "worker_build_info", &[]), 1.0);
     assert!(
         value(

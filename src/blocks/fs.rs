@@ -1,18 +1,24 @@
 //! `fs.blob_put`, `fs.blob_get`, `fs.blob_delete` (SPEC §4.2): blobs confined
-//! to the FS root, atomic puts, and (CP2) a watchdog around every operation.
+//! to the FS root through directory handles ([`super::confine`]), atomic puts
+//! with random `O_EXCL` temp files, and (CP2) a watchdog around every operation.
 
+use super::confine::{self, ConfineError, How, TEMP_PREFIX};
 use super::payload::{optional_bool, optional_str, required_str};
 use super::watchdog::{Watchdog, WatchdogError};
 use super::{AttemptContext, BlockError, BlockSettings, FsTimeouts, SetupError, TimeoutPhase};
 use crate::contract::ErrorCode;
 use base64::Engine as _;
+use rustix::fs::{AtFlags, FileType};
+use rustix::io::Errno;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
+use std::ffi::OsString;
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
 /// The file-system blob block.
 #[derive(Debug)]
@@ -26,20 +32,30 @@ pub struct FsBlock {
     probing: Arc<AtomicBool>,
 }
 
-/// A payload path joined to the root (not yet checked against symlinks).
+/// A validated payload path: relative, normalised, no `..`, no reserved name.
 struct BlobPath {
     /// Normalised relative path, echoed in outputs.
     rel: String,
-    /// Absolute path under the root.
-    abs: PathBuf,
+    /// Its directory part (empty for a file in the root).
+    parent: PathBuf,
+    /// Its last component.
+    name: OsString,
     /// The path as the payload gave it, for messages.
     raw: String,
 }
 
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 /// Longest wait for the health probe of the FS root.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A temp file older than this (and than twice the write watchdog) at
+/// start-up belongs to no running put, even of another worker sharing the root.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(600);
+
+/// Directory entries the start-up sweep looks at, at most.
+const SWEEP_MAX_ENTRIES: usize = 100_000;
+
+/// Deepest directory level the start-up sweep descends to.
+const SWEEP_MAX_DEPTH: usize = 32;
 
 impl FsBlock {
     pub(super) fn new(s: &BlockSettings) -> Result<FsBlock, SetupError> {
@@ -56,6 +72,17 @@ impl FsBlock {
         if !root.is_dir() {
             return Err(err(format!("{} is not a directory", root.display())));
         }
+        let stale_after = STALE_TEMP_AGE.max(s.fs_timeouts.write.saturating_mul(2));
+        let sweep_root = root.clone();
+        // In the background: a large root must not delay start-up.
+        let _ = std::thread::Builder::new()
+            .name("caf-fs-sweep".into())
+            .stack_size(256 * 1024)
+            .spawn(move || match sweep_stale_temps(&sweep_root, stale_after) {
+                Ok(0) => {}
+                Ok(n) => log::info!(removed = n; "removed stale temp files of interrupted puts"),
+                Err(e) => log::warn!(error = e.to_string(); "temp file sweep stopped"),
+            });
         Ok(FsBlock {
             root,
             watchdog: s.fs_watchdog.then(Watchdog::new),
@@ -76,21 +103,27 @@ impl FsBlock {
     /// Creates and removes a probe file, waiting at most [`PROBE_TIMEOUT`]: a
     /// hung root reports unwritable instead of pinning a health thread. One
     /// probe at a time; while a stuck one is still running, the answer is no.
+    /// The probe has a fresh random reserved name (`.caf-health-<hex>`,
+    /// `O_EXCL`): no tenant can create or predict it.
     pub(super) fn root_writable(&self) -> bool {
         if self.probing.swap(true, Ordering::AcqRel) {
             return false;
         }
-        let probe = self
-            .root
-            .join(format!(".caf-health-{}", std::process::id()));
+        let root = self.root.clone();
         let probing = self.probing.clone();
         let (tx, rx) = crossbeam_channel::bounded(1);
         let spawned = std::thread::Builder::new()
             .name("caf-fs-probe".into())
             .stack_size(128 * 1024)
             .spawn(move || {
-                let ok = std::fs::write(&probe, b"ok").is_ok();
-                let _ = std::fs::remove_file(&probe);
+                let ok = (|| -> io::Result<()> {
+                    let dir = confine::open_root(&root)?;
+                    let (mut f, name) = confine::create_unique(&dir, ".caf-health-")?;
+                    let written = f.write_all(b"ok");
+                    rustix::fs::unlinkat(&dir, name.as_str(), AtFlags::empty())?;
+                    written
+                })()
+                .is_ok();
                 probing.store(false, Ordering::Release);
                 let _ = tx.send(ok);
             });
@@ -136,11 +169,9 @@ impl FsBlock {
         let overwrite = optional_bool(p, "overwrite")?.unwrap_or(false);
         let root = self.root.clone();
         self.guarded(ctx, self.timeouts.write, move || {
-            path.confine(&root)?;
-            let BlobPath { rel, abs, .. } = path;
-            write_atomic(&root, &abs, &content, overwrite).map(
-                |()| json!({"path": rel, "size": content.len(), "sha256": sha256_hex(&content)}),
-            )
+            write_atomic(&root, &path, &content, overwrite).map(|()| {
+                json!({"path": path.rel, "size": content.len(), "sha256": sha256_hex(&content)})
+            })
         })
     }
 
@@ -152,9 +183,14 @@ impl FsBlock {
         let path = self.parse_path(p)?;
         let (root, max) = (self.root.clone(), self.max_read_bytes);
         self.guarded(ctx, self.timeouts.read, move || {
-            path.confine(&root)?;
-            let BlobPath { rel, abs, .. } = path;
-            let meta = std::fs::metadata(&abs).map_err(|e| io_error(&rel, e))?;
+            let rel = path.rel.as_str();
+            let dir = confine::open_root(&root).map_err(|e| io_error(rel, e))?;
+            let full = path.parent.join(&path.name);
+            let file = confine::open_beneath(&dir, &full, How::Read)
+                .map_err(|e| path.confine_error(e))?;
+            // The size check and the read use the same handle: what was
+            // checked is what is read.
+            let meta = file.metadata().map_err(|e| io_error(rel, e))?;
             if meta.is_dir() {
                 return Err(BlockError::input(
                     ErrorCode::InvalidInput,
@@ -173,9 +209,9 @@ impl FsBlock {
             }
             // Bounded even if the file grows meanwhile (or is a pipe).
             let mut bytes = Vec::with_capacity(meta.len() as usize);
-            std::fs::File::open(&abs)
-                .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
-                .map_err(|e| io_error(&rel, e))?;
+            file.take(max + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| io_error(rel, e))?;
             if bytes.len() as u64 > max {
                 return Err(too_big());
             }
@@ -205,27 +241,25 @@ impl FsBlock {
         let path = self.parse_path(p)?;
         let root = self.root.clone();
         self.guarded(ctx, self.timeouts.delete, move || {
-            path.confine(&root)?;
-            let BlobPath { rel, abs, .. } = path;
-            match std::fs::symlink_metadata(&abs) {
-                Ok(m) if m.is_dir() => {
-                    return Err(BlockError::input(
-                        ErrorCode::InvalidInput,
-                        format!("{rel} is a directory, not a blob"),
-                    ));
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Ok(json!({"path": rel, "deleted": false}));
-                }
-                Err(e) => return Err(io_error(&rel, e)),
+            let rel = path.rel.as_str();
+            let gone = || Ok(json!({"path": rel, "deleted": false}));
+            let top = confine::open_root(&root).map_err(|e| io_error(rel, e))?;
+            let dir = match confine::open_beneath(&top, &path.parent, How::Dir) {
+                Ok(d) => d,
+                Err(ConfineError::Io(e)) if e.kind() == io::ErrorKind::NotFound => return gone(),
+                Err(e) => return Err(path.confine_error(e)),
+            };
+            match confine::check_leaf(&dir, &path.name) {
+                Ok(()) => {}
+                Err(e) => return Err(path.confine_error(e)),
             }
-            match std::fs::remove_file(&abs) {
+            // Unlinking by name in the directory handle: if the name was
+            // swapped meanwhile, what goes is an entry under the root (a
+            // directory is refused by unlinkat itself).
+            match rustix::fs::unlinkat(&dir, path.name.as_os_str(), AtFlags::empty()) {
                 Ok(()) => Ok(json!({"path": rel, "deleted": true})),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    Ok(json!({"path": rel, "deleted": false}))
-                }
-                Err(e) => Err(io_error(&rel, e)),
+                Err(Errno::NOENT) => gone(),
+                Err(e) => Err(path.confine_error(ConfineError::from(e))),
             }
         })
     }
@@ -270,8 +304,9 @@ impl FsBlock {
         }
     }
 
-    /// Validates `payload.path` and joins it to the root (no I/O: the
-    /// symlink check, which touches the file system, runs under the watchdog).
+    /// Validates `payload.path` (no I/O: every file-system access runs
+    /// under the watchdog). Components starting with `.caf-` are the
+    /// worker's own (temp files, the health probe) → `PERMISSION_DENIED`.
     fn parse_path(&self, p: &Map<String, Value>) -> Result<BlobPath, BlockError> {
         let raw = required_str(p, "path")?;
         if raw.contains('\0') {
@@ -283,6 +318,16 @@ impl FsBlock {
         let mut rel = PathBuf::new();
         for c in Path::new(raw).components() {
             match c {
+                Component::Normal(part) if confine::is_reserved(part) => {
+                    return Err(BlockError::input(
+                        ErrorCode::PermissionDenied,
+                        format!(
+                            "payload.path component {:?} is reserved for the worker (names starting with {:?})",
+                            part.to_string_lossy(),
+                            confine::RESERVED_PREFIX
+                        ),
+                    ));
+                }
                 Component::Normal(part) => rel.push(part),
                 Component::CurDir | Component::RootDir => {}
                 Component::ParentDir => {
@@ -299,71 +344,52 @@ impl FsBlock {
                 }
             }
         }
-        if rel.as_os_str().is_empty() {
+        let Some(name) = rel.file_name().map(OsString::from) else {
             return Err(BlockError::input(
                 ErrorCode::InvalidInput,
                 "payload.path must name a file under the FS root",
             ));
-        }
+        };
         Ok(BlobPath {
-            abs: self.root.join(&rel),
             rel: rel.to_string_lossy().into_owned(),
+            parent: rel.parent().map(Path::to_path_buf).unwrap_or_default(),
+            name,
             raw: raw.to_owned(),
         })
     }
 }
 
 impl BlobPath {
-    /// Follows symlinks of the deepest existing ancestor (and of the file itself)
-    /// and refuses the path if the real location is outside the root.
-    fn confine(&self, root: &Path) -> Result<(), BlockError> {
-        let (abs, raw) = (&self.abs, self.raw.as_str());
-        let outside = || {
-            BlockError::input(
+    /// The block error for a confinement failure of this path.
+    fn confine_error(&self, e: ConfineError) -> BlockError {
+        match e {
+            ConfineError::Escape => BlockError::input(
                 ErrorCode::PermissionDenied,
-                format!("payload.path {raw:?} resolves outside the FS root"),
-            )
-        };
-        let mut probe = abs.to_path_buf();
-        loop {
-            match std::fs::symlink_metadata(&probe) {
-                Ok(meta) => {
-                    let real = match probe.canonicalize() {
-                        Ok(r) => r,
-                        // A dangling symlink: its target cannot be checked, so refuse it.
-                        Err(_) if meta.file_type().is_symlink() => return Err(outside()),
-                        Err(e) => return Err(io_error(raw, e)),
-                    };
-                    return if real.starts_with(root) {
-                        Ok(())
-                    } else {
-                        Err(outside())
-                    };
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if !probe.pop() || !probe.starts_with(root) {
-                        return Err(outside());
-                    }
-                }
-                Err(e) => return Err(io_error(raw, e)),
-            }
+                format!(
+                    "payload.path {:?} crosses a symlink or resolves outside the FS root",
+                    self.raw
+                ),
+            ),
+            ConfineError::Io(e) if e.kind() == io::ErrorKind::IsADirectory => BlockError::input(
+                ErrorCode::InvalidInput,
+                format!("{} is a directory, not a blob", self.rel),
+            ),
+            ConfineError::Io(e) => io_error(&self.rel, e),
         }
     }
 }
 
-/// Writes `content` to a temporary file beside `dest`, fsyncs it, then renames
-/// (or, without overwrite, hard-links so an existing file is never replaced).
+/// Writes `content` to a new random temp file (`O_EXCL`) in the blob's
+/// directory handle, fsyncs it, then renames it into place (or, without
+/// overwrite, hard-links it so an existing file is never replaced). Only that
+/// temp file is ever removed.
 fn write_atomic(
     root: &Path,
-    dest: &Path,
+    path: &BlobPath,
     content: &[u8],
     overwrite: bool,
 ) -> Result<(), BlockError> {
-    let rel = dest
-        .strip_prefix(root)
-        .unwrap_or(dest)
-        .display()
-        .to_string();
+    let rel = path.rel.as_str();
     let exists = || {
         BlockError::new(
             ErrorCode::ExecutionFailed,
@@ -371,57 +397,108 @@ fn write_atomic(
         )
         .permanent()
     };
-    match std::fs::symlink_metadata(dest) {
-        Ok(m) if m.is_dir() => {
-            return Err(BlockError::input(
-                ErrorCode::InvalidInput,
-                format!("{rel} is a directory, not a blob"),
-            ));
-        }
-        Ok(_) if !overwrite => return Err(exists()),
-        _ => {}
-    }
-    let dir = dest.parent().unwrap_or(root);
-    std::fs::create_dir_all(dir).map_err(|e| io_error(&rel, e))?;
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| -> io::Result<bool> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(content)?;
-        f.sync_all()?;
-        if overwrite {
-            std::fs::rename(&tmp, dest)?;
-            Ok(true)
-        } else {
-            match std::fs::hard_link(&tmp, dest) {
-                Ok(()) => Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(e),
+    let top = confine::open_root(root).map_err(|e| io_error(rel, e))?;
+    let dir = confine::open_beneath(&top, &path.parent, How::CreateDir)
+        .map_err(|e| path.confine_error(e))?;
+    let name = path.name.as_os_str();
+    match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                return Err(path.confine_error(ConfineError::Io(Errno::ISDIR.into())));
             }
+            // Replacing a link would be harmless (rename replaces the link
+            // itself), but it is refused like every other symlink.
+            FileType::Symlink => return Err(path.confine_error(ConfineError::Escape)),
+            _ if !overwrite => return Err(exists()),
+            _ => {}
+        },
+        Err(Errno::NOENT) => {}
+        Err(e) => return Err(io_error(rel, e.into())),
+    }
+    let (mut file, tmp) =
+        confine::create_unique(&dir, TEMP_PREFIX).map_err(|e| io_error(rel, e))?;
+    let placed = (|| -> io::Result<bool> {
+        file.write_all(content)?;
+        file.sync_all()?;
+        if overwrite {
+            rustix::fs::renameat(&dir, tmp.as_str(), &dir, name)?;
+            return Ok(true);
+        }
+        match rustix::fs::linkat(&dir, tmp.as_str(), &dir, name, AtFlags::empty()) {
+            Ok(()) => Ok(true),
+            Err(Errno::EXIST) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     })();
-    let _ = std::fs::remove_file(&tmp);
-    match result {
+    let renamed = overwrite && matches!(placed, Ok(true));
+    if !renamed {
+        // Ours: created with O_EXCL under a random reserved name no tenant can use.
+        let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
+    }
+    match placed {
         Ok(true) => {
             // Persist the directory entry too; failure here is not worth failing the put.
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
+            let _ = dir.sync_all();
             Ok(())
         }
         Ok(false) => Err(exists()),
-        Err(e) => Err(io_error(&rel, e)),
+        Err(e) if e.kind() == io::ErrorKind::IsADirectory => {
+            Err(path.confine_error(ConfineError::Io(e)))
+        }
+        Err(e) => Err(io_error(rel, e)),
     }
+}
+
+/// Removes temp files (`.caf-tmp-*`, regular files only) older than
+/// `stale_after` under `root`, breadth first through directory handles
+/// (symlinks are never followed), looking at no more than
+/// [`SWEEP_MAX_ENTRIES`] entries and [`SWEEP_MAX_DEPTH`] levels.
+/// Returns how many it removed.
+pub(super) fn sweep_stale_temps(root: &Path, stale_after: Duration) -> io::Result<usize> {
+    let cutoff = SystemTime::now()
+        .checked_sub(stale_after)
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let top = confine::open_root(root)?;
+    let mut queue = std::collections::VecDeque::from([(PathBuf::new(), 0usize)]);
+    let (mut seen, mut removed) = (0usize, 0usize);
+    while let Some((rel, depth)) = queue.pop_front() {
+        let Ok(dir) = confine::open_beneath(&top, &rel, How::Dir) else {
+            continue; // gone, or swapped for a link since it was listed
+        };
+        let Ok(entries) = rustix::fs::Dir::read_from(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let Ok(entry) = entry else { break };
+            seen += 1;
+            if seen > SWEEP_MAX_ENTRIES {
+                return Ok(removed);
+            }
+            let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
+            if name == "." || name == ".." {
+                continue;
+            }
+            let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
+                continue;
+            };
+            match FileType::from_raw_mode(st.st_mode) {
+                FileType::Directory if depth < SWEEP_MAX_DEPTH => {
+                    queue.push_back((rel.join(name), depth + 1));
+                }
+                FileType::RegularFile
+                    if name.as_bytes().starts_with(TEMP_PREFIX.as_bytes())
+                        && st.st_mtime < cutoff =>
+                {
+                    removed +=
+                        usize::from(rustix::fs::unlinkat(&dir, name, AtFlags::empty()).is_ok());
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(removed)
 }
 
 fn io_error(rel: &str, e: io::Error) -> BlockError {

@@ -4,6 +4,7 @@
 //! outputs or a typed [`BlockError`]. Blocks know nothing of retries, queues,
 //! ingress or metrics: the engine decides what an error means for the step.
 
+mod confine;
 mod debug;
 mod egress;
 mod fs;

@@ -232,7 +232,7 @@ impl Engine {
                 settings.retry_budget_percent,
                 settings.retry_budget_min_per_sec,
             ),
-            tracker: Tracker::new(settings.result_retention),
+            tracker: Tracker::new(settings.result_retention, settings.result_retention_bytes),
             settings: settings.clone(),
             blocks,
             observer,

@@ -1,6 +1,8 @@
 //! The assignment table: what is pending (queued or running) and the last
-//! `WORKER_RESULT_RETENTION` results. It is the single place that enforces
-//! "exactly one result per accepted assignment": the first completion wins.
+//! `WORKER_RESULT_RETENTION` results, at most `WORKER_RESULT_RETENTION_BYTES`
+//! of them by size (oldest evicted first). It is the single place that
+//! enforces "exactly one result per accepted assignment": the first
+//! completion wins.
 
 use super::StepHandle;
 use crate::contract::ExecResult;
@@ -26,24 +28,60 @@ pub enum Lookup {
 
 struct Table {
     slots: HashMap<String, Slot>,
-    done_order: VecDeque<String>,
+    /// Retained results, oldest first, with their [`retained_size`].
+    done_order: VecDeque<(String, usize)>,
+    /// Sum of the sizes in `done_order`.
+    done_bytes: usize,
 }
 
 pub(super) struct Tracker {
     table: Mutex<Table>,
     finished: Condvar,
     retention: usize,
+    retention_bytes: usize,
+}
+
+/// Bookkeeping per retained result beyond its JSON: the id twice (map key
+/// and order), the map slot, the `Arc` and the result's own fields.
+const ENTRY_OVERHEAD: usize = 256;
+
+/// What a retained result costs, closely: its serialized JSON size (big
+/// outputs are strings, held at about their serialized size) plus
+/// [`ENTRY_OVERHEAD`] and the id.
+fn retained_size(result: &ExecResult) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    // Serializing into a counter allocates nothing and cannot fail for a
+    // result (string keys only); were it to, the outputs alone are counted.
+    if serde_json::to_writer(&mut n, result).is_err() {
+        n.0 = result.outputs.as_ref().map_or(0, |o| o.to_string().len());
+    }
+    n.0 + 2 * result.assignment_id.len() + ENTRY_OVERHEAD
 }
 
 impl Tracker {
-    pub fn new(retention: usize) -> Tracker {
+    /// Keeps at most `retention` results and `retention_bytes` of them; the
+    /// newest result is always kept, whatever its size, so its submitter
+    /// can read it.
+    pub fn new(retention: usize, retention_bytes: usize) -> Tracker {
         Tracker {
             table: Mutex::new(Table {
                 slots: HashMap::new(),
                 done_order: VecDeque::new(),
+                done_bytes: 0,
             }),
             finished: Condvar::new(),
             retention: retention.max(1),
+            retention_bytes,
         }
     }
 
@@ -101,6 +139,8 @@ impl Tracker {
     /// handle (cancelled while queued, its id since aged out and re-sent)
     /// must not complete the newer assignment that reuses the id.
     pub fn complete(&self, handle: &StepHandle, result: &Arc<ExecResult>) -> bool {
+        // Measured before taking the lock: a large result takes a while.
+        let size = retained_size(result);
         let mut t = self.lock();
         match t.slots.get_mut(&result.assignment_id) {
             Some(slot @ Slot::Pending(_)) => {
@@ -111,10 +151,14 @@ impl Tracker {
             }
             _ => return false,
         }
-        t.done_order.push_back(result.assignment_id.clone());
-        while t.done_order.len() > self.retention {
-            if let Some(old) = t.done_order.pop_front() {
+        t.done_order.push_back((result.assignment_id.clone(), size));
+        t.done_bytes += size;
+        while t.done_order.len() > 1
+            && (t.done_order.len() > self.retention || t.done_bytes > self.retention_bytes)
+        {
+            if let Some((old, size)) = t.done_order.pop_front() {
                 t.slots.remove(&old);
+                t.done_bytes -= size;
             }
         }
         drop(t);

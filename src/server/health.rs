@@ -10,7 +10,7 @@ use tiny_http::{Method, Request};
 /// One evaluated health check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
-    /// `pools` or `fs_root` (the `check` label of `worker_health_status`).
+    /// `pools`, `fs_root` or `fs_watchdog` (the `check` label of `worker_health_status`).
     pub name: &'static str,
     /// Whether it passes.
     pub ok: bool,
@@ -52,10 +52,14 @@ impl Health {
             .collect()
     }
 
-    /// Evaluates every check: all pool threads alive, FS root writable.
+    /// Evaluates every check: all pool threads alive, FS root writable, FS
+    /// watchdog below its cap of abandoned operations (at the cap every FS
+    /// step fails fast, so the worker is not healthy).
     pub fn checks(engine: &Engine) -> Vec<HealthCheck> {
         let dead = Health::dead_pools(engine);
         let fs_ok = engine.blocks().fs_root_writable();
+        let stuck = engine.blocks().fs_abandoned();
+        let watchdog_ok = stuck < crate::blocks::MAX_ABANDONED;
         vec![
             HealthCheck {
                 name: "pools",
@@ -73,6 +77,18 @@ impl Health {
                     "ok".into()
                 } else {
                     format!("{} is not writable", engine.blocks().fs_root().display())
+                },
+            },
+            HealthCheck {
+                name: "fs_watchdog",
+                ok: watchdog_ok,
+                detail: if watchdog_ok {
+                    "ok".into()
+                } else {
+                    format!(
+                        "{stuck} file-system operations are stuck (cap {}); FS steps fail until they finish",
+                        crate::blocks::MAX_ABANDONED
+                    )
                 },
             },
         ]
