@@ -43,21 +43,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl FsBlock {
     pub(super) fn new(s: &BlockSettings) -> Result<FsBlock, SetupError> {
-        let err = |reason: String| SetupError {
-            setting: "WORKER_FS_ROOT",
-            reason,
-        };
-        std::fs::create_dir_all(&s.fs_root)
-            .map_err(|e| err(format!("cannot create {}: {e}", s.fs_root.display())))?;
-        let root = s
-            .fs_root
-            .canonicalize()
-            .map_err(|e| err(format!("cannot resolve {}: {e}", s.fs_root.display())))?;
-        if !root.is_dir() {
-            return Err(err(format!("{} is not a directory", root.display())));
-        }
         Ok(FsBlock {
-            root,
+            root: prepare_root(&s.fs_root, "WORKER_FS_ROOT")?,
             watchdog: s.fs_watchdog.then(Watchdog::new),
             timeouts: s.fs_timeouts,
             max_read_bytes: s.max_response_bytes as u64,
@@ -314,41 +301,67 @@ impl FsBlock {
 }
 
 impl BlobPath {
-    /// Follows symlinks of the deepest existing ancestor (and of the file itself)
-    /// and refuses the path if the real location is outside the root.
     fn confine(&self, root: &Path) -> Result<(), BlockError> {
-        let (abs, raw) = (&self.abs, self.raw.as_str());
-        let outside = || {
-            BlockError::input(
-                ErrorCode::PermissionDenied,
-                format!("payload.path {raw:?} resolves outside the FS root"),
-            )
-        };
-        let mut probe = abs.to_path_buf();
-        loop {
-            match std::fs::symlink_metadata(&probe) {
-                Ok(meta) => {
-                    let real = match probe.canonicalize() {
-                        Ok(r) => r,
-                        // A dangling symlink: its target cannot be checked, so refuse it.
-                        Err(_) if meta.file_type().is_symlink() => return Err(outside()),
-                        Err(e) => return Err(io_error(raw, e)),
-                    };
-                    return if real.starts_with(root) {
-                        Ok(())
-                    } else {
-                        Err(outside())
-                    };
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if !probe.pop() || !probe.starts_with(root) {
-                        return Err(outside());
-                    }
-                }
-                Err(e) => return Err(io_error(raw, e)),
+        confine(root, &self.abs, &self.raw, "payload.path", "the FS root")
+    }
+}
+
+/// Follows symlinks of the deepest existing ancestor of `abs` (and of the file
+/// itself) and refuses the path if the real location is outside `root`
+/// (canonical). `raw`, `field` and `root_name` word the errors. Shared with
+/// `sql.query`, whose databases follow the same rules.
+pub(super) fn confine(
+    root: &Path,
+    abs: &Path,
+    raw: &str,
+    field: &str,
+    root_name: &str,
+) -> Result<(), BlockError> {
+    let outside = || {
+        BlockError::input(
+            ErrorCode::PermissionDenied,
+            format!("{field} {raw:?} resolves outside {root_name}"),
+        )
+    };
+    let mut probe = abs.to_path_buf();
+    loop {
+        match std::fs::symlink_metadata(&probe) {
+            Ok(meta) => {
+                let real = match probe.canonicalize() {
+                    Ok(r) => r,
+                    // A dangling symlink: its target cannot be checked, so refuse it.
+                    Err(_) if meta.file_type().is_symlink() => return Err(outside()),
+                    Err(e) => return Err(io_error(raw, e)),
+                };
+                return if real.starts_with(root) {
+                    Ok(())
+                } else {
+                    Err(outside())
+                };
             }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !probe.pop() || !probe.starts_with(root) {
+                    return Err(outside());
+                }
+            }
+            Err(e) => return Err(io_error(raw, e)),
         }
     }
+}
+
+/// Creates `dir` if missing and returns its canonical form: the root of a
+/// block's files (`setting` names it in errors).
+pub(super) fn prepare_root(dir: &Path, setting: &'static str) -> Result<PathBuf, SetupError> {
+    let err = |reason: String| SetupError { setting, reason };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+    let root = dir
+        .canonicalize()
+        .map_err(|e| err(format!("cannot resolve {}: {e}", dir.display())))?;
+    if !root.is_dir() {
+        return Err(err(format!("{} is not a directory", root.display())));
+    }
+    Ok(root)
 }
 
 /// Writes `content` to a temporary file beside `dest`, fsyncs it, then renames
@@ -424,7 +437,7 @@ fn write_atomic(
     }
 }
 
-fn io_error(rel: &str, e: io::Error) -> BlockError {
+pub(super) fn io_error(rel: &str, e: io::Error) -> BlockError {
     match e.kind() {
         io::ErrorKind::NotFound => BlockError::new(
             ErrorCode::ResourceUnavailable,

@@ -205,6 +205,13 @@ impl Engine {
             },
             max_response_bytes: settings.max_response_bytes,
             http_max_idle_per_host: settings.pool_sizes.iter().sum(),
+            sql_root: settings.sql_root.clone(),
+            sql_max_rows: settings.sql_max_rows,
+            sql_allow_write: settings.sql_allow_write,
+            sql_attempt_timeout: settings
+                .flags
+                .complete_timeout
+                .then_some(settings.sql_timeout),
         })?;
         let capacity = settings
             .flags
