@@ -220,9 +220,22 @@ impl SqlBlock {
             }
             rel.push(part);
         }
+        let top_level = !name.contains('/');
         let mut file = rel.into_os_string();
         file.push(".db");
         let abs = self.root.join(file);
+        if top_level {
+            // Fast path: a regular file (not a symlink) directly in the
+            // canonical root cannot lead outside it; one lstat, no realpath.
+            if let Ok(m) = std::fs::symlink_metadata(&abs) {
+                if m.file_type().is_file() {
+                    return Ok(DbFile {
+                        abs,
+                        id: Some((m.dev(), m.ino())),
+                    });
+                }
+            }
+        }
         super::fs::confine(
             &self.root,
             &abs,
@@ -690,6 +703,8 @@ struct TimerState {
     seq: u64,
     running: bool,
     stop: bool,
+    /// When the timer thread wakes next on its own (`None`: only when woken).
+    wakes_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for Timer {
@@ -736,8 +751,13 @@ impl Timer {
         st.seq += 1;
         let key = (at, st.seq);
         st.armed.insert(key, shot);
+        // Wake the thread only if it would sleep past this limit: limits of
+        // successive queries mostly come later, so most arms wake nobody.
+        let wake = st.wakes_at.is_none_or(|w| at < w);
         drop(st);
-        self.shared.wake.notify_one();
+        if wake {
+            self.shared.wake.notify_one();
+        }
         Ok(Armed { timer: self, key })
     }
 }
@@ -762,8 +782,9 @@ fn timer_loop(shared: &TimerShared) {
             }
             entry.remove().fire(BY_LIMIT);
         }
-        st = match st.armed.keys().next() {
-            Some(&(at, _)) => {
+        st.wakes_at = st.armed.keys().next().map(|&(at, _)| at);
+        st = match st.wakes_at {
+            Some(at) => {
                 shared
                     .wake
                     .wait_timeout(st, at.saturating_duration_since(now))
