@@ -374,7 +374,8 @@ impl Worker {
         let dir = temp_dir();
         let fs_root = dir.path().join("data");
         let fs_root = fs_root.to_str().unwrap().to_owned();
-        let sql_root = format!("{fs_root}/sql");
+        let sql_root = dir.path().join("sql");
+        let sql_root = sql_root.to_str().unwrap().to_owned();
         let mut all: Vec<(&str, &str)> = vec![
             ("WORKER_INGRESS_ADDR", "127.0.0.1:0"),
             ("WORKER_HEALTH_ADDR", "127.0.0.1:0"),
