@@ -454,7 +454,7 @@ rows = [
     ("HTTP steps by host name (`localhost`) vs raw",
      (f"{n(f('HTTP_WORKER_HOST'))} / {n(f('HTTP_RAW'))} req/s = {f('HTTP_WORKER_HOST') / f('HTTP_RAW') * 100:.0f} %"
       if f("HTTP_WORKER_HOST") > 0 else "not measured (localhost is not loopback only)"), "", None),
-    (f"SQL point queries vs plain rusqlite ({res['SQL_THREADS']} threads each)",
+    (f"SQL point queries vs plain rusqlite ({res['SQL_THREADS']} thread(s) each)",
      f"{n(f('SQL_WORKER'))} / {n(f('SQL_PLAIN'))} /s = {sql_ratio * 100:.0f} %", "≥ 50 % of plain",
      sql_ratio >= 0.5),
     (f"Memory per queued step, CP2 ({res['CP2_QUEUED']} queued)",
@@ -519,7 +519,7 @@ md.append(f"- HTTP: `examples/bench_upstream` (std `TcpListener`, one thread per
           f"`WORKER_IO_POOL_SIZE={res['IO_POOL']}`, wall time from process start to exit; then the same "
           f"steps to `http://localhost:<port>/x`. Median of {res['ROUNDS']} interleaved rounds.")
 md.append(f"- SQL: a {n(f('SQL_ROWS'))}-row table `items(id INTEGER PRIMARY KEY, name, qty, price)` "
-          f"(`examples/bench_sql make`). Plain: `bench_sql plain`, {res['SQL_THREADS']} threads with a read-only "
+          f"(`examples/bench_sql make`). Plain: `bench_sql plain`, {res['SQL_THREADS']} thread(s) with a read-only "
           f"connection and a cached prepared statement each, `SELECT id, name, qty, price FROM items WHERE id = ?` "
           f"for {n(f('SQL_STEPS'))} ids. Worker: `caf-worker run` over {n(f('SQL_STEPS'))} `sql.query` steps "
           f"with the same statement and ids (`WORKER_IO_POOL_SIZE={res['SQL_THREADS']}`), stdout to a file, wall "
