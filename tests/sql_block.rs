@@ -565,4 +565,42 @@ fn sqlite_busy_is_resource_unavailable_and_retried_until_the_lock_is_released() 
     assert_eq!(r.json["status"], "success", "{}", r.json);
     assert!(r.json["attempts"].as_u64().unwrap() >= 2, "{}", r.json);
     assert_eq!(r.json["outputs"]["rows"], json!([[2]]));
+    // SQL steps are counted in the existing step metrics like any block.
+    let metrics = support::http(
+        "GET",
+        &format!("http://{}/metrics", w.metrics.unwrap()),
+        None,
+    )
+    .2;
+    let has = |prefix: &str, labels: &[&str]| {
+        metrics
+            .lines()
+            .any(|l| l.starts_with(prefix) && labels.iter().all(|x| l.contains(x)))
+    };
+    let sql = "step_type=\"sql.query\"";
+    assert!(
+        has(
+            "worker_step_executions_total{",
+            &[sql, "execution_status=\"success\""]
+        ),
+        "{metrics}"
+    );
+    assert!(
+        has(
+            "worker_step_executions_total{",
+            &[sql, "execution_status=\"error\""]
+        ),
+        "{metrics}"
+    );
+    assert!(
+        has(
+            "worker_step_errors_total{",
+            &[sql, "error_code=\"RESOURCE_UNAVAILABLE\""]
+        ),
+        "{metrics}"
+    );
+    assert!(
+        has("worker_step_execution_duration_seconds_count{", &[sql]),
+        "{metrics}"
+    );
 }
