@@ -404,6 +404,43 @@ fn databases_stay_under_the_root_and_missing_ones_are_not_created() {
     );
 }
 
+#[test]
+fn values_and_results_are_bounded_by_the_response_limit() {
+    let f = Fixture::new();
+    let rs = f.run_with(
+        &[
+            read(
+                "huge-value",
+                "SELECT length(randomblob(?))",
+                json!([3_000_000]),
+            ),
+            read(
+                "big-result",
+                "SELECT randomblob(700000), randomblob(700000)",
+                Value::Null,
+            ),
+            read("fits", "SELECT length(randomblob(?))", json!([900_000])),
+        ],
+        &[("WORKER_MAX_RESPONSE_BYTES", "1048576")],
+    );
+    assert_error(&rs[0], "INVALID_INPUT", false);
+    assert!(
+        rs[0]["error_message"].as_str().unwrap().contains("too big"),
+        "{}",
+        rs[0]
+    );
+    assert_error(&rs[1], "EXECUTION_FAILED", false);
+    assert!(
+        rs[1]["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("WORKER_MAX_RESPONSE_BYTES"),
+        "{}",
+        rs[1]
+    );
+    assert_eq!(rs[2]["outputs"]["rows"], json!([[900_000]]), "{}", rs[2]);
+}
+
 /// A runaway step with `options`, then a quick query on the same (only) io thread.
 fn runaway_then_quick(f: &Fixture, options: Value, env: &[(&str, &str)]) -> (Value, Value) {
     let runaway = support::with_options(

@@ -140,7 +140,7 @@ impl SqlBlock {
             ));
         }
         let db = self.resolve_database(req.database, req.write)?;
-        let cached = checkout(&db, req.write)?;
+        let cached = checkout(&db, req.write, self.max_output_bytes)?;
         let result = self.run(&cached, &req, limit, start, ctx);
         // A statement may have opened a transaction (`BEGIN`); never leave
         // one open on a connection the next step reuses.
@@ -563,7 +563,7 @@ fn map_sql_error(e: rusqlite::Error) -> BlockError {
 }
 
 /// Takes this thread's connection for `db` out of the cache, or opens one.
-fn checkout(db: &DbFile, write: bool) -> Result<Cached, BlockError> {
+fn checkout(db: &DbFile, write: bool, max_value: usize) -> Result<Cached, BlockError> {
     let found = CONNECTIONS.with_borrow_mut(|conns| {
         let at = conns
             .iter()
@@ -582,7 +582,7 @@ fn checkout(db: &DbFile, write: bool) -> Result<Cached, BlockError> {
     } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     // No SQLITE_OPEN_URI: the name is a path, never a `file:` URI with options.
     let conn = Connection::open_with_flags(&db.abs, flags).map_err(map_sql_error)?;
-    configure(&conn, write).map_err(map_sql_error)?;
+    configure(&conn, write, max_value).map_err(map_sql_error)?;
     // A write may just have created the file: identify what was opened.
     let id = match db.id {
         Some(id) => id,
@@ -609,13 +609,18 @@ fn checkin(c: Cached) {
     });
 }
 
-/// Per-connection guards: no busy wait, no attached files, an authorizer.
-fn configure(conn: &Connection, write: bool) -> rusqlite::Result<()> {
+/// Per-connection guards: no busy wait, no attached files, bounded values,
+/// an authorizer.
+fn configure(conn: &Connection, write: bool, max_value: usize) -> rusqlite::Result<()> {
     // BUSY surfaces at once as RESOURCE_UNAVAILABLE and the engine's retry
     // policy decides: no pool thread sleeps inside SQLite's busy handler.
     conn.busy_timeout(Duration::ZERO)?;
     // ATTACH (and VACUUM, which attaches) could open files outside the root.
     conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)?;
+    // No string or BLOB, even an intermediate one, larger than a result may
+    // be (SQLite's default is 1 GB per value): bounds a query's memory.
+    let max_value = i32::try_from(max_value.max(1 << 20)).unwrap_or(i32::MAX);
+    conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, max_value)?;
     conn.set_prepared_statement_cache_capacity(32);
     conn.authorizer(Some(move |ctx: AuthContext<'_>| authorize(&ctx, write)))
 }
