@@ -4,7 +4,8 @@
 # Builds caf-worker in release mode and measures, in one run, side by side:
 #   1. engine throughput (`run` over debug.echo), plain and with metrics on
 #   2. ingress accepted/s (wrk) and queue_full rejection latency
-#   3. http.request steps against a local keep-alive upstream vs wrk on it
+#   3. http.request steps against a local keep-alive upstream vs wrk on it,
+#      and sql.query point queries vs a plain rusqlite loop on the same file
 #   4. RSS per queued step (CP2 bounded queues full, CP1 100,000 queued)
 #   5. start-up time to /readyz 200, and the release binary size
 # then writes the figures with machine details into docs/BENCHMARKS.md
@@ -16,6 +17,7 @@
 # Knobs (environment): CARGO_TARGET_DIR (default: <repo>/target),
 #   BENCH_ECHO_STEPS (100000), BENCH_HTTP_STEPS (30000), BENCH_IO_POOL (8),
 #   BENCH_CP1_BACKLOG (100000), BENCH_WRK_SECS (10), BENCH_ROUNDS (3),
+#   BENCH_SQL_STEPS (100000), BENCH_SQL_ROWS (100000), BENCH_SQL_THREADS (1),
 #   BENCH_DOC (docs/BENCHMARKS.md; "-" to skip writing it).
 set -euo pipefail
 
@@ -26,6 +28,7 @@ export CARGO_TARGET_DIR="$TARGET_DIR"
 BIN="$TARGET_DIR/release/caf-worker"
 UPSTREAM="$TARGET_DIR/release/examples/bench_upstream"
 CLIENT="$TARGET_DIR/release/examples/bench_client"
+SQLBENCH="$TARGET_DIR/release/examples/bench_sql"
 
 ECHO_STEPS="${BENCH_ECHO_STEPS:-100000}"
 HTTP_STEPS="${BENCH_HTTP_STEPS:-30000}"
@@ -33,6 +36,9 @@ IO_POOL="${BENCH_IO_POOL:-8}"
 CP1_BACKLOG="${BENCH_CP1_BACKLOG:-100000}"
 WRK_SECS="${BENCH_WRK_SECS:-10}"
 ROUNDS="${BENCH_ROUNDS:-3}"
+SQL_STEPS="${BENCH_SQL_STEPS:-100000}"
+SQL_ROWS="${BENCH_SQL_ROWS:-100000}"
+SQL_THREADS="${BENCH_SQL_THREADS:-1}"
 DOC="${BENCH_DOC:-$ROOT/docs/BENCHMARKS.md}"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -94,8 +100,8 @@ fi
 
 # --- build ----------------------------------------------------------------------
 log "building release binary and bench examples (CARGO_TARGET_DIR=$TARGET_DIR)"
-cargo build --release --quiet --bin caf-worker --example bench_upstream --example bench_client
-[[ -x "$BIN" && -x "$UPSTREAM" && -x "$CLIENT" ]] || die "build did not produce the binaries"
+cargo build --release --quiet --bin caf-worker --example bench_upstream --example bench_client --example bench_sql
+[[ -x "$BIN" && -x "$UPSTREAM" && -x "$CLIENT" && -x "$SQLBENCH" ]] || die "build did not produce the binaries"
 
 # --- helpers --------------------------------------------------------------------
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -308,6 +314,32 @@ else
     rec HTTP_WORKER_HOST 0
 fi
 
+log "3/5 sql: $SQL_STEPS point-query sql.query steps on a $SQL_ROWS-row table (io pool $SQL_THREADS) vs plain rusqlite ($SQL_THREADS threads)"
+mkdir -p "$TMP/sql"
+"$SQLBENCH" make "$TMP/sql/bench.db" "$SQL_ROWS"
+"$SQLBENCH" steps bench "$SQL_ROWS" "$SQL_STEPS" >"$TMP/sql.jsonl"
+sql_run() { # sql_run -> steps/s (every step must succeed)
+    local t0 t1 rc=0 ok
+    t0="$(now_ns)"
+    "${WENV[@]}" WORKER_SQL_ROOT="$TMP/sql" WORKER_IO_POOL_SIZE="$SQL_THREADS" timeout 300 "$BIN" run "$TMP/sql.jsonl" >"$TMP/sql.out" 2>"$TMP/sql.err" || rc=$?
+    t1="$(now_ns)"
+    ((rc == 0)) || { tail -3 "$TMP/sql.out" >&2; die "sql run exited $rc"; }
+    ok="$(grep -c '"status":"success"' "$TMP/sql.out" || true)"
+    ((ok == SQL_STEPS)) || die "only $ok of $SQL_STEPS sql steps succeeded"
+    awk -v n="$SQL_STEPS" -v ns="$((t1 - t0))" 'BEGIN {printf "%.0f", n / (ns / 1e9)}'
+}
+sql_plain_rates=(); sql_worker_rates=()
+for i in $(seq 1 "$ROUNDS"); do
+    line="$("$SQLBENCH" plain "$TMP/sql/bench.db" "$SQL_ROWS" "$SQL_STEPS" "$SQL_THREADS")"
+    sql_plain_rates+=("$(kv rate "$line")")
+    sql_worker_rates+=("$(sql_run)")
+    log "  round $i: plain ${sql_plain_rates[-1]} queries/s, worker ${sql_worker_rates[-1]} steps/s"
+done
+rec SQL_PLAIN "$(median "${sql_plain_rates[@]}")"
+rec SQL_WORKER "$(median "${sql_worker_rates[@]}")"
+rec SQL_PLAIN_ALL "$(IFS=,; echo "${sql_plain_rates[*]}")"
+rec SQL_WORKER_ALL "$(IFS=,; echo "${sql_worker_rates[*]}")"
+
 # --- 4. memory under backlog ----------------------------------------------------
 log "4/5 memory: CP2 queues full at 1000 per pool, then CP1 with $CP1_BACKLOG queued"
 warm_up() { "$CLIENT" submit "$INGRESS" 2000 16 invalid - warm 60 >/dev/null || true; }
@@ -379,6 +411,9 @@ rec ECHO_STEPS "$ECHO_STEPS"
 rec HTTP_STEPS "$HTTP_STEPS"
 rec IO_POOL "$IO_POOL"
 rec ROUNDS "$ROUNDS"
+rec SQL_STEPS "$SQL_STEPS"
+rec SQL_ROWS "$SQL_ROWS"
+rec SQL_THREADS "$SQL_THREADS"
 rec MEM_TOTAL "$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
 
 python3 - "$R" "$DOC" <<'PY'
@@ -395,6 +430,7 @@ n = lambda x: f"{x:,.0f}"
 overhead = f("ENGINE_PLAIN") / f("ENGINE_METRICS") - 1
 cpu_overhead = f("ENGINE_METRICS_CPU_US") / f("ENGINE_PLAIN_CPU_US") - 1
 http_ratio = f("HTTP_WORKER") / f("HTTP_RAW")
+sql_ratio = f("SQL_WORKER") / f("SQL_PLAIN")
 rows = [
     # figure, value, target, met (None: no target)
     ("Engine throughput (`run`, debug.echo)", f"{n(f('ENGINE_PLAIN'))} steps/s", "≥ 100,000 steps/s",
@@ -418,6 +454,9 @@ rows = [
     ("HTTP steps by host name (`localhost`) vs raw",
      (f"{n(f('HTTP_WORKER_HOST'))} / {n(f('HTTP_RAW'))} req/s = {f('HTTP_WORKER_HOST') / f('HTTP_RAW') * 100:.0f} %"
       if f("HTTP_WORKER_HOST") > 0 else "not measured (localhost is not loopback only)"), "", None),
+    (f"SQL point queries vs plain rusqlite ({res['SQL_THREADS']} thread(s) each)",
+     f"{n(f('SQL_WORKER'))} / {n(f('SQL_PLAIN'))} /s = {sql_ratio * 100:.0f} %", "≥ 50 % of plain",
+     sql_ratio >= 0.5),
     (f"Memory per queued step, CP2 ({res['CP2_QUEUED']} queued)",
      f"{n(f('CP2_BYTES_PER_STEP'))} B", "≤ 2 KiB", f("CP2_BYTES_PER_STEP") <= 2048),
     (f"Memory per queued step, CP1 ({n(f('CP1_QUEUED'))} queued)",
@@ -479,6 +518,13 @@ md.append(f"- HTTP: `examples/bench_upstream` (std `TcpListener`, one thread per
           f"over {n(f('HTTP_STEPS'))} `http.request` GET steps to `http://127.0.0.1:<port>/x`, "
           f"`WORKER_IO_POOL_SIZE={res['IO_POOL']}`, wall time from process start to exit; then the same "
           f"steps to `http://localhost:<port>/x`. Median of {res['ROUNDS']} interleaved rounds.")
+md.append(f"- SQL: a {n(f('SQL_ROWS'))}-row table `items(id INTEGER PRIMARY KEY, name, qty, price)` "
+          f"(`examples/bench_sql make`). Plain: `bench_sql plain`, {res['SQL_THREADS']} thread(s) with a read-only "
+          f"connection and a cached prepared statement each, `SELECT id, name, qty, price FROM items WHERE id = ?` "
+          f"for {n(f('SQL_STEPS'))} ids. Worker: `caf-worker run` over {n(f('SQL_STEPS'))} `sql.query` steps "
+          f"with the same statement and ids (`WORKER_IO_POOL_SIZE={res['SQL_THREADS']}`), stdout to a file, wall "
+          f"time from process start to exit, every step checked `success`. Median of {res['ROUNDS']} interleaved "
+          f"rounds; plain: {res['SQL_PLAIN_ALL']} queries/s, worker: {res['SQL_WORKER_ALL']} steps/s.")
 md.append(f"- Memory: VmRSS of `serve` from `/proc/<pid>/status` before and after the fill; the ingress "
           f"threads are warmed up first with 2,000 rejected requests so their allocator arenas are not "
           f"counted. CP2: queue size 1000, pools of 1 thread each held by a debug.sleep, "

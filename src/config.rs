@@ -58,6 +58,10 @@ keys! {
     "fs_read_timeout_ms", "WORKER_FS_READ_TIMEOUT_MS", Some("5000"), "CP2 FS read watchdog";
     "fs_write_timeout_ms", "WORKER_FS_WRITE_TIMEOUT_MS", Some("10000"), "CP2 FS write watchdog";
     "fs_delete_timeout_ms", "WORKER_FS_DELETE_TIMEOUT_MS", Some("3000"), "CP2 FS delete watchdog";
+    "sql_root", "WORKER_SQL_ROOT", Some("./data/sql"), "root of every sql.query database (<name>.db)";
+    "sql_max_rows", "WORKER_SQL_MAX_ROWS", Some("1000"), "default and cap of sql.query max_rows";
+    "sql_allow_write", "WORKER_SQL_ALLOW_WRITE", Some("false"), "allow sql.query mode write";
+    "sql_timeout_ms", "WORKER_SQL_TIMEOUT_MS", Some("5000"), "CP2 per-attempt limit of a sql.query";
     "max_body_bytes", "WORKER_MAX_BODY_BYTES", Some("1048576"), "largest assignment accepted";
     "max_response_bytes", "WORKER_MAX_RESPONSE_BYTES", Some("10485760"), "largest HTTP response body a step reads";
     "result_retention", "WORKER_RESULT_RETENTION", Some("10000"), "finished results kept for lookup and de-duplication";
@@ -151,6 +155,14 @@ pub struct Settings {
     pub fs_write_timeout: Duration,
     /// CP2 FS delete watchdog.
     pub fs_delete_timeout: Duration,
+    /// Root of every `sql.query` database.
+    pub sql_root: PathBuf,
+    /// Default and cap of `sql.query` `max_rows`.
+    pub sql_max_rows: usize,
+    /// Whether `sql.query` may run in `write` mode.
+    pub sql_allow_write: bool,
+    /// CP2 per-attempt limit of a `sql.query`.
+    pub sql_timeout: Duration,
     /// Largest assignment body.
     pub max_body_bytes: usize,
     /// Largest HTTP response body.
@@ -463,6 +475,10 @@ impl Reader {
         if fs_root.as_os_str().is_empty() {
             return Err(Self::invalid("fs_root", "", "a directory path"));
         }
+        let sql_root = PathBuf::from(self.raw("sql_root").unwrap_or("./data/sql"));
+        if sql_root.as_os_str().is_empty() {
+            return Err(Self::invalid("sql_root", "", "a directory path"));
+        }
         let settings = Settings {
             flags,
             worker_id,
@@ -491,6 +507,10 @@ impl Reader {
             fs_read_timeout: self.millis("fs_read_timeout_ms", HOUR_MS)?,
             fs_write_timeout: self.millis("fs_write_timeout_ms", HOUR_MS)?,
             fs_delete_timeout: self.millis("fs_delete_timeout_ms", HOUR_MS)?,
+            sql_root,
+            sql_max_rows: self.int("sql_max_rows", 1, 1_000_000)? as usize,
+            sql_allow_write: self.boolean("sql_allow_write")?,
+            sql_timeout: self.millis("sql_timeout_ms", HOUR_MS)?,
             max_body_bytes: self.int("max_body_bytes", 1, 1 << 30)? as usize,
             max_response_bytes: self.int("max_response_bytes", 1, 1 << 32)? as usize,
             result_retention: self.int("result_retention", 1, 10_000_000)? as usize,
@@ -565,6 +585,10 @@ mod tests {
         assert_eq!(s.ingress_addr.to_string(), "127.0.0.1:9090");
         assert_eq!(s.fs_read_timeout, Duration::from_millis(5000));
         assert_eq!(s.result_retention_bytes, 268_435_456);
+        assert_eq!(s.sql_root, PathBuf::from("./data/sql"));
+        assert_eq!(s.sql_max_rows, 1000);
+        assert!(!s.sql_allow_write);
+        assert_eq!(s.sql_timeout, Duration::from_millis(5000));
         assert!(s.strict_ids);
         assert!(s.worker_id.contains('-'));
     }
@@ -607,6 +631,15 @@ mod tests {
         assert!(e.to_string().contains("WORKER_IO_POOL_SIZE"), "{e}");
         let e = load(&env(&[("WORKER_DEFAULT_DEADLINE_MS", "abc")])).unwrap_err();
         assert!(e.to_string().contains("WORKER_DEFAULT_DEADLINE_MS"), "{e}");
+        for (k, v) in [
+            ("WORKER_SQL_MAX_ROWS", "0"),
+            ("WORKER_SQL_ALLOW_WRITE", "maybe"),
+            ("WORKER_SQL_TIMEOUT_MS", "0"),
+            ("WORKER_SQL_ROOT", ""),
+        ] {
+            let e = load(&env(&[(k, v)])).unwrap_err();
+            assert!(e.to_string().contains(k), "{e}");
+        }
         let e = load(&env(&[("WORKER_INGRESS_ADDR", "nowhere")])).unwrap_err();
         assert!(e.to_string().contains("WORKER_INGRESS_ADDR"), "{e}");
         let src = Sources {

@@ -37,24 +37,7 @@ impl Fixture {
             ("WORKER_FS_ROOT", root.to_str().unwrap()),
             ("WORKER_IO_POOL_SIZE", "1"),
         ];
-        let out = support::run_lines(steps, &env, LIMIT);
-        let results = out.json_lines();
-        assert_eq!(
-            results.len(),
-            steps.len(),
-            "stdout {:?} stderr {:?}",
-            out.stdout,
-            out.stderr
-        );
-        for (r, s) in results.iter().zip(steps) {
-            assert!(r.get("acknowledged_at").is_none(), "rejected: {r}");
-            assert_eq!(
-                r["assignment_id"], s["assignment_id"],
-                "results out of order"
-            );
-        }
-        support::check_results(&out.stdout);
-        results
+        support::run_in_order(steps, &env, LIMIT)
     }
     fn one(&self, step: Value) -> Value {
         self.run(&[step]).remove(0)

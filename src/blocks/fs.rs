@@ -59,19 +59,7 @@ const SWEEP_MAX_DEPTH: usize = 32;
 
 impl FsBlock {
     pub(super) fn new(s: &BlockSettings) -> Result<FsBlock, SetupError> {
-        let err = |reason: String| SetupError {
-            setting: "WORKER_FS_ROOT",
-            reason,
-        };
-        std::fs::create_dir_all(&s.fs_root)
-            .map_err(|e| err(format!("cannot create {}: {e}", s.fs_root.display())))?;
-        let root = s
-            .fs_root
-            .canonicalize()
-            .map_err(|e| err(format!("cannot resolve {}: {e}", s.fs_root.display())))?;
-        if !root.is_dir() {
-            return Err(err(format!("{} is not a directory", root.display())));
-        }
+        let root = prepare_root(&s.fs_root, "WORKER_FS_ROOT")?;
         let stale_after = STALE_TEMP_AGE.max(s.fs_timeouts.write.saturating_mul(2));
         let sweep_root = root.clone();
         // In the background: a large root must not delay start-up.
@@ -501,7 +489,23 @@ pub(super) fn sweep_stale_temps(root: &Path, stale_after: Duration) -> io::Resul
     Ok(removed)
 }
 
-fn io_error(rel: &str, e: io::Error) -> BlockError {
+/// Creates `dir` if missing and returns its canonical form: the root of a
+/// block's files (`setting` names it in errors). Shared with `sql.query`.
+pub(super) fn prepare_root(dir: &Path, setting: &'static str) -> Result<PathBuf, SetupError> {
+    let err = |reason: String| SetupError { setting, reason };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+    let root = dir
+        .canonicalize()
+        .map_err(|e| err(format!("cannot resolve {}: {e}", dir.display())))?;
+    if !root.is_dir() {
+        return Err(err(format!("{} is not a directory", root.display())));
+    }
+    Ok(root)
+}
+
+/// A block error for an I/O failure on `rel` (shared with `sql.query`).
+pub(super) fn io_error(rel: &str, e: io::Error) -> BlockError {
     match e.kind() {
         io::ErrorKind::NotFound => BlockError::new(
             ErrorCode::ResourceUnavailable,

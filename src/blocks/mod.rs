@@ -10,6 +10,7 @@ mod egress;
 mod fs;
 mod http;
 mod payload;
+mod sql;
 mod watchdog;
 
 use crate::cancel::{CancelReason, CancelToken};
@@ -20,6 +21,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use egress::{Cidr, EgressDenied, EgressPolicy, parse_ipv4_loose};
+pub use sql::MAX_CONNECTIONS_PER_THREAD;
 pub use watchdog::{MAX_ABANDONED, Watchdog, WatchdogError};
 
 /// The phase a timeout happened in (the `phase` label of `worker_timeouts_total`).
@@ -168,6 +170,14 @@ pub struct BlockSettings {
     pub http_deny_nets: Vec<Cidr>,
     /// `WORKER_HTTP_ALLOW_NETS`.
     pub http_allow_nets: Option<Vec<Cidr>>,
+    /// Root of every `sql.query` database (created if missing).
+    pub sql_root: PathBuf,
+    /// Default and cap of `sql.query` `max_rows`.
+    pub sql_max_rows: usize,
+    /// Whether `sql.query` may run in `write` mode.
+    pub sql_allow_write: bool,
+    /// CP2 per-attempt limit of a query (`None`: the attempt deadline only).
+    pub sql_attempt_timeout: Option<Duration>,
 }
 
 /// CP2 FS watchdog timeouts.
@@ -198,19 +208,21 @@ impl fmt::Display for SetupError {
 
 impl std::error::Error for SetupError {}
 
-/// All block families, sharing one HTTP agent and one FS root.
+/// All block families, sharing one HTTP agent, one FS root and one SQL root.
 #[derive(Debug)]
 pub struct Blocks {
     http: http::HttpBlock,
     fs: fs::FsBlock,
+    sql: sql::SqlBlock,
 }
 
 impl Blocks {
-    /// Builds the blocks; creates the FS root if missing.
+    /// Builds the blocks; creates the FS and SQL roots if missing.
     pub fn new(settings: &BlockSettings) -> Result<Blocks, SetupError> {
         Ok(Blocks {
             http: http::HttpBlock::new(settings),
             fs: fs::FsBlock::new(settings)?,
+            sql: sql::SqlBlock::new(settings)?,
         })
     }
 
@@ -226,6 +238,7 @@ impl Blocks {
             JobType::FsBlobPut => self.fs.put(payload, ctx),
             JobType::FsBlobGet => self.fs.get(payload, ctx),
             JobType::FsBlobDelete => self.fs.delete(payload, ctx),
+            JobType::SqlQuery => self.sql.execute(payload, ctx),
             JobType::DebugEcho => Ok(Value::Object(payload.clone())),
             JobType::DebugSleep => debug::sleep(payload, ctx),
             JobType::DebugFail => debug::fail(payload, ctx),

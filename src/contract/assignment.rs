@@ -17,6 +17,8 @@ pub enum JobType {
     FsBlobGet,
     /// `fs.blob_delete`
     FsBlobDelete,
+    /// `sql.query`
+    SqlQuery,
     /// `debug.echo`
     DebugEcho,
     /// `debug.sleep`
@@ -32,6 +34,7 @@ impl JobType {
         JobType::FsBlobPut,
         JobType::FsBlobGet,
         JobType::FsBlobDelete,
+        JobType::SqlQuery,
         JobType::DebugEcho,
         JobType::DebugSleep,
         JobType::DebugFail,
@@ -44,6 +47,7 @@ impl JobType {
             JobType::FsBlobPut => "fs.blob_put",
             JobType::FsBlobGet => "fs.blob_get",
             JobType::FsBlobDelete => "fs.blob_delete",
+            JobType::SqlQuery => "sql.query",
             JobType::DebugEcho => "debug.echo",
             JobType::DebugSleep => "debug.sleep",
             JobType::DebugFail => "debug.fail",

@@ -207,6 +207,13 @@ impl Engine {
             http_max_idle_per_host: settings.pool_sizes.iter().sum(),
             http_deny_nets: settings.http_deny_nets.clone(),
             http_allow_nets: settings.http_allow_nets.clone(),
+            sql_root: settings.sql_root.clone(),
+            sql_max_rows: settings.sql_max_rows,
+            sql_allow_write: settings.sql_allow_write,
+            sql_attempt_timeout: settings
+                .flags
+                .complete_timeout
+                .then_some(settings.sql_timeout),
         })?;
         let capacity = settings
             .flags

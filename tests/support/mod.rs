@@ -132,6 +132,30 @@ pub fn run_lines(lines: &[Value], env: &[(&str, &str)], limit: Duration) -> Outp
     run_cmd(&["run", "-"], env, &input, limit)
 }
 
+/// Runs `steps` through `run -` with `env` and returns their results in input
+/// order, asserting none was rejected and the shared checker accepts them
+/// (with one pool thread, steps of one pool run in input order).
+pub fn run_in_order(steps: &[Value], env: &[(&str, &str)], limit: Duration) -> Vec<Value> {
+    let out = run_lines(steps, env, limit);
+    let results = out.json_lines();
+    assert_eq!(
+        results.len(),
+        steps.len(),
+        "stdout {:?} stderr {:?}",
+        out.stdout,
+        out.stderr
+    );
+    for (r, s) in results.iter().zip(steps) {
+        assert!(r.get("acknowledged_at").is_none(), "rejected: {r}");
+        assert_eq!(
+            r["assignment_id"], s["assignment_id"],
+            "results out of order"
+        );
+    }
+    check_results(&out.stdout);
+    results
+}
+
 /// A minimal valid assignment of `job_type` with `payload`.
 pub fn assignment(id: &str, job_type: &str, payload: Value) -> Value {
     serde_json::json!({
@@ -350,11 +374,14 @@ impl Worker {
         let dir = temp_dir();
         let fs_root = dir.path().join("data");
         let fs_root = fs_root.to_str().unwrap().to_owned();
+        let sql_root = dir.path().join("sql");
+        let sql_root = sql_root.to_str().unwrap().to_owned();
         let mut all: Vec<(&str, &str)> = vec![
             ("WORKER_INGRESS_ADDR", "127.0.0.1:0"),
             ("WORKER_HEALTH_ADDR", "127.0.0.1:0"),
             ("WORKER_METRICS_ADDR", "127.0.0.1:0"),
             ("WORKER_FS_ROOT", &fs_root),
+            ("WORKER_SQL_ROOT", &sql_root),
         ];
         all.extend_from_slice(env);
         let mut child = command(&all)
