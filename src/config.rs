@@ -55,6 +55,7 @@ keys! {
     "fs_write_timeout_ms", "WORKER_FS_WRITE_TIMEOUT_MS", Some("10000"), "CP2 FS write watchdog";
     "fs_delete_timeout_ms", "WORKER_FS_DELETE_TIMEOUT_MS", Some("3000"), "CP2 FS delete watchdog";
     "max_body_bytes", "WORKER_MAX_BODY_BYTES", Some("1048576"), "largest assignment accepted";
+    "max_connections", "WORKER_MAX_CONNECTIONS", Some("1024"), "open connections per port (health and metrics keep a small reserve)";
     "max_response_bytes", "WORKER_MAX_RESPONSE_BYTES", Some("10485760"), "largest HTTP response body a step reads";
     "result_retention", "WORKER_RESULT_RETENTION", Some("10000"), "finished results kept for lookup and de-duplication";
     "results_file", "WORKER_RESULTS_FILE", None, "append every result here as a JSON line";
@@ -144,6 +145,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Largest HTTP response body.
     pub max_response_bytes: usize,
+    /// Open connections per port (SPEC §15).
+    pub max_connections: usize,
     /// Finished results kept.
     pub result_retention: usize,
     /// JSON Lines results file.
@@ -463,6 +466,7 @@ impl Reader {
             fs_delete_timeout: self.millis("fs_delete_timeout_ms", HOUR_MS)?,
             max_body_bytes: self.int("max_body_bytes", 1, 1 << 30)? as usize,
             max_response_bytes: self.int("max_response_bytes", 1, 1 << 32)? as usize,
+            max_connections: self.int("max_connections", 1, 1_000_000)? as usize,
             result_retention: self.int("result_retention", 1, 10_000_000)? as usize,
             results_file: self.optional("results_file").map(PathBuf::from),
             shutdown_grace: self

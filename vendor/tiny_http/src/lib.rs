@@ -119,6 +119,9 @@ pub use test::TestRequest;
 
 mod client;
 mod common;
+// caf-worker patch: the polled server mode.
+mod poll;
+pub use poll::PollConfig;
 mod connection;
 mod request;
 mod response;
@@ -141,6 +144,9 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // caf-worker patch: wakes the poller of a polled server (to see `close`).
+    poll_waker: Option<Arc<mio::Waker>>,
 }
 
 enum Message {
@@ -375,6 +381,28 @@ impl Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            poll_waker: None,
+        })
+    }
+
+    /// caf-worker patch: a server whose connections are all served by one
+    /// poller thread (see `PollConfig` and the `poll` module): idle,
+    /// trickling and non-reading clients cost no thread, a connection holds
+    /// at most one request at a time, and request bodies are read (up to
+    /// `max_body`) before `recv` returns the request. Plain HTTP only.
+    pub fn from_listener_polled(
+        listener: std::net::TcpListener,
+        config: PollConfig,
+    ) -> IoResult<Server> {
+        let listening_addr = ListenAddr::IP(listener.local_addr()?);
+        let close = Arc::new(AtomicBool::new(false));
+        let messages = MessagesQueue::with_capacity(8);
+        let waker = poll::spawn(listener, config, messages.clone(), close.clone())?;
+        Ok(Server {
+            close,
+            messages,
+            listening_addr,
+            poll_waker: Some(waker),
         })
     }
 
@@ -443,6 +471,10 @@ impl Iterator for IncomingRequests<'_> {
 impl Drop for Server {
     fn drop(&mut self) {
         self.close.store(true, Relaxed);
+        if let Some(waker) = &self.poll_waker {
+            let _ = waker.wake();
+            return;
+        }
         // Connect briefly to ourselves to unblock the accept thread
         let maybe_stream = match &self.listening_addr {
             ListenAddr::IP(addr) => TcpStream::connect(addr).map(Connection::from),
