@@ -589,6 +589,15 @@ mod tests {
     }
 
     #[test]
+    fn max_connections_defaults_to_1024_and_is_validated() {
+        assert_eq!(Settings::defaults().max_connections, 1024);
+        let s = load(&env(&[("WORKER_MAX_CONNECTIONS", "64")])).unwrap();
+        assert_eq!(s.max_connections, 64);
+        let e = load(&env(&[("WORKER_MAX_CONNECTIONS", "0")])).unwrap_err();
+        assert!(e.to_string().contains("WORKER_MAX_CONNECTIONS"), "{e}");
+    }
+
+    #[test]
     fn effective_json_redacts_the_token() {
         let s = load(&env(&[("WORKER_API_TOKEN", "s3cret")])).unwrap();
         let text = s.effective_json().to_string();
