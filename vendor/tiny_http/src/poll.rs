@@ -65,6 +65,9 @@ const MAX_LINE: usize = 8 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Longest request head.
 const MAX_HEAD: usize = 64 * 1024;
+/// Longest chunk-size or trailer line (searched again as bytes arrive, so
+/// kept short).
+const MAX_CHUNK_LINE: usize = 1024;
 /// What is read and discarded of a refused body before the connection
 /// closes, so the client can read the refusal.
 const DRAIN_LIMIT: usize = 16 << 20;
@@ -133,12 +136,6 @@ struct Head {
     close_after: bool,
 }
 
-enum Parse {
-    Incomplete,
-    Bad(u16),
-    Done(Head, usize),
-}
-
 /// Incremental chunked-body decoder over the connection's buffer.
 #[derive(Debug, Clone, Copy)]
 enum Chunk {
@@ -176,6 +173,10 @@ struct Conn {
     since: Instant,
     /// Bytes moved (read or written) in the current phase.
     moved: usize,
+    /// Head phase: bytes of `buf` already searched for the head's end, and
+    /// where the line being received starts.
+    scanned: usize,
+    line_start: usize,
     /// Close once the current answer is written.
     close_after: bool,
     /// Drain (bounded) before closing: the body was not read.
@@ -198,6 +199,8 @@ impl Conn {
             phase: Phase::Head,
             since: Instant::now(),
             moved: 0,
+            scanned: 0,
+            line_start: 0,
             close_after: false,
             linger: false,
             serial,
@@ -253,47 +256,61 @@ impl Conn {
     fn advance(&mut self, config: &PollConfig) -> Next {
         loop {
             match &mut self.phase {
-                Phase::Head => match parse_head(&self.buf) {
-                    Parse::Bad(status) => self.fail(status),
-                    Parse::Incomplete => {
-                        if self.buf.len() > MAX_HEAD {
+                Phase::Head => {
+                    // Only bytes not yet scanned are searched (a head sent a
+                    // byte at a time must not cost quadratic time).
+                    let from = self.scanned.saturating_sub(3);
+                    let Some(at) = find(&self.buf[from..], b"\r\n\r\n") else {
+                        if let Some(p) = rfind(&self.buf[from..], b"\r\n") {
+                            self.line_start = self.line_start.max(from + p + 2);
+                        }
+                        self.scanned = self.buf.len();
+                        if self.buf.len() - self.line_start > MAX_LINE || self.buf.len() > MAX_HEAD
+                        {
                             self.fail(400);
                             continue;
                         }
                         match self.fill() {
-                            Ok(true) => {}
+                            Ok(true) => continue,
                             Ok(false) => return Next::Wait,
                             Err(()) => return Next::Close,
                         }
-                    }
-                    Parse::Done(head, len) => {
-                        self.buf.drain(..len);
-                        self.close_after |= head.close_after;
-                        match head.framing {
-                            Framing::None => return Next::Dispatch(head, Vec::new(), None),
-                            Framing::Length(0) => {
-                                return Next::Dispatch(head, Vec::new(), Some(0))
+                    };
+                    let end = from + at;
+                    let parsed = parse_head(&self.buf[..end]);
+                    self.buf.drain(..end + 4);
+                    self.scanned = 0;
+                    self.line_start = 0;
+                    let head = match parsed {
+                        Ok(head) => head,
+                        Err(status) => {
+                            self.fail(status);
+                            continue;
+                        }
+                    };
+                    self.close_after |= head.close_after;
+                    match head.framing {
+                        Framing::None => return Next::Dispatch(head, Vec::new(), None),
+                        Framing::Length(0) => return Next::Dispatch(head, Vec::new(), Some(0)),
+                        Framing::Length(n) if n > config.max_body => {
+                            self.close_after = true;
+                            self.linger = true;
+                            return Next::Dispatch(head, Vec::new(), Some(n));
+                        }
+                        _ => {
+                            if head.expects_continue
+                                && !self.interim(b"HTTP/1.1 100 Continue\r\n\r\n")
+                            {
+                                return Next::Close;
                             }
-                            Framing::Length(n) if n > config.max_body => {
-                                self.close_after = true;
-                                self.linger = true;
-                                return Next::Dispatch(head, Vec::new(), Some(n));
-                            }
-                            _ => {
-                                if head.expects_continue
-                                    && !self.interim(b"HTTP/1.1 100 Continue\r\n\r\n")
-                                {
-                                    return Next::Close;
-                                }
-                                self.enter(Phase::Body {
-                                    head: Some(head),
-                                    body: Vec::new(),
-                                    chunk: Chunk::Size,
-                                });
-                            }
+                            self.enter(Phase::Body {
+                                head: Some(head),
+                                body: Vec::new(),
+                                chunk: Chunk::Size,
+                            });
                         }
                     }
-                },
+                }
                 Phase::Body { head, body, chunk } => {
                     let framing = head.as_ref().map_or(Framing::None, |h| h.framing);
                     let done = match framing {
@@ -408,7 +425,7 @@ fn decode_chunks(state: &mut Chunk, buf: &mut Vec<u8>, body: &mut Vec<u8>) -> Re
         match *state {
             Chunk::Size => {
                 let Some(end) = find(buf, b"\r\n") else {
-                    return if buf.len() > MAX_LINE { Err(()) } else { Ok(false) };
+                    return if buf.len() > MAX_CHUNK_LINE { Err(()) } else { Ok(false) };
                 };
                 let line = std::str::from_utf8(&buf[..end]).map_err(|_| ())?;
                 let size = line.split(';').next().unwrap_or("").trim();
@@ -440,7 +457,7 @@ fn decode_chunks(state: &mut Chunk, buf: &mut Vec<u8>, body: &mut Vec<u8>) -> Re
             }
             Chunk::Trailer(count) => {
                 let Some(end) = find(buf, b"\r\n") else {
-                    return if buf.len() > MAX_LINE { Err(()) } else { Ok(false) };
+                    return if buf.len() > MAX_CHUNK_LINE { Err(()) } else { Ok(false) };
                 };
                 buf.drain(..end + 2);
                 if end == 0 {
@@ -460,46 +477,39 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Parses a request head at the start of `buf`.
-fn parse_head(buf: &[u8]) -> Parse {
-    let Some(end) = find(buf, b"\r\n\r\n") else {
-        // The line being received must stay within the line limit.
-        let line_start = buf
-            .windows(2)
-            .rposition(|w| w == b"\r\n")
-            .map_or(0, |p| p + 2);
-        return if buf.len() - line_start > MAX_LINE {
-            Parse::Bad(400)
-        } else {
-            Parse::Incomplete
-        };
-    };
-    let Ok(text) = std::str::from_utf8(&buf[..end]) else {
-        return Parse::Bad(400);
+fn rfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).rposition(|w| w == needle)
+}
+
+/// Parses a request head (without its final blank line); `Err` is the
+/// status to answer before closing.
+fn parse_head(head: &[u8]) -> Result<Head, u16> {
+    let Ok(text) = std::str::from_utf8(head) else {
+        return Err(400);
     };
     if !text.is_ascii() {
-        return Parse::Bad(400);
+        return Err(400);
     }
     let mut lines = text.split("\r\n");
     let request_line = lines.next().unwrap_or("");
     if request_line.len() > MAX_LINE {
-        return Parse::Bad(400);
+        return Err(400);
     }
     let Some((method, path, version)) = crate::client::parse_request_line_for_poll(request_line.trim())
     else {
-        return Parse::Bad(400);
+        return Err(400);
     };
     if version > (1, 1) {
-        return Parse::Bad(505);
+        return Err(505);
     }
     let mut headers = Vec::new();
     for line in lines {
         if line.len() > MAX_LINE || headers.len() >= MAX_HEADERS {
-            return Parse::Bad(400);
+            return Err(400);
         }
         match Header::from_str(line.trim()) {
             Ok(h) => headers.push(h),
-            Err(()) => return Parse::Bad(400),
+            Err(()) => return Err(400),
         }
     }
     let value = |name: &'static str| {
@@ -520,7 +530,7 @@ fn parse_head(buf: &[u8]) -> Parse {
             let digits = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
             match usize::from_str(v) {
                 Ok(n) if digits && lengths.all(|other| other == v) => Some(n),
-                _ => return Parse::Bad(400),
+                _ => return Err(400),
             }
         }
     };
@@ -533,7 +543,7 @@ fn parse_head(buf: &[u8]) -> Parse {
     let expects_continue = match value("Expect") {
         None => false,
         Some(v) if v == "100-continue" => true,
-        Some(_) => return Parse::Bad(417),
+        Some(_) => return Err(417),
     };
     let connection = value("Connection").unwrap_or_default();
     let close_after = connection.contains("close")
@@ -541,18 +551,15 @@ fn parse_head(buf: &[u8]) -> Parse {
         || (version == (1, 0) && !connection.contains("keep-alive"))
         // Both framings given: answer, then end the connection.
         || (chunked && declared.is_some());
-    Parse::Done(
-        Head {
-            method,
-            path,
-            version,
-            headers,
-            framing,
-            expects_continue,
-            close_after,
-        },
-        end + 4,
-    )
+    Ok(Head {
+        method,
+        path,
+        version,
+        headers,
+        framing,
+        expects_continue,
+        close_after,
+    })
 }
 
 /// The poller: owns the listener and every connection of one server.
