@@ -145,8 +145,10 @@ pub struct Server {
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
 
-    // caf-worker patch: wakes the poller of a polled server (to see `close`).
+    // caf-worker patch: wakes the poller of a polled server (to see `close`),
+    // and its thread, joined on drop (its final flush is bounded).
     poll_waker: Option<Arc<mio::Waker>>,
+    poll_thread: Option<thread::JoinHandle<()>>,
 }
 
 enum Message {
@@ -382,6 +384,7 @@ impl Server {
             close: close_trigger,
             listening_addr: local_addr,
             poll_waker: None,
+            poll_thread: None,
         })
     }
 
@@ -397,12 +400,13 @@ impl Server {
         let listening_addr = ListenAddr::IP(listener.local_addr()?);
         let close = Arc::new(AtomicBool::new(false));
         let messages = MessagesQueue::with_capacity(8);
-        let waker = poll::spawn(listener, config, messages.clone(), close.clone())?;
+        let (waker, thread) = poll::spawn(listener, config, messages.clone(), close.clone())?;
         Ok(Server {
             close,
             messages,
             listening_addr,
             poll_waker: Some(waker),
+            poll_thread: Some(thread),
         })
     }
 
@@ -473,6 +477,9 @@ impl Drop for Server {
         self.close.store(true, Relaxed);
         if let Some(waker) = &self.poll_waker {
             let _ = waker.wake();
+            if let Some(thread) = self.poll_thread.take() {
+                let _ = thread.join();
+            }
             return;
         }
         // Connect briefly to ourselves to unblock the accept thread

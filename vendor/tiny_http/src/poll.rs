@@ -71,6 +71,8 @@ const MAX_CHUNK_LINE: usize = 1024;
 /// What is read and discarded of a refused body before the connection
 /// closes, so the client can read the refusal.
 const DRAIN_LIMIT: usize = 16 << 20;
+/// How long a closing server keeps writing answers already produced.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
 /// Deadline checks run this often.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -586,7 +588,7 @@ pub(crate) fn spawn(
     config: PollConfig,
     messages: Arc<MessagesQueue<Message>>,
     close: Arc<AtomicBool>,
-) -> io::Result<Arc<Waker>> {
+) -> io::Result<(Arc<Waker>, thread::JoinHandle<()>)> {
     listener.set_nonblocking(true)?;
     let mut listener = TcpListener::from_std(listener);
     let poll = Poll::new()?;
@@ -610,10 +612,10 @@ pub(crate) fn spawn(
         serial: 0,
         accept_retry: None,
     };
-    thread::Builder::new()
+    let thread = thread::Builder::new()
         .name(name)
         .spawn(move || poller.run())?;
-    Ok(waker)
+    Ok((waker, thread))
 }
 
 impl Poller {
@@ -648,7 +650,40 @@ impl Poller {
                 self.sweep(now);
             }
         }
+        self.finish(&mut events);
         // Dropping the poller closes the listener and every connection.
+    }
+
+    /// At shutdown: requests no handler took are answered 500 (dropping a
+    /// `Request` does that), and answers already handed over are written,
+    /// for at most [`FINAL_FLUSH`]; no client can hold the shutdown longer.
+    fn finish(&mut self, events: &mut Events) {
+        drop(self.messages.take_all());
+        let until = Instant::now() + FINAL_FLUSH;
+        loop {
+            while let Ok(reply) = self.replies.try_recv() {
+                self.answered(reply);
+            }
+            let busy = self
+                .conns
+                .iter()
+                .flatten()
+                .any(|c| matches!(c.phase, Phase::Handling | Phase::Writing { .. }));
+            let now = Instant::now();
+            if !busy || now >= until {
+                return;
+            }
+            let wait = (until - now).min(TICK);
+            if self.poll.poll(events, Some(wait)).is_err() {
+                return;
+            }
+            for event in events.iter() {
+                let Token(t) = event.token();
+                if t >= FIRST_CONN {
+                    self.drive(t - FIRST_CONN);
+                }
+            }
+        }
     }
 
     fn accept(&mut self) {
