@@ -424,3 +424,48 @@ fn connection_cap_refuses_ingress_but_probes_still_answer() {
     drop(held);
     assert_prompt(&w, "after-cap");
 }
+
+/// Answers waiting for slow readers are held by the port's poller, so their
+/// memory is bounded: at most 256 KiB per allowed connection in all
+/// (`WORKER_MAX_CONNECTIONS` = 8 here: 2 MiB), plus a small kernel send
+/// buffer each. Four non-readers of a 2 MiB answer: all but one or two are
+/// closed at once (the largest unsent first); the rest are served.
+#[test]
+fn answers_waiting_for_slow_readers_have_a_memory_bound() {
+    let _serial = serial();
+    let w = Worker::start(&[
+        ("WORKER_MAX_CONNECTIONS", "8"),
+        ("WORKER_MAX_BODY_BYTES", "4194304"),
+    ]);
+    let a = assignment("mib", "debug.echo", json!({ "blob": "y".repeat(2 << 20) }));
+    assert_eq!(serve::submit(&w, &a).status, 202);
+    assert_eq!(serve::result(&w, "mib", 5000).status, 200);
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let mut s = small_window_connect(w.ingress);
+        s.write_all(b"GET /api/v1/results/mib HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        // Each answer starts before the next request: the order is known.
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut first = [0u8; 12];
+        s.read_exact(&mut first).expect("answer starts");
+        readers.push((s, 12usize));
+    }
+    // Now read everything, fast: a closed connection ends early.
+    let (mut complete, mut cut) = (0, 0);
+    for (s, got) in &mut readers {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        *got += rest.len();
+        if *got > 2 << 20 {
+            complete += 1;
+        } else {
+            cut += 1;
+        }
+    }
+    let got: Vec<usize> = readers.iter().map(|(_, n)| *n).collect();
+    eprintln!("bytes per reader: {got:?}");
+    assert!(cut >= 2, "only {cut} answers were cut: {got:?}");
+    assert!(complete >= 1, "no answer was delivered: {got:?}");
+    assert_prompt(&w, "after-pending-bound");
+}

@@ -40,6 +40,11 @@ pub const MIN_TRANSFER_RATE: u64 = 16 * 1024;
 /// probes still answer while connections fill the port.
 pub const PROBE_RESERVE: usize = 16;
 
+/// Unsent answer bytes a port may hold per allowed connection (on average):
+/// answers waiting for slow readers are bounded by this × the connection
+/// cap; past it, the connection with the most unsent bytes is closed.
+pub const PENDING_ANSWER_BYTES_PER_CONNECTION: usize = 256 * 1024;
+
 /// Connection limits of one port.
 #[derive(Debug, Clone, Copy)]
 pub struct PortLimits {
@@ -116,6 +121,9 @@ impl HttpPort {
             head_timeout: CLIENT_IO_TIMEOUT,
             transfer_grace: CLIENT_IO_TIMEOUT,
             min_rate: MIN_TRANSFER_RATE,
+            max_pending_bytes: limits
+                .max_connections
+                .saturating_mul(PENDING_ANSWER_BYTES_PER_CONNECTION),
         };
         let server = Server::from_listener_polled(listener, config).map_err(err)?;
         let server = Arc::new(server);

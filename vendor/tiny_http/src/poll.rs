@@ -54,6 +54,10 @@ pub struct PollConfig {
     /// Minimum average rate (bytes per second) of a body or an answer
     /// after `transfer_grace`.
     pub min_rate: u64,
+    /// Bytes of answers that may wait, unsent, for slow readers (all
+    /// connections together). Past it, the connection with the most unsent
+    /// bytes is closed until the rest fits.
+    pub max_pending_bytes: usize,
 }
 
 const LISTENER: Token = Token(0);
@@ -71,6 +75,8 @@ const MAX_CHUNK_LINE: usize = 1024;
 /// What is read and discarded of a refused body before the connection
 /// closes, so the client can read the refusal.
 const DRAIN_LIMIT: usize = 16 << 20;
+/// SO_SNDBUF of accepted sockets (Linux doubles it).
+const SEND_BUFFER: usize = 256 * 1024;
 /// How long a closing server keeps writing answers already produced.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
 /// Deadline checks run this often.
@@ -755,6 +761,9 @@ impl Poller {
             return;
         }
         let _ = stream.set_nodelay(true);
+        // Loopback autotuning lets the kernel buffer megabytes of an answer
+        // per connection; keep that share small and countable.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         self.serial += 1;
         self.conns[slot] = Some(Conn::new(stream, Some(peer), self.serial));
         self.open += 1;
@@ -812,6 +821,41 @@ impl Poller {
             pos: 0,
         });
         self.drive(reply.slot);
+        let still_writing = self
+            .conns
+            .get(reply.slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| matches!(c.phase, Phase::Writing { .. }));
+        if still_writing {
+            self.shed_answers();
+        }
+    }
+
+    /// Keeps the answers waiting for slow readers within
+    /// `max_pending_bytes`, closing the connections with the most unsent
+    /// bytes first.
+    fn shed_answers(&mut self) {
+        loop {
+            let unsent = |c: &Conn| match &c.phase {
+                Phase::Writing { out, pos } => out.len() - pos,
+                _ => 0,
+            };
+            let total: usize = self.conns.iter().flatten().map(unsent).sum();
+            if total <= self.config.max_pending_bytes {
+                return;
+            }
+            let largest = self
+                .conns
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| c.as_ref().map(|c| (i, unsent(c))))
+                .max_by_key(|(_, n)| *n)
+                .map(|(i, _)| i);
+            match largest {
+                Some(i) => self.close_conn(i),
+                None => return,
+            }
+        }
     }
 
     /// Applies the deadlines: a late head or body is answered 408, a late
