@@ -194,19 +194,13 @@ fn sigterm_with_a_pipelining_non_reader_exits_within_grace() {
 fn slow_readers_of_a_large_result_do_not_stop_submissions() {
     let _serial = serial();
     let w = Worker::start(&[("WORKER_MAX_BODY_BYTES", "4194304")]);
-    let big = "x".repeat(2 << 20);
-    let a = assignment("big", "debug.echo", json!({ "blob": big }));
-    assert_eq!(serve::submit(&w, &a).status, 202);
-    assert_eq!(serve::result(&w, "big", 5000).status, 200);
+    big_result(&w, "big");
     // More readers than the ingress has handler threads (16), each reading
     // 2 KiB every 2 s through a 4 KiB window: slow, but never stalled long
     // enough for a per-write timeout to free the thread writing to it.
     let mut readers = Vec::new();
     for _ in 0..20 {
-        let mut s = small_window_connect(w.ingress);
-        s.write_all(b"GET /api/v1/results/big HTTP/1.1\r\nHost: w\r\n\r\n")
-            .unwrap();
-        readers.push(s);
+        readers.push(small_window_get(w.ingress, "/api/v1/results/big"));
     }
     let reading = Arc::new(AtomicBool::new(true));
     let flag = reading.clone();
@@ -254,6 +248,22 @@ fn small_window_connect(addr: SocketAddr) -> TcpStream {
     s.set_recv_buffer_size(4096).expect("SO_RCVBUF");
     s.connect(&addr.into()).expect("connect");
     s.into()
+}
+
+/// Runs `id`, a debug.echo whose result is over 2 MiB (the worker needs
+/// `WORKER_MAX_BODY_BYTES` of 4 MiB).
+fn big_result(w: &Worker, id: &str) {
+    let a = assignment(id, "debug.echo", json!({ "blob": "x".repeat(2 << 20) }));
+    assert_eq!(serve::submit(w, &a).status, 202);
+    assert_eq!(serve::result(w, id, 5000).status, 200);
+}
+
+/// Sends `GET path` on a [`small_window_connect`] connection.
+fn small_window_get(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut s = small_window_connect(addr);
+    let req = format!("GET {path} HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s
 }
 
 /// The worker's open descriptors (Linux `/proc`).
@@ -437,14 +447,10 @@ fn answers_waiting_for_slow_readers_have_a_memory_bound() {
         ("WORKER_MAX_CONNECTIONS", "8"),
         ("WORKER_MAX_BODY_BYTES", "4194304"),
     ]);
-    let a = assignment("mib", "debug.echo", json!({ "blob": "y".repeat(2 << 20) }));
-    assert_eq!(serve::submit(&w, &a).status, 202);
-    assert_eq!(serve::result(&w, "mib", 5000).status, 200);
+    big_result(&w, "mib");
     let mut readers = Vec::new();
     for _ in 0..4 {
-        let mut s = small_window_connect(w.ingress);
-        s.write_all(b"GET /api/v1/results/mib HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
-            .unwrap();
+        let mut s = small_window_get(w.ingress, "/api/v1/results/mib");
         // Each answer starts before the next request: the order is known.
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut first = [0u8; 12];
