@@ -63,6 +63,7 @@ keys! {
     "sql_allow_write", "WORKER_SQL_ALLOW_WRITE", Some("false"), "allow sql.query mode write";
     "sql_timeout_ms", "WORKER_SQL_TIMEOUT_MS", Some("5000"), "CP2 per-attempt limit of a sql.query";
     "max_body_bytes", "WORKER_MAX_BODY_BYTES", Some("1048576"), "largest assignment accepted";
+    "max_connections", "WORKER_MAX_CONNECTIONS", Some("1024"), "open connections per port (health and metrics keep a small reserve)";
     "max_response_bytes", "WORKER_MAX_RESPONSE_BYTES", Some("10485760"), "largest HTTP response body a step reads";
     "result_retention", "WORKER_RESULT_RETENTION", Some("10000"), "finished results kept for lookup and de-duplication";
     "result_retention_bytes", "WORKER_RESULT_RETENTION_BYTES", Some("268435456"), "retained results' total size (serialized JSON); oldest evicted first";
@@ -167,6 +168,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Largest HTTP response body.
     pub max_response_bytes: usize,
+    /// Open connections per port (SPEC §15).
+    pub max_connections: usize,
     /// Finished results kept.
     pub result_retention: usize,
     /// Total serialized size of the finished results kept.
@@ -513,6 +516,7 @@ impl Reader {
             sql_timeout: self.millis("sql_timeout_ms", HOUR_MS)?,
             max_body_bytes: self.int("max_body_bytes", 1, 1 << 30)? as usize,
             max_response_bytes: self.int("max_response_bytes", 1, 1 << 32)? as usize,
+            max_connections: self.int("max_connections", 1, 1_000_000)? as usize,
             result_retention: self.int("result_retention", 1, 10_000_000)? as usize,
             result_retention_bytes: self.int("result_retention_bytes", 1, 1 << 40)? as usize,
             results_file: self.optional("results_file").map(PathBuf::from),
@@ -663,6 +667,15 @@ mod tests {
         assert_eq!(s.http_allow_nets.map(|a| a.len()), Some(2));
         let e = load(&env(&[("WORKER_HTTP_DENY_NETS", "10.0.0.0/40")])).unwrap_err();
         assert!(e.to_string().contains("WORKER_HTTP_DENY_NETS"), "{e}");
+    }
+
+    #[test]
+    fn max_connections_defaults_to_1024_and_is_validated() {
+        assert_eq!(Settings::defaults().max_connections, 1024);
+        let s = load(&env(&[("WORKER_MAX_CONNECTIONS", "64")])).unwrap();
+        assert_eq!(s.max_connections, 64);
+        let e = load(&env(&[("WORKER_MAX_CONNECTIONS", "0")])).unwrap_err();
+        assert!(e.to_string().contains("WORKER_MAX_CONNECTIONS"), "{e}");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use super::validate::intake_rules;
 use super::{EXIT_OK, EXIT_USAGE};
 use crate::config::Settings;
 use crate::engine::{Engine, ResultSink};
-use crate::server::{Auth, Health, HttpPort, Ingress, MetricsEndpoint};
+use crate::server::{Auth, Health, HttpPort, Ingress, MetricsEndpoint, PROBE_RESERVE, PortLimits};
 use crate::sinks::JsonLinesFile;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -126,6 +126,16 @@ pub fn serve(settings: Settings) -> i32 {
     EXIT_OK
 }
 
+/// Health and metrics take no bodies worth reading; they keep a reserve of
+/// connections so probes answer while idle connections fill the port.
+fn probe_limits(settings: &Settings) -> PortLimits {
+    PortLimits {
+        max_connections: settings.max_connections,
+        reserve: PROBE_RESERVE,
+        max_body: 64 * 1024,
+    }
+}
+
 fn start_ports(
     settings: &Settings,
     engine: &Engine,
@@ -149,12 +159,18 @@ fn start_ports(
         "WORKER_INGRESS_ADDR",
         settings.ingress_addr,
         INGRESS_THREADS,
+        PortLimits {
+            max_connections: settings.max_connections,
+            reserve: 0,
+            max_body: settings.max_body_bytes,
+        },
         Arc::new(ingress),
     )?)];
     ports.push(deny_own(HttpPort::start(
         "WORKER_HEALTH_ADDR",
         settings.health_addr,
         HEALTH_THREADS,
+        probe_limits(settings),
         Arc::new(Health::new(engine.clone(), ready.clone())),
     )?));
     if let Some(m) = metrics {
@@ -162,6 +178,7 @@ fn start_ports(
             "WORKER_METRICS_ADDR",
             settings.metrics_addr,
             METRICS_THREADS,
+            probe_limits(settings),
             Arc::new(MetricsEndpoint::new(engine.clone(), m)),
         )?));
     }

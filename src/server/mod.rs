@@ -1,6 +1,9 @@
 //! The HTTP ports (SPEC §8), served by tiny_http on threads separate from the
 //! pools, so health, rejections and lookups keep answering while every pool
-//! thread is busy.
+//! thread is busy. Each port has one poller thread that owns its connections
+//! (reads heads and bodies, writes answers, keeps the deadlines and the
+//! connection cap) and a fixed set of handler threads that never touch a
+//! socket, so no client can hold a handler or grow the thread count.
 
 pub mod auth;
 mod health;
@@ -20,14 +23,44 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use tiny_http::{Header, Request, Response, Server};
+use tiny_http::{Header, PollConfig, Request, Response, Server};
 
 /// A response as our handlers build it.
 pub type Reply = Response<Cursor<Vec<u8>>>;
 
-/// How long a client may stall (sending its request or reading our answer)
-/// before its connection is dropped.
+/// How long a client may take to send a whole request head (from its
+/// connection, or the end of its previous answer), and how long a body or an
+/// answer may take before [`MIN_TRANSFER_RATE`] applies.
 pub const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Minimum average rate, in bytes per second, of a request body or an answer
+/// after [`CLIENT_IO_TIMEOUT`]: slower clients are disconnected.
+pub const MIN_TRANSFER_RATE: u64 = 16 * 1024;
+
+/// Connections the health and metrics ports accept past their cap when every
+/// open connection is busy (idle ones are closed first to make room), so
+/// probes still answer while connections fill the port.
+pub const PROBE_RESERVE: usize = 16;
+
+/// Unsent answer bytes a port may hold per allowed connection (on average):
+/// answers waiting for slow readers are bounded by this × the connection
+/// cap; past it, the connection with the most unsent bytes is closed.
+pub const PENDING_ANSWER_BYTES_PER_CONNECTION: usize = 256 * 1024;
+
+/// Connection limits of one port.
+#[derive(Debug, Clone, Copy)]
+pub struct PortLimits {
+    /// Open connections (`WORKER_MAX_CONNECTIONS`). A new connection on a
+    /// full port replaces the one that has waited longest for a request
+    /// head; when none is waiting, it is closed at once.
+    pub max_connections: usize,
+    /// Extra connections for when every open one is busy ([`PROBE_RESERVE`]
+    /// on the health and metrics ports, 0 on the ingress).
+    pub reserve: usize,
+    /// Largest request body read for a handler; larger bodies are refused by
+    /// the handler without being read, and the connection closes.
+    pub max_body: usize,
+}
 
 /// Why a port could not be opened.
 #[derive(Debug)]
@@ -67,11 +100,12 @@ pub struct HttpPort {
 }
 
 impl HttpPort {
-    /// Binds `addr` and starts `threads` handler threads.
+    /// Binds `addr` and starts its poller thread and `threads` handler threads.
     pub fn start(
         setting: &'static str,
         addr: SocketAddr,
         threads: usize,
+        limits: PortLimits,
         handler: Arc<dyn Handler>,
     ) -> Result<HttpPort, BindError> {
         let err = |error| BindError {
@@ -81,8 +115,19 @@ impl HttpPort {
         };
         let listener = listen(addr).map_err(err)?;
         let bound = listener.local_addr().map_err(err)?;
-        let server = Server::from_listener(listener, None)
-            .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+        let config = PollConfig {
+            thread_name: format!("caf-http-poll-{}", bound.port()),
+            max_connections: limits.max_connections,
+            reserve: limits.reserve,
+            max_body: limits.max_body,
+            head_timeout: CLIENT_IO_TIMEOUT,
+            transfer_grace: CLIENT_IO_TIMEOUT,
+            min_rate: MIN_TRANSFER_RATE,
+            max_pending_bytes: limits
+                .max_connections
+                .saturating_mul(PENDING_ANSWER_BYTES_PER_CONNECTION),
+        };
+        let server = Server::from_listener_polled(listener, config).map_err(err)?;
         let server = Arc::new(server);
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::with_capacity(threads);
@@ -119,20 +164,12 @@ impl HttpPort {
     }
 }
 
-/// Binds with SO_REUSEADDR and read/write timeouts that accepted sockets
-/// inherit on Linux: a client that stalls mid-request or stops reading its
-/// response is dropped after [`CLIENT_IO_TIMEOUT`], and an idle keep-alive
-/// connection gives its tiny_http thread back after that long.
-///
-/// On Linux the read timeout also bounds `accept()` on the listener; our
-/// vendored tiny_http (vendor/tiny_http, see VENDORED.md) keeps accepting
-/// after such a timeout, where upstream stopped for good.
+/// Binds with SO_REUSEADDR. Client deadlines are kept by the port's poller
+/// (vendored tiny_http, `Server::from_listener_polled`), not socket timeouts.
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
-    socket.set_read_timeout(Some(CLIENT_IO_TIMEOUT))?;
-    socket.set_write_timeout(Some(CLIENT_IO_TIMEOUT))?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
@@ -153,21 +190,6 @@ fn serve_loop(server: &Server, stop: &AtomicBool, handler: &Arc<dyn Handler>) {
                     ),
                 ),
             ),
-            Ok(Some(request)) if body_on_socket(&request) => {
-                // The body is read from the socket while the handler runs, and
-                // tiny_http drains what is left when the request is dropped: a
-                // client stalling mid-body must not pin one of the port's few
-                // threads. tiny_http serves one request per connection at a
-                // time, so these threads are bounded by the open connections.
-                let handler = handler.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("caf-http-body".into())
-                    .spawn(move || dispatch(handler.as_ref(), request));
-                if let Err(e) = spawned {
-                    // The request was dropped with the closure: tiny_http answered 500.
-                    log::error!(error = e.to_string(); "cannot spawn a request body thread");
-                }
-            }
             Ok(Some(request)) => dispatch(handler.as_ref(), request),
             Ok(None) => {}
             Err(e) => {
@@ -190,17 +212,6 @@ fn wants_upgrade(request: &Request) -> bool {
     request.headers().iter().any(|h| {
         h.field.equiv("Connection") && h.value.as_str().to_ascii_lowercase().contains("upgrade")
     })
-}
-
-/// True when tiny_http has not buffered the body: chunked, over 1 KiB, or
-/// sent only after `100 Continue`. Smaller bodies are read before the
-/// request is handed over, on tiny_http's own per-connection thread.
-fn body_on_socket(request: &Request) -> bool {
-    let has = |name: &'static str| request.headers().iter().any(|h| h.field.equiv(name));
-    has("Transfer-Encoding")
-        || request
-            .body_length()
-            .is_some_and(|n| n > 1024 || (n > 0 && has("Expect")))
 }
 
 /// A JSON response with `status`.

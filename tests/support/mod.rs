@@ -1008,6 +1008,10 @@ pub mod serve {
             }
             if let Some(end) = head_end {
                 let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                // An interim answer (`100 Continue`) has no body.
+                if head.starts_with("http/1.1 1") {
+                    break;
+                }
                 let len = head
                     .lines()
                     .find_map(|l| l.strip_prefix("content-length:"))

@@ -313,6 +313,11 @@ fn parse_http_version(version: &str) -> Result<HTTPVersion, ReadError> {
 
 /// Parses the request line of the request.
 /// eg. GET / HTTP/1.1
+/// caf-worker patch: the request-line parser, for the polled mode.
+pub(crate) fn parse_request_line_for_poll(line: &str) -> Option<(Method, String, HTTPVersion)> {
+    parse_request_line(line).ok()
+}
+
 fn parse_request_line(line: &str) -> Result<(Method, String, HTTPVersion), ReadError> {
     let mut parts = line.split(' ');
 

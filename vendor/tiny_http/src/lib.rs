@@ -119,6 +119,9 @@ pub use test::TestRequest;
 
 mod client;
 mod common;
+// caf-worker patch: the polled server mode.
+mod poll;
+pub use poll::PollConfig;
 mod connection;
 mod request;
 mod response;
@@ -141,6 +144,11 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // caf-worker patch: wakes the poller of a polled server (to see `close`),
+    // and its thread, joined on drop (its final flush is bounded).
+    poll_waker: Option<Arc<mio::Waker>>,
+    poll_thread: Option<thread::JoinHandle<()>>,
 }
 
 enum Message {
@@ -375,6 +383,30 @@ impl Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            poll_waker: None,
+            poll_thread: None,
+        })
+    }
+
+    /// caf-worker patch: a server whose connections are all served by one
+    /// poller thread (see `PollConfig` and the `poll` module): idle,
+    /// trickling and non-reading clients cost no thread, a connection holds
+    /// at most one request at a time, and request bodies are read (up to
+    /// `max_body`) before `recv` returns the request. Plain HTTP only.
+    pub fn from_listener_polled(
+        listener: std::net::TcpListener,
+        config: PollConfig,
+    ) -> IoResult<Server> {
+        let listening_addr = ListenAddr::IP(listener.local_addr()?);
+        let close = Arc::new(AtomicBool::new(false));
+        let messages = MessagesQueue::with_capacity(8);
+        let (waker, thread) = poll::spawn(listener, config, messages.clone(), close.clone())?;
+        Ok(Server {
+            close,
+            messages,
+            listening_addr,
+            poll_waker: Some(waker),
+            poll_thread: Some(thread),
         })
     }
 
@@ -443,6 +475,13 @@ impl Iterator for IncomingRequests<'_> {
 impl Drop for Server {
     fn drop(&mut self) {
         self.close.store(true, Relaxed);
+        if let Some(waker) = &self.poll_waker {
+            let _ = waker.wake();
+            if let Some(thread) = self.poll_thread.take() {
+                let _ = thread.join();
+            }
+            return;
+        }
         // Connect briefly to ourselves to unblock the accept thread
         let maybe_stream = match &self.listening_addr {
             ListenAddr::IP(addr) => TcpStream::connect(addr).map(Connection::from),

@@ -292,6 +292,35 @@ where
     })
 }
 
+/// caf-worker patch: a request whose head and body the poller has already
+/// read (see the `poll` module): the body is in memory and `writer` only
+/// collects the answer, so handling it never waits on the client.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn new_buffered_request(
+    method: Method,
+    path: String,
+    version: HTTPVersion,
+    headers: Vec<Header>,
+    remote_addr: Option<SocketAddr>,
+    body: Vec<u8>,
+    body_length: Option<usize>,
+    writer: Box<dyn Write + Send + 'static>,
+) -> Request {
+    Request {
+        data_reader: Some(Box::new(Cursor::new(body))),
+        response_writer: Some(writer),
+        remote_addr,
+        secure: false,
+        method,
+        path,
+        http_version: version,
+        headers,
+        body_length,
+        must_send_continue: false,
+        notify_when_responded: None,
+    }
+}
+
 impl Request {
     /// Returns true if the request was made through HTTPS.
     #[inline]

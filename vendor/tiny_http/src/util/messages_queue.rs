@@ -57,6 +57,18 @@ where
     }
 
     /// Tries to pop an element without blocking.
+    /// caf-worker patch: removes every element (and unblock marker) queued.
+    pub fn take_all(&self) -> Vec<T> {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue
+            .drain(..)
+            .filter_map(|c| match c {
+                Control::Elem(value) => Some(value),
+                Control::Unblock => None,
+            })
+            .collect()
+    }
+
     pub fn try_pop(&self) -> Option<T> {
         let mut queue = self.queue.lock().unwrap();
         match queue.pop_front() {
