@@ -57,6 +57,7 @@ keys! {
     "max_body_bytes", "WORKER_MAX_BODY_BYTES", Some("1048576"), "largest assignment accepted";
     "max_response_bytes", "WORKER_MAX_RESPONSE_BYTES", Some("10485760"), "largest HTTP response body a step reads";
     "result_retention", "WORKER_RESULT_RETENTION", Some("10000"), "finished results kept for lookup and de-duplication";
+    "max_pending_approvals", "WORKER_MAX_PENDING_APPROVALS", Some("10000"), "human.approval steps parked at once (more: queue_full)";
     "results_file", "WORKER_RESULTS_FILE", None, "append every result here as a JSON line";
     "shutdown_grace_ms", "WORKER_SHUTDOWN_GRACE_MS", Some("30000"), "drain time on SIGTERM/SIGINT";
     "strict_ids", "WORKER_STRICT_IDS", Some("true"), "enforce the router's ID formats";
@@ -146,6 +147,8 @@ pub struct Settings {
     pub max_response_bytes: usize,
     /// Finished results kept.
     pub result_retention: usize,
+    /// `human.approval` steps that may wait for a decision at once.
+    pub max_pending_approvals: usize,
     /// JSON Lines results file.
     pub results_file: Option<PathBuf>,
     /// Drain time on shutdown.
@@ -464,6 +467,7 @@ impl Reader {
             max_body_bytes: self.int("max_body_bytes", 1, 1 << 30)? as usize,
             max_response_bytes: self.int("max_response_bytes", 1, 1 << 32)? as usize,
             result_retention: self.int("result_retention", 1, 10_000_000)? as usize,
+            max_pending_approvals: self.int("max_pending_approvals", 1, 1_000_000)? as usize,
             results_file: self.optional("results_file").map(PathBuf::from),
             shutdown_grace: self
                 .int("shutdown_grace_ms", 0, HOUR_MS)

@@ -3,7 +3,7 @@
 use super::{
     Handler, Reply, error_body, header, json, json_text, method_not_allowed, not_found, respond,
 };
-use crate::contract::{Ack, IntakeRules, RejectReason, Rejection, parse_assignment};
+use crate::contract::{Ack, IntakeRules, JobType, RejectReason, Rejection, parse_assignment};
 use crate::engine::{Admission, Backpressure, CancelOutcome, Engine, Lookup};
 use serde_json::json;
 use std::io::Read;
@@ -54,6 +54,8 @@ impl Ingress {
             ["", "api", "v1", "execute"] => Some("POST"),
             ["", "api", "v1", "results", id] if !id.is_empty() => Some("GET, HEAD"),
             ["", "api", "v1", "assignments", id, "cancel"] if !id.is_empty() => Some("POST"),
+            ["", "api", "v1", "approvals"] => Some("GET, HEAD"),
+            ["", "api", "v1", "approvals", id] if !id.is_empty() => Some("POST"),
             _ => None,
         };
         let Some(allow) = known else {
@@ -77,6 +79,8 @@ impl Ingress {
                 self.result(&percent_decode(id), wait_ms(query).unwrap_or(0))
             }
             ["", "api", "v1", "assignments", id, "cancel"] => self.cancel(&percent_decode(id)),
+            ["", "api", "v1", "approvals"] => super::approvals::list(&self.engine, query),
+            ["", "api", "v1", "approvals", id] => self.decide(request, &percent_decode(id)),
             _ => not_found(path),
         }
     }
@@ -96,6 +100,23 @@ impl Ingress {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map_or("", |(_, token)| token.trim());
         constant_time_eq(given.as_bytes(), token.as_bytes())
+    }
+
+    fn decide(&self, request: &mut Request, id: &str) -> Reply {
+        match read_body(request, self.rules.max_body_bytes) {
+            Ok(body) => super::approvals::decide(&self.engine, id, &body),
+            Err(BodyError::TooLarge(n)) => json(
+                413,
+                &error_body(
+                    "payload_too_large",
+                    &format!("the body is {n} bytes, more than WORKER_MAX_BODY_BYTES"),
+                ),
+            ),
+            Err(BodyError::Io(e)) => json(
+                408,
+                &error_body("request_timeout", &format!("could not read the body: {e}")),
+            ),
+        }
     }
 
     fn submit(&self, request: &mut Request, wait: Option<u64>) -> Reply {
@@ -136,6 +157,10 @@ impl Ingress {
             Admission::Duplicate(a) => (a.assignment_id.clone(), 200, Ack::duplicate(&a, worker)),
             Admission::Rejected(a, reason) => {
                 let msg = match reason {
+                    RejectReason::QueueFull if a.job_type == JobType::HumanApproval => {
+                        "WORKER_MAX_PENDING_APPROVALS approvals are already waiting; retry later"
+                            .to_owned()
+                    }
                     RejectReason::QueueFull => format!(
                         "the {} pool's queue is full (WORKER_MAX_QUEUE_SIZE); retry later",
                         a.pool.as_str()
@@ -245,6 +270,15 @@ fn wait_ms(query: &str) -> Option<u64> {
         .find(|(k, _)| *k == "wait_ms")
         .and_then(|(_, v)| v.parse::<u64>().ok())
         .map(|v| v.min(MAX_WAIT_MS))
+}
+
+/// The percent-decoded value of `key` in a query string.
+pub(super) fn query_param(query: &str, key: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| percent_decode(v))
 }
 
 fn percent_decode(s: &str) -> String {

@@ -2,6 +2,7 @@
 //! pools, so health, rejections and lookups keep answering while every pool
 //! thread is busy.
 
+mod approvals;
 mod health;
 mod ingress;
 mod metrics;
