@@ -266,7 +266,10 @@ fn two_thousand_parked_approvals_hold_no_thread_and_the_cap_is_queue_full() {
     let agent = support::client();
     let url = w.url("/api/v1/assignments");
     for i in 0..=N {
-        let body = approval(&format!("many-{i:04}"), "acme", &["ann"], None).to_string();
+        // A long deadline: however slow the submissions, none times out meanwhile.
+        let mut a = approval(&format!("many-{i:04}"), "acme", &["ann"], None);
+        a["options"] = json!({"deadline_ms": 3_600_000});
+        let body = a.to_string();
         let resp = agent
             .post(&url)
             .header("content-type", "application/json")
@@ -303,11 +306,14 @@ fn two_thousand_parked_approvals_hold_no_thread_and_the_cap_is_queue_full() {
     let echo = on_pool(assignment("echo", "debug.echo", json!({})), "cpu");
     let r = serve::execute(&w, &echo, 5000);
     assert_eq!(r.json["status"], "success", "{}", r.text);
-    assert_eq!(
-        listed_ids(&list(&w, "acme")).len(),
-        1000,
-        "a listing is capped"
+    assert_eq!(listed_ids(&list(&w, "acme")).len(), 100, "100 by default");
+    let most = serve::request(
+        "GET",
+        &w.url("/api/v1/approvals?tenant_id=acme&limit=5000"),
+        &[],
+        None,
     );
+    assert_eq!(listed_ids(&most).len(), 1000, "a listing is capped at 1000");
 }
 
 #[test]

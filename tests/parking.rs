@@ -18,7 +18,7 @@ fn fail_once(id: &str, backoff_ms: u64) -> Value {
         json!({"error_code": "NETWORK_ERROR", "fail_attempts": 1}),
     );
     a["options"] = json!({
-        "deadline_ms": 120_000,
+        "deadline_ms": 600_000,
         "retry": {"max_attempts": 2, "backoff_ms": backoff_ms, "max_backoff_ms": backoff_ms},
     });
     a

@@ -7,12 +7,15 @@ use crate::blocks::approval::MAX_NAME_BYTES;
 use crate::engine::{DecideError, Decision, Engine, Verdict};
 use serde_json::{Value, json};
 
-/// Most approvals one listing returns (the default `limit`).
+/// Most approvals one listing returns.
 pub const MAX_LISTED: usize = 1000;
+/// Approvals a listing returns without `limit`.
+pub const DEFAULT_LISTED: usize = 100;
 /// Longest decision comment, in bytes.
 pub const MAX_COMMENT_BYTES: usize = 4096;
 
-/// `GET /api/v1/approvals?tenant_id=…[&limit=N]`.
+/// `GET /api/v1/approvals?tenant_id=…[&limit=N]` (oldest first; `limit`
+/// 1..=1000, default 100).
 pub(super) fn list(engine: &Engine, query: &str) -> Reply {
     let Some(tenant) = super::ingress::query_param(query, "tenant_id").filter(|t| !t.is_empty())
     else {
@@ -26,7 +29,7 @@ pub(super) fn list(engine: &Engine, query: &str) -> Reply {
     };
     let limit = super::ingress::query_param(query, "limit")
         .and_then(|v| v.parse::<usize>().ok())
-        .map_or(MAX_LISTED, |n| n.clamp(1, MAX_LISTED));
+        .map_or(DEFAULT_LISTED, |n| n.clamp(1, MAX_LISTED));
     let pending = engine.pending_approvals(&tenant, limit);
     json(200, &json!({"approvals": pending, "count": pending.len()}))
 }

@@ -7,6 +7,7 @@ mod health;
 mod ingress;
 mod metrics;
 
+pub use approvals::parse_decision;
 pub use health::{Health, HealthCheck};
 pub use ingress::Ingress;
 pub use metrics::MetricsEndpoint;
