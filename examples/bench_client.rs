@@ -119,7 +119,8 @@ fn body(kind: &str, class: Option<&str>, id: &str) -> String {
         }
         _ if kind == "invalid" => r#"{"type":"no.such.block"}"#.to_owned(),
         _ if kind == "approval" => {
-            r#"{"type":"human.approval","payload":{"title":"Approve?","approvers":["ann"],"data":{"n":1}}}"#.to_owned()
+            r#"{"type":"human.approval","payload":{"title":"Approve?","approvers":["ann"]}}"#
+                .to_owned()
         }
         _ => format!(r#"{{"type":"debug.echo","payload":{{"n":1}}{resources}}}"#),
     };

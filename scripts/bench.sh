@@ -317,19 +317,25 @@ fi
 # --- 4. memory under backlog ----------------------------------------------------
 log "4/6 memory: CP2 queues full at 1000 per pool, then CP1 with $CP1_BACKLOG queued"
 warm_up() { "$CLIENT" submit "$INGRESS" 2000 16 invalid - warm 60 >/dev/null || true; }
+# fill COUNT CONNS KIND CLASSES PREFIX SECS: warms the ingress up, then submits
+# with bench_client; sets FILL_N (accepted), FILL_LINE and the RSS around it.
+fill() {
+    warm_up
+    sleep 0.3
+    FILL_BEFORE="$(rss_kb "$SERVE_PID")"
+    FILL_LINE="$("$CLIENT" submit "$INGRESS" "$@")"
+    sleep 0.3
+    FILL_AFTER="$(rss_kb "$SERVE_PID")"
+    FILL_N="$(kv accepted "$FILL_LINE")"
+    ((FILL_N > 0)) || die "nothing accepted: $FILL_LINE"
+}
 start_serve CP2_QUEUE_MANAGEMENT_ENABLED=1 WORKER_MAX_QUEUE_SIZE=1000 \
     WORKER_CPU_POOL_SIZE=1 WORKER_IO_POOL_SIZE=1 WORKER_GPU_POOL_SIZE=1
 for c in cpu io gpu; do
     [[ "$(post "$INGRESS" "$(blocker "block-$c" "$c")")" == 202 ]] || die "blocker $c not accepted"
 done
-warm_up
-sleep 0.3
-before="$(rss_kb "$SERVE_PID")"
-line="$("$CLIENT" submit "$INGRESS" 3000 3 echo cpu,io,gpu cp2q 120)"
-sleep 0.3
-after="$(rss_kb "$SERVE_PID")"
-queued="$(kv accepted "$line")"
-((queued > 0)) || die "nothing queued: $line"
+fill 3000 3 echo cpu,io,gpu cp2q 120
+before="$FILL_BEFORE"; after="$FILL_AFTER"; queued="$FILL_N"
 [[ "$(post "$INGRESS" "$(blocker overflow cpu)")" == 429 ]] || die "CP2 cpu queue not full after the fill"
 rec CP2_QUEUED "$queued"
 rec CP2_RSS_BEFORE_KB "$before"
@@ -339,14 +345,8 @@ stop_pid "$SERVE_PID"
 
 start_serve WORKER_CPU_POOL_SIZE=1
 [[ "$(post "$INGRESS" "$(blocker block-cp1 cpu)")" == 202 ]] || die "CP1 blocker not accepted"
-warm_up
-sleep 0.3
-before="$(rss_kb "$SERVE_PID")"
-line="$("$CLIENT" submit "$INGRESS" "$CP1_BACKLOG" 4 echo cpu cp1q 240)"
-sleep 0.3
-after="$(rss_kb "$SERVE_PID")"
-queued="$(kv accepted "$line")"
-((queued > 0)) || die "nothing queued: $line"
+fill "$CP1_BACKLOG" 4 echo cpu cp1q 240
+before="$FILL_BEFORE"; after="$FILL_AFTER"; queued="$FILL_N"; line="$FILL_LINE"
 rec CP1_QUEUED "$queued"
 rec CP1_RSS_BEFORE_KB "$before"
 rec CP1_RSS_AFTER_KB "$after"
@@ -438,14 +438,8 @@ PY
 )"
 
 start_serve
-warm_up
-sleep 0.3
-before="$(rss_kb "$SERVE_PID")"
-line="$("$CLIENT" submit "$INGRESS" "$APPROVALS" 4 approval - appr 120)"
-sleep 0.3
-after="$(rss_kb "$SERVE_PID")"
-parked="$(kv accepted "$line")"
-((parked > 0)) || die "no approval parked: $line"
+fill "$APPROVALS" 4 approval - appr 120
+before="$FILL_BEFORE"; after="$FILL_AFTER"; parked="$FILL_N"
 rec APPROVALS_PARKED "$parked"
 rec APPROVALS_RSS_BEFORE_KB "$before"
 rec APPROVALS_RSS_AFTER_KB "$after"
@@ -605,7 +599,9 @@ md.append(f"- Parking: `caf-worker run` with CP2 retry and timeouts on, 4 cpu th
           f"Backoffs: 400 fail-once steps with a 1 s backoff, then 20,000 echoes, in one `run`; the figure is "
           f"the last echo's finish minus the earliest first attempt of a failing step (every failing step "
           f"succeeded on attempt 2 after ≥ 1 s). Approvals: `serve`, {n(f('APPROVALS_PARKED'))} "
-          f"`human.approval` steps parked over 4 keep-alive connections (ingress warmed up first): "
+          f"`human.approval` steps (payload: a title and one approver) parked over 4 keep-alive connections "
+          f"(ingress warmed up first; each JSON object in a payload's `data` adds about 0.6 KiB, a "
+          f"serde_json map node): "
           f"{n(f('APPROVALS_RSS_BEFORE_KB'))} → {n(f('APPROVALS_RSS_AFTER_KB'))} KiB, "
           f"{res['APPROVALS_THREADS']} threads in the process afterwards.")
 md.append(f"- Start-up: `bench_client startup` spawns `caf-worker serve` and polls GET `/readyz` every "

@@ -76,10 +76,10 @@ impl ApprovalOutcome {
     }
 }
 
-/// What a parked approval keeps besides its assignment.
+/// What a parked approval keeps besides its assignment (its approvers are
+/// read from the payload when needed, not copied).
 #[derive(Debug)]
 pub(crate) struct ApprovalMeta {
-    pub approvers: Vec<String>,
     pub requested_at_ms: u64,
     pub expires_at_ms: u64,
     pub expires_at: Instant,
@@ -116,11 +116,26 @@ impl PendingApproval {
             title: text("title").unwrap_or_default(),
             description: text("description"),
             data: p.get("data").cloned().unwrap_or(Value::Null),
-            approvers: meta.approvers.clone(),
+            approvers: approvers(p).map(str::to_owned).collect(),
             requested_at: meta.requested_at_ms,
             expires_at: meta.expires_at_ms,
         }
     }
+}
+
+/// The approver names of a (validated) approval payload.
+fn approvers(p: &serde_json::Map<String, Value>) -> impl Iterator<Item = &str> {
+    p.get("approvers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+}
+
+/// Whether `by` may decide `h`: any name when the list is empty.
+fn may_decide(h: &StepHandle, by: &str) -> bool {
+    let p = &h.assignment.payload;
+    approvers(p).next().is_none() || approvers(p).any(|n| n == by)
 }
 
 impl Engine {
@@ -141,20 +156,20 @@ impl Engine {
         decision: &Decision,
     ) -> Result<Arc<ExecResult>, DecideError> {
         let shared = &self.shared;
-        let claimed = shared.parking.claim_approval(id, |h| {
-            let allowed = h
-                .approval
-                .as_deref()
-                .is_some_and(|m| m.approvers.is_empty() || m.approvers.contains(&decision.by));
-            if allowed {
+        let Some(h) = shared.tracker.pending(id).filter(|h| h.approval.is_some()) else {
+            return Err(shared.not_pending(id));
+        };
+        let check = || {
+            if may_decide(&h, &decision.by) {
                 Ok(())
             } else {
                 Err(DecideError::NotApprover)
             }
-        })?;
-        let Some(h) = claimed else {
-            return Err(shared.not_pending(id));
         };
+        if !shared.parking.claim_approval(&h, check)? {
+            // Claimed meanwhile by another decision, its timeout or a cancel.
+            return Err(DecideError::AlreadyDecided);
+        }
         let outcome = match decision.verdict {
             Verdict::Approve => ApprovalOutcome::Approved,
             Verdict::Reject => ApprovalOutcome::Rejected,

@@ -2,7 +2,10 @@
 //! channels, the retry/timeout loop, and the assignment table.
 //!
 //! Data flows one way: [`Engine::submit`] → channel → pool thread → block →
-//! [`ExecResult`] → result sinks. The engine reports what happened to an
+//! [`ExecResult`] → result sinks. Between attempts a retry parks in the
+//! timer map (`parking.rs`) instead of sleeping on its thread, and comes back
+//! on its pool's retry channel; a `human.approval` parks there until it is
+//! decided (`approvals.rs`). The engine reports what happened to an
 //! [`Observer`]; it never touches metrics or transports itself.
 //!
 //! Shutdown follows crossbeam's disconnection rule: dropping the senders lets
@@ -183,8 +186,8 @@ struct Pool {
     receiver: Receiver<Arc<StepHandle>>,
     /// Due retries, taken before the main queue and never full: a retry
     /// already holds its place and is never turned away for `queue_full`.
-    retry_tx: Sender<(Arc<StepHandle>, BlockError)>,
-    retry_rx: Receiver<(Arc<StepHandle>, BlockError)>,
+    retry_tx: Sender<(Arc<StepHandle>, Box<BlockError>)>,
+    retry_rx: Receiver<(Arc<StepHandle>, Box<BlockError>)>,
     /// Retries parked or in `retry_rx`; the pool's threads outlive a drain
     /// until it is 0.
     waiting: AtomicUsize,
@@ -450,7 +453,6 @@ impl Engine {
             .min(deadline);
         let requested_at_ms = crate::time::now_ms();
         let meta = approvals::ApprovalMeta {
-            approvers: request.approvers.clone(),
             requested_at_ms,
             expires_at_ms: requested_at_ms
                 + expires_at
@@ -520,7 +522,7 @@ impl Engine {
         h.cancel.cancel(CancelReason::User);
         if h.approval.is_some() {
             // Whoever takes it out of the pending table answers it.
-            if self.shared.parking.withdraw_approval(&h) {
+            if self.shared.parking.withdraw(&h) {
                 self.shared.finish_cancelled(&h);
             }
             return CancelOutcome::Requested;
@@ -584,7 +586,7 @@ impl Engine {
         let mut out = Vec::new();
         for h in shared.tracker.all_pending() {
             if h.approval.is_some() {
-                if !shared.parking.withdraw_approval(&h) {
+                if !shared.parking.withdraw(&h) {
                     continue;
                 }
             } else {
@@ -605,8 +607,9 @@ impl Engine {
         out
     }
 
-    /// Drains for up to `grace`, then ends every step still pending as
-    /// `cancelled` (retryable), so each accepted assignment has one result.
+    /// Drains for up to `grace` (queued steps run, and so do parked retries
+    /// that come due), then ends every step still pending as `cancelled`
+    /// (retryable), so each accepted assignment has one result.
     pub fn shutdown(&self, grace: Duration) -> ShutdownReport {
         self.begin_shutdown();
         let deadline = Instant::now() + grace;
@@ -714,7 +717,7 @@ impl Shared {
 
     /// Removes a parked retry of `h` from the timer map, if there is one.
     fn withdraw_retry(&self, h: &StepHandle) {
-        if self.parking.withdraw_retry(h) {
+        if h.approval.is_none() && self.parking.withdraw(h) {
             self.pools[h.assignment.pool.index()]
                 .waiting
                 .fetch_sub(1, Ordering::AcqRel);
@@ -723,7 +726,7 @@ impl Shared {
 
     /// A parked retry's time came: at its deadline (CP2 timeouts) it ends
     /// `timeout` now; otherwise it goes back to its pool, ahead of the queue.
-    fn retry_due(&self, h: Arc<StepHandle>, last: BlockError) {
+    fn retry_due(&self, h: Arc<StepHandle>, last: Box<BlockError>) {
         let pool = &self.pools[h.assignment.pool.index()];
         if h.cancel.is_cancelled() {
             pool.waiting.fetch_sub(1, Ordering::AcqRel);
@@ -736,7 +739,7 @@ impl Shared {
             // the token first gives its own answer.
             if h.cancel.cancel(CancelReason::Deadline) {
                 let attempts = h.attempts.load(Ordering::Acquire);
-                let outcome = step::deadline_failure(self, &h, last, attempts);
+                let outcome = step::deadline_failure(self, &h, *last, attempts);
                 self.finish(&h, outcome, stats_so_far(&h));
             } else {
                 self.finish_cancelled(&h);
@@ -845,14 +848,14 @@ const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// Work for a pool thread: a fresh step, or a retry back from the timer.
 enum Work {
     Fresh(Arc<StepHandle>),
-    Retry(Arc<StepHandle>, BlockError),
+    Retry(Arc<StepHandle>, Box<BlockError>),
 }
 
 /// The next work of `pool`: due retries first (they already hold their
 /// place), then the main queue. `None` once the pool is drained: the main
 /// queue is closed and empty and no retry of this pool waits.
 fn next_work(pool: &Pool, main_open: &mut bool) -> Option<Work> {
-    let retry = |(h, e): (Arc<StepHandle>, BlockError)| {
+    let retry = |(h, e): (Arc<StepHandle>, Box<BlockError>)| {
         pool.waiting.fetch_sub(1, Ordering::AcqRel);
         Work::Retry(h, e)
     };
@@ -891,7 +894,7 @@ fn worker_loop(shared: &Shared, kind: PoolKind, exit: Sender<()>) {
                 shared.observer.dequeued(kind, h.accepted_at.elapsed());
                 (h, None)
             }
-            Work::Retry(h, last) => (h, Some(last)),
+            Work::Retry(h, last) => (h, Some(*last)),
         };
         pool.active.fetch_add(1, Ordering::AcqRel);
         let _ctx = logging::enter(logging::LogContext::of(&handle.assignment));

@@ -6,18 +6,20 @@
 //!
 //! Claims: an entry belongs to whoever removes it from this structure under
 //! its lock (the timer thread when due, a cancel, shutdown, a decision), so a
-//! parked step is answered or re-queued exactly once.
+//! parked step is answered or re-queued exactly once. A step's key lives in
+//! its handle (`park_key`), so a claim by id needs no second index: the
+//! assignment table finds the handle, the key finds the entry.
 
 use super::StepHandle;
 use crate::blocks::BlockError;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// Due time plus a sequence number: unique, ordered by due time first.
 pub(super) type TimerKey = (Instant, u64);
 
-/// What waits in the timer map.
+/// What waits in the timer map (kept small: it is the cost of a parked step).
 pub(super) enum Parked {
     /// A retry waiting out its delay; `last` is the error that caused it
     /// (named in a deadline result).
@@ -25,16 +27,10 @@ pub(super) enum Parked {
         /// The step.
         handle: Arc<StepHandle>,
         /// The failed attempt's error.
-        last: BlockError,
+        last: Box<BlockError>,
     },
     /// A `human.approval` whose timeout is this entry's due time.
     Approval(Arc<StepHandle>),
-}
-
-/// A pending approval: the step and its timer entry.
-struct PendingApproval {
-    handle: Arc<StepHandle>,
-    key: TimerKey,
 }
 
 /// Why an approval could not park.
@@ -43,12 +39,13 @@ pub(super) struct ApprovalsFull;
 
 struct State {
     timers: BTreeMap<TimerKey, Parked>,
-    approvals: HashMap<String, PendingApproval>,
+    /// `Approval` entries in `timers`.
+    approvals: usize,
     seq: u64,
     stopped: bool,
 }
 
-/// The timer map and the pending-approval table, under one lock.
+/// The timer map, under one lock.
 pub(super) struct Parking {
     state: Mutex<State>,
     wake: Condvar,
@@ -59,7 +56,7 @@ impl Parking {
         Parking {
             state: Mutex::new(State {
                 timers: BTreeMap::new(),
-                approvals: HashMap::new(),
+                approvals: 0,
                 seq: 0,
                 stopped: false,
             }),
@@ -69,18 +66,16 @@ impl Parking {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every method does whole map operations under the lock; a panic
-        // cannot leave the maps half-updated, so poisoning is ignored.
+        // cannot leave the map half-updated, so poisoning is ignored.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A fresh key for `due`.
-    fn key(st: &mut State, due: Instant) -> TimerKey {
+    /// Inserts `parked` for `h` at `due` under `st`, waking the timer thread
+    /// if it is the new earliest entry.
+    fn insert(&self, st: &mut State, h: &StepHandle, due: Instant, parked: Parked) {
         st.seq += 1;
-        (due, st.seq)
-    }
-
-    /// Inserts under `st`, waking the timer thread if the entry is the new earliest.
-    fn insert(&self, st: &mut State, key: TimerKey, parked: Parked) {
+        let key = (due, st.seq);
+        *key_slot(h) = Some(key);
         let earliest = st.timers.keys().next().is_none_or(|first| key < *first);
         st.timers.insert(key, parked);
         if earliest {
@@ -91,9 +86,9 @@ impl Parking {
     /// Parks a retry until `due`.
     pub fn park_retry(&self, handle: Arc<StepHandle>, due: Instant, last: BlockError) {
         let mut st = self.lock();
-        let key = Parking::key(&mut st, due);
-        *handle.park_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(key);
-        self.insert(&mut st, key, Parked::Retry { handle, last });
+        let h = handle.clone();
+        let last = Box::new(last);
+        self.insert(&mut st, &h, due, Parked::Retry { handle, last });
     }
 
     /// Parks an approval until `expires`, unless `max` are already pending.
@@ -104,70 +99,71 @@ impl Parking {
         max: usize,
     ) -> Result<(), ApprovalsFull> {
         let mut st = self.lock();
-        if st.approvals.len() >= max {
+        if st.approvals >= max {
             return Err(ApprovalsFull);
         }
-        let key = Parking::key(&mut st, expires);
-        self.insert(&mut st, key, Parked::Approval(handle.clone()));
-        st.approvals.insert(
-            handle.assignment.assignment_id.clone(),
-            PendingApproval {
-                handle: handle.clone(),
-                key,
-            },
-        );
+        st.approvals += 1;
+        self.insert(&mut st, handle, expires, Parked::Approval(handle.clone()));
         Ok(())
     }
 
-    /// Removes the parked retry of `h`, if any; `true` if this call claimed it.
-    pub fn withdraw_retry(&self, h: &StepHandle) -> bool {
+    /// Removes the parked entry of `h` (a waiting retry or a pending
+    /// approval); `true` if this call claimed it.
+    pub fn withdraw(&self, h: &StepHandle) -> bool {
         let mut st = self.lock();
-        let key = h.park_key.lock().unwrap_or_else(|p| p.into_inner()).take();
-        key.is_some_and(|k| st.timers.remove(&k).is_some())
-    }
-
-    /// Removes the pending approval `h`; `true` if this call claimed it.
-    pub fn withdraw_approval(&self, h: &StepHandle) -> bool {
-        let mut st = self.lock();
-        let id = &h.assignment.assignment_id;
-        match st.approvals.get(id) {
-            Some(p) if std::ptr::eq(p.handle.as_ref(), h) => {
-                let key = p.key;
-                st.approvals.remove(id);
-                st.timers.remove(&key);
+        let Some(key) = key_slot(h).take() else {
+            return false;
+        };
+        match st.timers.remove(&key) {
+            Some(Parked::Approval(_)) => {
+                st.approvals -= 1;
                 true
             }
-            _ => false,
+            Some(Parked::Retry { .. }) => true,
+            None => false,
         }
     }
 
-    /// Looks at a pending approval under the lock and claims it if `check`
-    /// allows: `Ok(Some(h))` claimed, `Ok(None)` not pending, `Err` refused.
+    /// Claims the pending approval `h` if `check` allows: `Ok(true)` claimed,
+    /// `Ok(false)` no longer pending, `Err` refused (it stays pending).
     pub fn claim_approval<E>(
         &self,
-        id: &str,
-        check: impl FnOnce(&StepHandle) -> Result<(), E>,
-    ) -> Result<Option<Arc<StepHandle>>, E> {
+        h: &StepHandle,
+        check: impl FnOnce() -> Result<(), E>,
+    ) -> Result<bool, E> {
         let mut st = self.lock();
-        let Some(p) = st.approvals.get(id) else {
-            return Ok(None);
+        let mut slot = key_slot(h);
+        let Some(key) = *slot else {
+            return Ok(false);
         };
-        check(&p.handle)?;
-        let key = p.key;
+        if !matches!(st.timers.get(&key), Some(Parked::Approval(_))) {
+            return Ok(false);
+        }
+        check()?;
+        *slot = None;
         st.timers.remove(&key);
-        Ok(st.approvals.remove(id).map(|p| p.handle))
+        st.approvals -= 1;
+        Ok(true)
     }
 
     /// Claims every pending approval (shutdown).
     pub fn take_approvals(&self) -> Vec<Arc<StepHandle>> {
         let mut st = self.lock();
-        let all: Vec<PendingApproval> = st.approvals.drain().map(|(_, p)| p).collect();
-        all.into_iter()
-            .map(|p| {
-                st.timers.remove(&p.key);
-                p.handle
-            })
-            .collect()
+        let keys: Vec<TimerKey> = st
+            .timers
+            .iter()
+            .filter(|(_, p)| matches!(p, Parked::Approval(_)))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(Parked::Approval(h)) = st.timers.remove(&k) {
+                key_slot(&h).take();
+                out.push(h);
+            }
+        }
+        st.approvals = 0;
+        out
     }
 
     /// The pending approvals `filter` keeps, oldest first, at most `limit`.
@@ -178,10 +174,12 @@ impl Parking {
     ) -> Vec<Arc<StepHandle>> {
         let st = self.lock();
         let mut found: Vec<Arc<StepHandle>> = st
-            .approvals
+            .timers
             .values()
-            .filter(|p| filter(&p.handle))
-            .map(|p| p.handle.clone())
+            .filter_map(|p| match p {
+                Parked::Approval(h) if filter(h) => Some(h.clone()),
+                _ => None,
+            })
             .collect();
         drop(st);
         found.sort_by_key(|h| h.accepted_at);
@@ -191,7 +189,7 @@ impl Parking {
 
     /// Approvals pending now.
     pub fn approvals_pending(&self) -> usize {
-        self.lock().approvals.len()
+        self.lock().approvals
     }
 
     /// Blocks until at least one entry is due, then removes and returns the
@@ -209,18 +207,14 @@ impl Parking {
                     let due = std::mem::replace(&mut st.timers, later);
                     let mut out = Vec::with_capacity(due.len());
                     for (_, p) in due {
-                        match &p {
-                            Parked::Retry { handle, .. } => {
-                                handle
-                                    .park_key
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .take();
-                            }
+                        let h = match &p {
+                            Parked::Retry { handle, .. } => handle,
                             Parked::Approval(h) => {
-                                st.approvals.remove(&h.assignment.assignment_id);
+                                st.approvals -= 1;
+                                h
                             }
-                        }
+                        };
+                        key_slot(h).take();
                         out.push(p);
                     }
                     return Some(out);
@@ -244,4 +238,9 @@ impl Parking {
         self.lock().stopped = true;
         self.wake.notify_all();
     }
+}
+
+/// The handle's timer key (only touched under the parking lock).
+fn key_slot(h: &StepHandle) -> MutexGuard<'_, Option<TimerKey>> {
+    h.park_key.lock().unwrap_or_else(|p| p.into_inner())
 }
