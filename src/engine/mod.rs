@@ -718,9 +718,7 @@ impl Shared {
     /// Removes a parked retry of `h` from the timer map, if there is one.
     fn withdraw_retry(&self, h: &StepHandle) {
         if h.approval.is_none() && self.parking.withdraw(h) {
-            self.pools[h.assignment.pool.index()]
-                .waiting
-                .fetch_sub(1, Ordering::AcqRel);
+            self.pools[h.assignment.pool.index()].retry_left();
         }
     }
 
@@ -729,12 +727,12 @@ impl Shared {
     fn retry_due(&self, h: Arc<StepHandle>, last: Box<BlockError>) {
         let pool = &self.pools[h.assignment.pool.index()];
         if h.cancel.is_cancelled() {
-            pool.waiting.fetch_sub(1, Ordering::AcqRel);
+            pool.retry_left();
             self.finish_cancelled(&h);
             return;
         }
         if self.settings.flags.complete_timeout && Instant::now() >= h.deadline {
-            pool.waiting.fetch_sub(1, Ordering::AcqRel);
+            pool.retry_left();
             // Claimed like a queued step at its deadline: a cancel that set
             // the token first gives its own answer.
             if h.cancel.cancel(CancelReason::Deadline) {
@@ -845,6 +843,15 @@ impl Drop for AliveGuard<'_> {
 /// How often a draining pool thread looks whether retries still wait.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 
+impl Pool {
+    /// A waiting retry of this pool left the waiting set: taken by a thread,
+    /// answered from the timer, or withdrawn. Each parked retry leaves once.
+    fn retry_left(&self) {
+        let before = self.waiting.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before > 0, "a retry left the waiting set twice");
+    }
+}
+
 /// Work for a pool thread: a fresh step, or a retry back from the timer.
 enum Work {
     Fresh(Arc<StepHandle>),
@@ -856,7 +863,7 @@ enum Work {
 /// queue is closed and empty and no retry of this pool waits.
 fn next_work(pool: &Pool, main_open: &mut bool) -> Option<Work> {
     let retry = |(h, e): (Arc<StepHandle>, Box<BlockError>)| {
-        pool.waiting.fetch_sub(1, Ordering::AcqRel);
+        pool.retry_left();
         Work::Retry(h, e)
     };
     loop {
