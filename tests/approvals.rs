@@ -46,7 +46,7 @@ fn listed_ids(a: &Answer) -> Vec<String> {
         .as_array()
         .unwrap_or_else(|| panic!("no list: {}", a.text))
         .iter()
-        .map(|p| p["assignment_id"].as_str().unwrap().to_owned())
+        .map(|p| p["id"].as_str().unwrap().to_owned())
         .collect()
 }
 
@@ -65,7 +65,7 @@ fn list_approve_reject_forbidden_conflict_and_unknown() {
     assert_eq!(l.status, 200, "{}", l.text);
     assert_eq!(listed_ids(&l), ["ap-1", "ap-2"]);
     let first = &l.json["approvals"][0];
-    assert_eq!(first["tenant_id"], "acme");
+    assert_eq!(first["tenant"], "acme");
     assert_eq!(first["title"], "Ship ap-1?");
     assert_eq!(first["description"], "needs a human");
     assert_eq!(first["approvers"], json!(["ann"]));

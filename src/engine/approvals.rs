@@ -88,9 +88,11 @@ pub(crate) struct ApprovalMeta {
 /// A pending approval, as listed to approvers.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PendingApproval {
-    /// The step's assignment id (the id to decide on).
+    /// The step's assignment id (the id to decide on); `id` on the wire (§14.2).
+    #[serde(rename = "id")]
     pub assignment_id: String,
-    /// Its tenant.
+    /// Its tenant; `tenant` on the wire (§14.2).
+    #[serde(rename = "tenant")]
     pub tenant_id: String,
     /// `payload.title`.
     pub title: String,
