@@ -4,8 +4,9 @@
 //! ```text
 //! bench_client submit ADDR COUNT CONNS KIND CLASSES PREFIX [MAX_SECS]
 //!     POST exactly COUNT assignments to http://ADDR/api/v1/assignments over
-//!     CONNS keep-alive connections. KIND: `echo`, `sleep:MS` or `invalid`
-//!     (an unsupported job type, rejected 400). CLASSES: comma-separated
+//!     CONNS keep-alive connections. KIND: `echo`, `sleep:MS`, `approval`
+//!     (a `human.approval` that parks) or `invalid` (an unsupported job
+//!     type, rejected 400). CLASSES: comma-separated
 //!     `resources.class` values used round-robin, or `-` for none. Prints one
 //!     line: `accepted=.. full=.. other=.. errors=.. secs=.. rate=.. p50_us=.. p99_us=..`.
 //! bench_client startup BIN RUNS
@@ -117,6 +118,10 @@ fn body(kind: &str, class: Option<&str>, id: &str) -> String {
             format!(r#"{{"type":"debug.sleep","payload":{{"ms":{ms}}}{resources}}}"#)
         }
         _ if kind == "invalid" => r#"{"type":"no.such.block"}"#.to_owned(),
+        _ if kind == "approval" => {
+            r#"{"type":"human.approval","payload":{"title":"Approve?","approvers":["ann"]}}"#
+                .to_owned()
+        }
         _ => format!(r#"{{"type":"debug.echo","payload":{{"n":1}}{resources}}}"#),
     };
     format!(

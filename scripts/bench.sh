@@ -8,6 +8,9 @@
 #      and sql.query point queries vs a plain rusqlite loop on the same file
 #   4. RSS per queued step (CP2 bounded queues full, CP1 100,000 queued)
 #   5. start-up time to /readyz 200, and the release binary size
+#   6. parking: echo steps/s under a mixed load (one third fail once and
+#      retry after a backoff) against plain echo; the issue-14 scenario;
+#      RSS per parked human.approval
 # then writes the figures with machine details into docs/BENCHMARKS.md
 # (between the GENERATED markers; the notes around them are kept) and prints
 # a short table. All traffic stays on 127.0.0.1; every process started here
@@ -18,6 +21,7 @@
 #   BENCH_ECHO_STEPS (100000), BENCH_HTTP_STEPS (30000), BENCH_IO_POOL (8),
 #   BENCH_CP1_BACKLOG (100000), BENCH_WRK_SECS (10), BENCH_ROUNDS (3),
 #   BENCH_SQL_STEPS (100000), BENCH_SQL_ROWS (100000), BENCH_SQL_THREADS (1),
+#   BENCH_MIX_STEPS (90000), BENCH_APPROVALS (10000),
 #   BENCH_DOC (docs/BENCHMARKS.md; "-" to skip writing it).
 set -euo pipefail
 
@@ -39,6 +43,8 @@ ROUNDS="${BENCH_ROUNDS:-3}"
 SQL_STEPS="${BENCH_SQL_STEPS:-100000}"
 SQL_ROWS="${BENCH_SQL_ROWS:-100000}"
 SQL_THREADS="${BENCH_SQL_THREADS:-1}"
+MIX_STEPS="${BENCH_MIX_STEPS:-90000}"
+APPROVALS="${BENCH_APPROVALS:-10000}"
 DOC="${BENCH_DOC:-$ROOT/docs/BENCHMARKS.md}"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -158,7 +164,7 @@ R="$TMP/results.env"
 rec() { printf '%s=%s\n' "$1" "$2" >>"$R"; }
 
 # --- 1. engine throughput -------------------------------------------------------
-log "1/5 engine: $ROUNDS× interleaved runs of $ECHO_STEPS debug.echo steps, metrics off/on"
+log "1/7 engine: $ROUNDS× interleaved runs of $ECHO_STEPS debug.echo steps, metrics off/on"
 ECHO_FILE="$TMP/echo.jsonl"
 awk -v n="$ECHO_STEPS" 'BEGIN { for (i = 1; i <= n; i++)
     printf "{\"version\":\"1\",\"assignment_id\":\"echo-%d\",\"request_id\":\"req-%d\",\"tenant_id\":\"bench\",\"job\":{\"type\":\"debug.echo\",\"payload\":{\"n\":%d}}}\n", i, i, i }' >"$ECHO_FILE"
@@ -232,7 +238,7 @@ wrk_run() { # wrk_run URL THREADS CONNS SECS [LUA] -> BENCH line
     }
 }
 
-log "2/5 ingress: wrk ${WRK_SECS}s of POST /api/v1/assignments (CP1, debug.echo)"
+log "2/7 ingress: wrk ${WRK_SECS}s of POST /api/v1/assignments (CP1, debug.echo)"
 start_serve
 line="$(BENCH_KIND=echo wrk_run "http://$INGRESS/api/v1/assignments" 2 32 "$WRK_SECS" "$WRK_LUA")"
 reqs="$(kv requests "$line")"; bad="$(kv status_errors "$line")"; dur="$(kv duration_us "$line")"
@@ -241,7 +247,7 @@ rec INGRESS_NON2XX "$bad"
 rec INGRESS_P99_US "$(kv p99_us "$line")"
 stop_pid "$SERVE_PID"
 
-log "2/5 ingress: queue_full rejection latency (CP2 queue of 1, one cpu thread busy)"
+log "2/7 ingress: queue_full rejection latency (CP2 queue of 1, one cpu thread busy)"
 start_serve CP2_QUEUE_MANAGEMENT_ENABLED=1 WORKER_MAX_QUEUE_SIZE=1 WORKER_CPU_POOL_SIZE=1
 [[ "$(post "$INGRESS" "$(blocker block-run cpu)")" == 202 ]] || die "blocker not accepted"
 sleep 0.2
@@ -261,7 +267,7 @@ rec REJECT_SEQ_P99_US "$(kv p99_us "$line")"
 stop_pid "$SERVE_PID"
 
 # --- 3. http.request steps vs the raw upstream ----------------------------------
-log "3/5 http: $HTTP_STEPS http.request steps with WORKER_IO_POOL_SIZE=$IO_POOL vs wrk -c$IO_POOL"
+log "3/7 http: $HTTP_STEPS http.request steps with WORKER_IO_POOL_SIZE=$IO_POOL vs wrk -c$IO_POOL"
 "$UPSTREAM" 127.0.0.1:0 256 600 >"$TMP/upstream.addr" 2>"$TMP/upstream.err" &
 UP_PID=$!
 PIDS+=("$UP_PID")
@@ -314,7 +320,7 @@ else
     rec HTTP_WORKER_HOST 0
 fi
 
-log "3/5 sql: $SQL_STEPS point-query sql.query steps on a $SQL_ROWS-row table (io pool $SQL_THREADS) vs plain rusqlite ($SQL_THREADS threads)"
+log "4/7 sql: $SQL_STEPS point-query sql.query steps on a $SQL_ROWS-row table (io pool $SQL_THREADS) vs plain rusqlite ($SQL_THREADS threads)"
 mkdir -p "$TMP/sql"
 "$SQLBENCH" make "$TMP/sql/bench.db" "$SQL_ROWS"
 "$SQLBENCH" steps bench "$SQL_ROWS" "$SQL_STEPS" >"$TMP/sql.jsonl"
@@ -341,21 +347,27 @@ rec SQL_PLAIN_ALL "$(IFS=,; echo "${sql_plain_rates[*]}")"
 rec SQL_WORKER_ALL "$(IFS=,; echo "${sql_worker_rates[*]}")"
 
 # --- 4. memory under backlog ----------------------------------------------------
-log "4/5 memory: CP2 queues full at 1000 per pool, then CP1 with $CP1_BACKLOG queued"
+log "5/7 memory: CP2 queues full at 1000 per pool, then CP1 with $CP1_BACKLOG queued"
 warm_up() { "$CLIENT" submit "$INGRESS" 2000 16 invalid - warm 60 >/dev/null || true; }
+# fill COUNT CONNS KIND CLASSES PREFIX SECS: warms the ingress up, then submits
+# with bench_client; sets FILL_N (accepted), FILL_LINE and the RSS around it.
+fill() {
+    warm_up
+    sleep 0.3
+    FILL_BEFORE="$(rss_kb "$SERVE_PID")"
+    FILL_LINE="$("$CLIENT" submit "$INGRESS" "$@")"
+    sleep 0.3
+    FILL_AFTER="$(rss_kb "$SERVE_PID")"
+    FILL_N="$(kv accepted "$FILL_LINE")"
+    ((FILL_N > 0)) || die "nothing accepted: $FILL_LINE"
+}
 start_serve CP2_QUEUE_MANAGEMENT_ENABLED=1 WORKER_MAX_QUEUE_SIZE=1000 \
     WORKER_CPU_POOL_SIZE=1 WORKER_IO_POOL_SIZE=1 WORKER_GPU_POOL_SIZE=1
 for c in cpu io gpu; do
     [[ "$(post "$INGRESS" "$(blocker "block-$c" "$c")")" == 202 ]] || die "blocker $c not accepted"
 done
-warm_up
-sleep 0.3
-before="$(rss_kb "$SERVE_PID")"
-line="$("$CLIENT" submit "$INGRESS" 3000 3 echo cpu,io,gpu cp2q 120)"
-sleep 0.3
-after="$(rss_kb "$SERVE_PID")"
-queued="$(kv accepted "$line")"
-((queued > 0)) || die "nothing queued: $line"
+fill 3000 3 echo cpu,io,gpu cp2q 120
+before="$FILL_BEFORE"; after="$FILL_AFTER"; queued="$FILL_N"
 [[ "$(post "$INGRESS" "$(blocker overflow cpu)")" == 429 ]] || die "CP2 cpu queue not full after the fill"
 rec CP2_QUEUED "$queued"
 rec CP2_RSS_BEFORE_KB "$before"
@@ -365,14 +377,8 @@ stop_pid "$SERVE_PID"
 
 start_serve WORKER_CPU_POOL_SIZE=1
 [[ "$(post "$INGRESS" "$(blocker block-cp1 cpu)")" == 202 ]] || die "CP1 blocker not accepted"
-warm_up
-sleep 0.3
-before="$(rss_kb "$SERVE_PID")"
-line="$("$CLIENT" submit "$INGRESS" "$CP1_BACKLOG" 4 echo cpu cp1q 240)"
-sleep 0.3
-after="$(rss_kb "$SERVE_PID")"
-queued="$(kv accepted "$line")"
-((queued > 0)) || die "nothing queued: $line"
+fill "$CP1_BACKLOG" 4 echo cpu cp1q 240
+before="$FILL_BEFORE"; after="$FILL_AFTER"; queued="$FILL_N"; line="$FILL_LINE"
 rec CP1_QUEUED "$queued"
 rec CP1_RSS_BEFORE_KB "$before"
 rec CP1_RSS_AFTER_KB "$after"
@@ -381,11 +387,97 @@ rec CP1_SUBMIT_PER_S "$(kv rate "$line")"
 stop_pid "$SERVE_PID"
 
 # --- 5. start-up and size -------------------------------------------------------
-log "5/5 start-up to /readyz 200 (9 runs) and binary size"
+log "6/7 start-up to /readyz 200 (9 runs) and binary size"
 line="$("${WENV[@]}" "$CLIENT" startup "$BIN" 9)"
 rec STARTUP_MS "$(kv median_ms "$line")"
 rec STARTUP_ALL_MS "$(kv runs_ms "$line")"
 rec BINARY_BYTES "$(stat -c %s "$BIN")"
+
+# --- 6. parking -----------------------------------------------------------------
+log "7/7 parking: $ROUNDS× mixed load (1/3 fail once, 100 ms backoff) vs plain echo; 400 × 1 s backoffs + 20,000 echoes; RSS per parked approval"
+MIX_FILE="$TMP/mix.jsonl"
+MIX_PLAIN_FILE="$TMP/mix-plain.jsonl"
+# The same echo steps in both files; the mix adds one fail-once step per two echoes.
+awk -v n="$MIX_STEPS" 'BEGIN { for (i = 1; i <= n; i++) {
+    if (i % 3 == 0)
+        printf "{\"version\":\"1\",\"assignment_id\":\"fail-%d\",\"request_id\":\"req-%d\",\"tenant_id\":\"bench\",\"job\":{\"type\":\"debug.fail\",\"payload\":{\"error_code\":\"NETWORK_ERROR\",\"fail_attempts\":1}},\"options\":{\"retry\":{\"max_attempts\":2,\"backoff_ms\":100}}}\n", i, i
+    else
+        printf "{\"version\":\"1\",\"assignment_id\":\"echo-%d\",\"request_id\":\"req-%d\",\"tenant_id\":\"bench\",\"job\":{\"type\":\"debug.echo\",\"payload\":{\"n\":%d}}}\n", i, i, i } }' >"$MIX_FILE"
+grep '"echo-' "$MIX_FILE" >"$MIX_PLAIN_FILE"
+# CP2 on; the process retry budget is raised so no retry of the mix is denied.
+MIX_ENV=(CP2_ADVANCED_RETRY_ENABLED=1 CP2_COMPLETE_TIMEOUT_ENABLED=1 WORKER_RETRY_BUDGET_PERCENT=100
+    WORKER_CPU_POOL_SIZE=4)
+mix_run() { # mix_run FILE LABEL -> "echo_steps_per_s all_steps_per_s failed_results"
+    local t0 rc=0
+    t0="$(date +%s%3N)"
+    "${WENV[@]}" "${MIX_ENV[@]}" timeout 300 "$BIN" run "$1" >"$TMP/mix.$2.out" 2>/dev/null || rc=$?
+    ((rc <= 1)) || die "mixed run ($2) exited $rc"
+    python3 - "$TMP/mix.$2.out" "$t0" <<'PY'
+import json, sys
+t0 = int(sys.argv[2])
+echo_end = all_end = echoes = steps = bad = 0
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if "acknowledged_at" in r:
+        continue
+    steps += 1
+    all_end = max(all_end, r["timestamp"])
+    bad += r["status"] != "success"
+    if r["assignment_id"].startswith("echo-"):
+        echoes += 1
+        echo_end = max(echo_end, r["timestamp"])
+print(f"{echoes / max(echo_end - t0, 1) * 1000:.0f} {steps / max(all_end - t0, 1) * 1000:.0f} {bad}")
+PY
+}
+mix_rates=(); mix_all=(); mix_plain=(); mix_bad=0
+for i in $(seq 1 "$ROUNDS"); do
+    read -r rate _ _ < <(mix_run "$MIX_PLAIN_FILE" "plain$i")
+    mix_plain+=("$rate")
+    read -r rate all bad < <(mix_run "$MIX_FILE" "mix$i")
+    mix_rates+=("$rate"); mix_all+=("$all"); mix_bad=$((mix_bad + bad))
+    log "  round $i: plain echo ${mix_plain[-1]} steps/s; mixed: echo ${mix_rates[-1]} steps/s, all ${mix_all[-1]} steps/s"
+done
+((mix_bad == 0)) || die "$mix_bad steps of the mixed load did not succeed"
+rec MIX_PLAIN "$(median "${mix_plain[@]}")"
+rec MIX_ECHO "$(median "${mix_rates[@]}")"
+rec MIX_ALL "$(median "${mix_all[@]}")"
+rec MIX_PLAIN_ALL "$(IFS=,; echo "${mix_plain[*]}")"
+rec MIX_ECHO_ALL "$(IFS=,; echo "${mix_rates[*]}")"
+
+# Issue 14's scenario: 400 fail-once steps with a 1 s backoff queued ahead of
+# 20,000 echo steps on 4 cpu threads: the echoes finish during the backoffs.
+awk 'BEGIN { for (i = 1; i <= 400; i++)
+    printf "{\"version\":\"1\",\"assignment_id\":\"retry-%d\",\"request_id\":\"req-r%d\",\"tenant_id\":\"bench\",\"job\":{\"type\":\"debug.fail\",\"payload\":{\"error_code\":\"NETWORK_ERROR\",\"fail_attempts\":1}},\"options\":{\"retry\":{\"max_attempts\":2,\"backoff_ms\":1000}}}\n", i, i
+  for (i = 1; i <= 20000; i++)
+    printf "{\"version\":\"1\",\"assignment_id\":\"echo-%d\",\"request_id\":\"req-e%d\",\"tenant_id\":\"bench\",\"job\":{\"type\":\"debug.echo\",\"payload\":{\"n\":%d}}}\n", i, i, i }' >"$TMP/backoff.jsonl"
+"${WENV[@]}" "${MIX_ENV[@]}" timeout 120 "$BIN" run "$TMP/backoff.jsonl" >"$TMP/backoff.out" 2>/dev/null ||
+    die "the 400 + 20,000 run failed"
+rec BACKOFF_LAST_ECHO_MS "$(python3 - "$TMP/backoff.out" <<'PY'
+import json, sys
+first_fail, last_echo = None, 0
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if "acknowledged_at" in r:
+        continue
+    if r["assignment_id"].startswith("retry-"):
+        assert r["status"] == "success" and r["attempts"] == 2 and r["latency_ms"] >= 1000, r
+        start = r["timestamp"] - r["latency_ms"]
+        first_fail = start if first_fail is None else min(first_fail, start)
+    else:
+        last_echo = max(last_echo, r["timestamp"])
+print(last_echo - first_fail)
+PY
+)"
+
+start_serve
+fill "$APPROVALS" 4 approval - appr 120
+before="$FILL_BEFORE"; after="$FILL_AFTER"; parked="$FILL_N"
+rec APPROVALS_PARKED "$parked"
+rec APPROVALS_RSS_BEFORE_KB "$before"
+rec APPROVALS_RSS_AFTER_KB "$after"
+rec APPROVALS_THREADS "$(awk '/^Threads:/ {print $2}' "/proc/$SERVE_PID/status")"
+rec BYTES_PER_APPROVAL "$(((after - before) * 1024 / parked))"
+stop_pid "$SERVE_PID"
 
 # --- report ---------------------------------------------------------------------
 # CPU that other processes used while we measured: machine busy time minus ours.
@@ -414,6 +506,7 @@ rec ROUNDS "$ROUNDS"
 rec SQL_STEPS "$SQL_STEPS"
 rec SQL_ROWS "$SQL_ROWS"
 rec SQL_THREADS "$SQL_THREADS"
+rec MIX_STEPS "$MIX_STEPS"
 rec MEM_TOTAL "$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
 
 python3 - "$R" "$DOC" <<'PY'
@@ -461,6 +554,15 @@ rows = [
      f"{n(f('CP2_BYTES_PER_STEP'))} B", "≤ 2 KiB", f("CP2_BYTES_PER_STEP") <= 2048),
     (f"Memory per queued step, CP1 ({n(f('CP1_QUEUED'))} queued)",
      f"{n(f('CP1_BYTES_PER_STEP'))} B", "≤ 2 KiB", f("CP1_BYTES_PER_STEP") <= 2048),
+    ("Mixed load (1/3 fail once, 100 ms backoff): echo steps/s vs plain echo",
+     f"{n(f('MIX_ECHO'))} / {n(f('MIX_PLAIN'))} steps/s = {f('MIX_ECHO') / f('MIX_PLAIN') * 100:.0f} %",
+     "≥ 80 %", f("MIX_ECHO") / f("MIX_PLAIN") >= 0.8),
+    ("Mixed load: all steps/s (echo + fail-once) vs plain echo",
+     f"{n(f('MIX_ALL'))} / {n(f('MIX_PLAIN'))} steps/s = {f('MIX_ALL') / f('MIX_PLAIN') * 100:.0f} %", "", None),
+    ("400 × 1 s backoffs ahead of 20,000 echoes: last echo after the first failure",
+     f"{n(f('BACKOFF_LAST_ECHO_MS'))} ms", "< 1,000 ms (first retry due)", f("BACKOFF_LAST_ECHO_MS") < 1000),
+    (f"Memory per parked approval ({n(f('APPROVALS_PARKED'))} parked)",
+     f"{n(f('BYTES_PER_APPROVAL'))} B", "≤ 2 KiB", f("BYTES_PER_APPROVAL") <= 2048),
     ("Start-up to /readyz 200 (median of 9)", f"{f('STARTUP_MS'):.1f} ms", "≤ 50 ms", f("STARTUP_MS") <= 50),
     ("Release binary size", f"{f('BINARY_BYTES') / 1048576:.2f} MiB ({n(f('BINARY_BYTES'))} B)", "≤ 8 MiB",
      f("BINARY_BYTES") <= 8 * 1048576),
@@ -533,6 +635,21 @@ md.append(f"- Memory: VmRSS of `serve` from `/proc/<pid>/status` before and afte
           f"thread held, {n(f('CP1_QUEUED'))} debug.echo queued at {n(f('CP1_SUBMIT_PER_S'))}/s over 4 "
           f"keep-alive connections: {n(f('CP1_RSS_BEFORE_KB'))} → {n(f('CP1_RSS_AFTER_KB'))} KiB. Each "
           f"assignment is ~190 bytes of JSON.")
+md.append(f"- Parking: `caf-worker run` with CP2 retry and timeouts on, 4 cpu threads, process retry budget "
+          f"100 %. Mixed: {n(f('MIX_STEPS'))} lines, every third a `debug.fail` that fails once "
+          f"(NETWORK_ERROR) and retries after a 100 ms backoff, the rest `debug.echo`; plain: the same echo "
+          f"lines alone. Echo steps/s = echo results / (last echo result's timestamp − process start); "
+          f"median of {res['ROUNDS']} interleaved rounds (plain: {res['MIX_PLAIN_ALL']}; mixed: "
+          f"{res['MIX_ECHO_ALL']}). The mixed run also parses, runs and retries the fail-once steps on the "
+          f"same 2 cores, so its echo rate cannot reach the plain one even at zero parking cost. "
+          f"Backoffs: 400 fail-once steps with a 1 s backoff, then 20,000 echoes, in one `run`; the figure is "
+          f"the last echo's finish minus the earliest first attempt of a failing step (every failing step "
+          f"succeeded on attempt 2 after ≥ 1 s). Approvals: `serve`, {n(f('APPROVALS_PARKED'))} "
+          f"`human.approval` steps (payload: a title and one approver) parked over 4 keep-alive connections "
+          f"(ingress warmed up first; each JSON object in a payload's `data` adds about 0.6 KiB, a "
+          f"serde_json map node): "
+          f"{n(f('APPROVALS_RSS_BEFORE_KB'))} → {n(f('APPROVALS_RSS_AFTER_KB'))} KiB, "
+          f"{res['APPROVALS_THREADS']} threads in the process afterwards.")
 md.append(f"- Start-up: `bench_client startup` spawns `caf-worker serve` and polls GET `/readyz` every "
           f"0.1 ms until 200; runs (ms): {res['STARTUP_ALL_MS']}.")
 md.append("- Binary: `$CARGO_TARGET_DIR/release/caf-worker` (release profile: thin LTO, symbols stripped).")

@@ -86,12 +86,14 @@ def err(msg):
 # ---- metric names allowed by SPEC §9 ----------------------------------------
 COUNTERS = ["worker_step_executions_total", "worker_step_errors_total",
             "worker_assignments_total", "worker_step_retries_total",
-            "worker_retry_budget_denied_total", "worker_timeouts_total"]
+            "worker_retry_budget_denied_total", "worker_timeouts_total",
+            "worker_approval_decisions_total"]
 HISTOGRAMS = ["worker_step_execution_duration_seconds",
               "worker_flow_execution_duration_seconds", "worker_queue_wait_seconds"]
 GAUGES = ["worker_queue_depth", "worker_active_tasks", "worker_health_status",
           "worker_queue_capacity", "worker_pool_threads",
-          "worker_fs_abandoned_operations", "worker_build_info"]
+          "worker_fs_abandoned_operations", "worker_build_info",
+          "worker_retries_waiting", "worker_approvals_pending"]
 ALLOWED = set(COUNTERS) | set(GAUGES) | {
     h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 def allowed(name, extra=()):

@@ -67,6 +67,7 @@ keys! {
     "max_response_bytes", "WORKER_MAX_RESPONSE_BYTES", Some("10485760"), "largest HTTP response body a step reads";
     "result_retention", "WORKER_RESULT_RETENTION", Some("10000"), "finished results kept for lookup and de-duplication";
     "result_retention_bytes", "WORKER_RESULT_RETENTION_BYTES", Some("268435456"), "retained results' total size (serialized JSON); oldest evicted first";
+    "max_pending_approvals", "WORKER_MAX_PENDING_APPROVALS", Some("10000"), "human.approval steps parked at once (more: queue_full)";
     "results_file", "WORKER_RESULTS_FILE", None, "append every result here as a JSON line";
     "shutdown_grace_ms", "WORKER_SHUTDOWN_GRACE_MS", Some("30000"), "drain time on SIGTERM/SIGINT";
     "strict_ids", "WORKER_STRICT_IDS", Some("true"), "enforce the router's ID formats";
@@ -174,6 +175,8 @@ pub struct Settings {
     pub result_retention: usize,
     /// Total serialized size of the finished results kept.
     pub result_retention_bytes: usize,
+    /// `human.approval` steps that may wait for a decision at once.
+    pub max_pending_approvals: usize,
     /// JSON Lines results file.
     pub results_file: Option<PathBuf>,
     /// Drain time on shutdown.
@@ -519,6 +522,7 @@ impl Reader {
             max_connections: self.int("max_connections", 1, 1_000_000)? as usize,
             result_retention: self.int("result_retention", 1, 10_000_000)? as usize,
             result_retention_bytes: self.int("result_retention_bytes", 1, 1 << 40)? as usize,
+            max_pending_approvals: self.int("max_pending_approvals", 1, 1_000_000)? as usize,
             results_file: self.optional("results_file").map(PathBuf::from),
             shutdown_grace: self
                 .int("shutdown_grace_ms", 0, HOUR_MS)

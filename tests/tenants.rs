@@ -208,3 +208,50 @@ fn an_unusable_tokens_file_stops_the_start() {
     assert!(err.contains("WORKER_API_TOKENS_FILE"), "{err}");
     assert!(!err.contains("tok-secret"), "{err}");
 }
+
+#[test]
+fn tenant_tokens_list_and_decide_only_their_own_approvals() {
+    let (w, _dir) = start(0o600);
+    let approval = |id: &str, tenant: &str| {
+        let payload = serde_json::json!({"title": format!("Ship {id}?"), "approvers": ["ann"]});
+        for_tenant(assignment(id, "human.approval", payload), tenant)
+    };
+    let submit = |token, a: &Value| call("POST", &w, "/api/v1/assignments", Some(token), Some(a));
+    assert_eq!(
+        submit("tok-globex", &approval("g-appr", "globex")).status,
+        202
+    );
+    assert_eq!(submit("tok-acme", &approval("a-appr", "acme")).status, 202);
+    let list = |token, tenant: &str| {
+        call(
+            "GET",
+            &w,
+            &format!("/api/v1/approvals?tenant_id={tenant}"),
+            Some(token),
+            None,
+        )
+    };
+    let approve = serde_json::json!({"decision": "approve", "by": "ann"});
+    let decide = |token, id: &str| {
+        call(
+            "POST",
+            &w,
+            &format!("/api/v1/approvals/{id}"),
+            Some(token),
+            Some(&approve),
+        )
+    };
+    // acme lists its own, not globex's; it cannot decide globex's (404 as unknown).
+    let own = list("tok-acme", "acme");
+    assert_eq!(own.status, 200, "{}", own.text);
+    assert_eq!(own.json["count"], 1, "{}", own.text);
+    assert_eq!(list("tok-acme", "globex").status, 404);
+    let r = decide("tok-acme", "g-appr");
+    assert_eq!(r.status, 404, "{}", r.text);
+    // Still pending for globex, who may decide it; the operator sees every tenant.
+    assert_eq!(list("tok-ops", "globex").json["count"], 1);
+    let r = decide("tok-globex", "g-appr");
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["outputs"]["decision"], "approved");
+    assert_eq!(decide("op-env", "a-appr").status, 200);
+}

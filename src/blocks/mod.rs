@@ -4,6 +4,7 @@
 //! outputs or a typed [`BlockError`]. Blocks know nothing of retries, queues,
 //! ingress or metrics: the engine decides what an error means for the step.
 
+pub mod approval;
 mod confine;
 mod debug;
 mod egress;
@@ -242,6 +243,7 @@ impl Blocks {
             JobType::DebugEcho => Ok(Value::Object(payload.clone())),
             JobType::DebugSleep => debug::sleep(payload, ctx),
             JobType::DebugFail => debug::fail(payload, ctx),
+            JobType::HumanApproval => approval::refuse(payload),
         }
     }
 

@@ -83,6 +83,8 @@ pub fn serve(settings: Settings) -> i32 {
             return EXIT_USAGE;
         }
     };
+    // The ingress is a decision channel: human.approval steps may park.
+    engine.enable_approvals();
     let ready = Arc::new(AtomicBool::new(false));
     let ports = start_ports(&settings, &engine, auth, metrics, &ready);
     let ports = match ports {

@@ -25,6 +25,8 @@ pub enum JobType {
     DebugSleep,
     /// `debug.fail`
     DebugFail,
+    /// `human.approval` (parks until a decision; SPEC §14.2)
+    HumanApproval,
 }
 
 impl JobType {
@@ -38,6 +40,7 @@ impl JobType {
         JobType::DebugEcho,
         JobType::DebugSleep,
         JobType::DebugFail,
+        JobType::HumanApproval,
     ];
 
     /// The wire spelling, also the `step_type` metric label.
@@ -51,6 +54,7 @@ impl JobType {
             JobType::DebugEcho => "debug.echo",
             JobType::DebugSleep => "debug.sleep",
             JobType::DebugFail => "debug.fail",
+            JobType::HumanApproval => "human.approval",
         }
     }
 
@@ -62,7 +66,12 @@ impl JobType {
     /// The pool a block runs on unless `job.resources.class` says otherwise.
     pub fn default_pool(self) -> PoolKind {
         match self {
-            JobType::DebugEcho | JobType::DebugSleep | JobType::DebugFail => PoolKind::Cpu,
+            // An approval occupies no pool while it waits; `cpu` only runs
+            // the quick refusals (bad payload, or no approval channel in `run`).
+            JobType::DebugEcho
+            | JobType::DebugSleep
+            | JobType::DebugFail
+            | JobType::HumanApproval => PoolKind::Cpu,
             _ => PoolKind::Io,
         }
     }

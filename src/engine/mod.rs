@@ -2,17 +2,23 @@
 //! channels, the retry/timeout loop, and the assignment table.
 //!
 //! Data flows one way: [`Engine::submit`] → channel → pool thread → block →
-//! [`ExecResult`] → result sinks. The engine reports what happened to an
+//! [`ExecResult`] → result sinks. Between attempts a retry parks in the
+//! timer map (`parking.rs`) instead of sleeping on its thread, and comes back
+//! on its pool's retry channel; a `human.approval` parks there until it is
+//! decided (`approvals.rs`). The engine reports what happened to an
 //! [`Observer`]; it never touches metrics or transports itself.
 //!
 //! Shutdown follows crossbeam's disconnection rule: dropping the senders lets
 //! the pool threads drain their queues and then see `recv()` fail.
 
+mod approvals;
 mod budget;
+mod parking;
 mod retry;
 mod step;
 mod tracker;
 
+pub use approvals::{ApprovalOutcome, DecideError, Decision, PendingApproval, Verdict};
 pub use budget::RetryBudget;
 pub use retry::{backoff, cp1_delay, is_retryable};
 pub use tracker::Lookup;
@@ -25,9 +31,10 @@ use crate::contract::{
 };
 use crate::telemetry::logging;
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
+use parking::{Parked, Parking, TimerKey};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tracker::Tracker;
@@ -67,6 +74,8 @@ pub trait Observer: Send + Sync {
     fn timeout(&self, _job: JobType, _phase: TimeoutPhase) {}
     /// A step finished (called once per accepted assignment).
     fn finished(&self, _report: &StepReport<'_>) {}
+    /// A `human.approval` ended by a decision or its timeout.
+    fn approval_decided(&self, _outcome: ApprovalOutcome) {}
 }
 
 /// An observer that records nothing (metrics off).
@@ -120,8 +129,10 @@ pub struct PoolStats {
     pub queued: usize,
     /// Channel bound (`None`: unbounded, CP1).
     pub capacity: Option<usize>,
-    /// Threads executing a step.
+    /// Threads executing a step (a parked retry is not active).
     pub active: usize,
+    /// Retries waiting: parked in their backoff, or due and waiting for a thread.
+    pub retries_waiting: usize,
 }
 
 /// A step between acceptance and result, shared by its queue entry, the
@@ -138,6 +149,33 @@ pub struct StepHandle {
     pub deadline: Instant,
     attempts: AtomicU32,
     pub(crate) started: OnceLock<Instant>,
+    /// A pool thread is executing it (false while queued or parked).
+    running: AtomicBool,
+    /// Its timer entry while a retry of it is parked.
+    park_key: Mutex<Option<TimerKey>>,
+    /// Set for a `human.approval` that parks for a decision.
+    approval: Option<Box<approvals::ApprovalMeta>>,
+}
+
+impl StepHandle {
+    fn new(
+        assignment: Assignment,
+        accepted_at: Instant,
+        deadline: Instant,
+        approval: Option<Box<approvals::ApprovalMeta>>,
+    ) -> StepHandle {
+        StepHandle {
+            assignment,
+            cancel: CancelToken::new(),
+            accepted_at,
+            deadline,
+            attempts: AtomicU32::new(0),
+            started: OnceLock::new(),
+            running: AtomicBool::new(false),
+            park_key: Mutex::new(None),
+            approval,
+        }
+    }
 }
 
 struct Pool {
@@ -146,6 +184,13 @@ struct Pool {
     capacity: Option<usize>,
     sender: RwLock<Option<Sender<Arc<StepHandle>>>>,
     receiver: Receiver<Arc<StepHandle>>,
+    /// Due retries, taken before the main queue and never full: a retry
+    /// already holds its place and is never turned away for `queue_full`.
+    retry_tx: Sender<(Arc<StepHandle>, Box<BlockError>)>,
+    retry_rx: Receiver<(Arc<StepHandle>, Box<BlockError>)>,
+    /// Retries parked or in `retry_rx`; the pool's threads outlive a drain
+    /// until it is 0.
+    waiting: AtomicUsize,
     active: AtomicUsize,
     alive: AtomicUsize,
 }
@@ -161,6 +206,16 @@ pub(crate) struct Shared {
     draining: AtomicBool,
     /// `finish` calls between recording a result and delivering it.
     finishing: AtomicUsize,
+    /// Parked retries and pending approvals (one timer thread).
+    parking: Arc<Parking>,
+    /// `human.approval` steps may park (a decision channel exists).
+    approvals_enabled: AtomicBool,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.parking.stop();
+    }
 }
 
 /// The running engine. Cloning shares it.
@@ -224,12 +279,16 @@ impl Engine {
                 Some(n) => crossbeam_channel::bounded(n),
                 None => crossbeam_channel::unbounded(),
             };
+            let (retry_tx, retry_rx) = crossbeam_channel::unbounded();
             Pool {
                 kind,
                 threads: settings.pool_sizes[kind.index()],
                 capacity,
                 sender: RwLock::new(Some(tx)),
                 receiver: rx,
+                retry_tx,
+                retry_rx,
+                waiting: AtomicUsize::new(0),
                 active: AtomicUsize::new(0),
                 alive: AtomicUsize::new(0),
             }
@@ -247,6 +306,8 @@ impl Engine {
             pools,
             draining: AtomicBool::new(false),
             finishing: AtomicUsize::new(0),
+            parking: Arc::new(Parking::new()),
+            approvals_enabled: AtomicBool::new(false),
         });
         let (exit_tx, exit_rx) = crossbeam_channel::unbounded();
         let mut handles = Vec::new();
@@ -270,6 +331,17 @@ impl Engine {
                     }
                 }
             }
+        }
+        {
+            let weak = Arc::downgrade(&shared);
+            let parking = shared.parking.clone();
+            std::thread::Builder::new()
+                .name("caf-timer".into())
+                .spawn(move || timer_loop(&parking, &weak))
+                .map_err(|e| SetupError {
+                    setting: "WORKER_*_POOL_SIZE",
+                    reason: format!("cannot spawn the timer thread: {e}"),
+                })?;
         }
         if settings.flags.complete_timeout {
             let weak = Arc::downgrade(&shared);
@@ -322,15 +394,16 @@ impl Engine {
         let budget = a
             .deadline_ms
             .map_or(self.shared.settings.default_deadline, Duration::from_millis);
+        if a.job_type == JobType::HumanApproval
+            && self.shared.approvals_enabled.load(Ordering::Acquire)
+        {
+            // A bad payload goes the ordinary way: the block answers it.
+            if let Ok(request) = crate::blocks::approval::parse(&a.payload) {
+                return self.admit_approval(a, &request, accepted_at, accepted_at + budget);
+            }
+        }
         let pool = &self.shared.pools[a.pool.index()];
-        let handle = Arc::new(StepHandle {
-            deadline: accepted_at + budget,
-            assignment: a,
-            cancel: CancelToken::new(),
-            accepted_at,
-            attempts: AtomicU32::new(0),
-            started: OnceLock::new(),
-        });
+        let handle = Arc::new(StepHandle::new(a, accepted_at, accepted_at + budget, None));
         let sender = pool
             .sender
             .read()
@@ -374,6 +447,51 @@ impl Engine {
         }
     }
 
+    /// Parks a valid approval: no queue, no thread; its timeout is a timer
+    /// entry. Beyond `WORKER_MAX_PENDING_APPROVALS` it is refused `queue_full`.
+    fn admit_approval(
+        &self,
+        a: Assignment,
+        request: &crate::blocks::approval::ApprovalRequest,
+        accepted_at: Instant,
+        deadline: Instant,
+    ) -> Admission {
+        let expires_at = request
+            .timeout
+            .map_or(deadline, |t| accepted_at.checked_add(t).unwrap_or(deadline))
+            .min(deadline);
+        let requested_at_ms = crate::time::now_ms();
+        let meta = approvals::ApprovalMeta {
+            requested_at_ms,
+            expires_at_ms: requested_at_ms
+                + expires_at
+                    .saturating_duration_since(accepted_at)
+                    .as_millis() as u64,
+            expires_at,
+        };
+        let handle = Arc::new(StepHandle::new(
+            a,
+            accepted_at,
+            deadline,
+            Some(Box::new(meta)),
+        ));
+        // It "starts" when it parks: one attempt, no queue time.
+        let _ = handle.started.set(accepted_at);
+        handle.attempts.store(1, Ordering::Release);
+        let max = self.shared.settings.max_pending_approvals;
+        let park = || {
+            self.shared
+                .parking
+                .park_approval(&handle, expires_at, max)
+                .map_err(|_| RejectReason::QueueFull)
+        };
+        match self.shared.tracker.insert_with(&handle, park) {
+            Ok(true) => Admission::Accepted(handle),
+            Ok(false) => Admission::Duplicate(Box::new(unwrap_handle(handle))),
+            Err(reason) => Admission::Rejected(Box::new(unwrap_handle(handle)), reason),
+        }
+    }
+
     /// Withdraws a registered step that could not be queued. If it already
     /// has a result (the deadline thread answered it while `run` waited for
     /// queue space), it stays accepted: one assignment, one answer.
@@ -405,9 +523,9 @@ impl Engine {
         self.shared.tracker.wait(id, timeout)
     }
 
-    /// Requests cancellation. A step still queued ends `cancelled` at once
-    /// and never runs; a running one stops at its next attempt boundary or
-    /// sleep slice.
+    /// Requests cancellation. A step still queued or parked (a retry in its
+    /// backoff) ends `cancelled` at once and never runs again; a running one
+    /// stops at its next attempt boundary or sleep slice.
     pub fn cancel(&self, id: &str) -> CancelOutcome {
         let Some(h) = self.shared.tracker.pending(id) else {
             return match self.shared.tracker.lookup(id) {
@@ -416,11 +534,19 @@ impl Engine {
             };
         };
         h.cancel.cancel(CancelReason::User);
+        if h.approval.is_some() {
+            // Whoever takes it out of the pending table answers it.
+            if self.shared.parking.withdraw(&h) {
+                self.shared.finish_cancelled(&h);
+            }
+            return CancelOutcome::Requested;
+        }
         // Pairs with the fence in `step::run`: see the comment there. If the
         // token already held another reason (deadline, shutdown), whoever set
         // it gives the answer.
         std::sync::atomic::fence(Ordering::SeqCst);
-        if h.started.get().is_none() && h.cancel.reason() == Some(CancelReason::User) {
+        if !h.running.load(Ordering::SeqCst) && h.cancel.reason() == Some(CancelReason::User) {
+            self.shared.withdraw_retry(&h);
             self.shared.finish_cancelled(&h);
         }
         CancelOutcome::Requested
@@ -435,6 +561,7 @@ impl Engine {
             queued: p.receiver.len(),
             capacity: p.capacity,
             active: p.active.load(Ordering::Acquire),
+            retries_waiting: p.waiting.load(Ordering::Acquire),
         })
     }
 
@@ -450,15 +577,53 @@ impl Engine {
 
     /// Stops intake: later submissions are rejected `shutting_down`, and the
     /// pool threads exit once their queues are empty.
+    /// Pending approvals end `cancelled` at once: nobody decides during a drain.
     pub fn begin_shutdown(&self) {
         self.shared.draining.store(true, Ordering::Release);
         for p in &self.shared.pools {
             p.sender.write().unwrap_or_else(|e| e.into_inner()).take();
         }
+        self.shared.cancel_approvals();
     }
 
-    /// Drains for up to `grace`, then ends every step still pending as
-    /// `cancelled` (retryable), so each accepted assignment has one result.
+    /// The hook for a front that can hand unstarted work back to its broker
+    /// (NATS JetStream: `+NAK` at SIGTERM, SPEC §13). Claims every pending
+    /// step no pool thread is running — queued, parked in a retry backoff, or
+    /// an approval waiting for a decision — so this worker gives it no
+    /// result, and returns their assignments to NAK. Call it after
+    /// [`Engine::begin_shutdown`] and before [`Engine::shutdown`]; running
+    /// steps keep their grace. A pool thread that later reaches a withdrawn
+    /// step skips it. (A step a pool thread picks up at this very moment may
+    /// still end `cancelled` with a result instead: one answer either way.)
+    pub fn withdraw_waiting(&self) -> Vec<Assignment> {
+        let shared = &self.shared;
+        let mut out = Vec::new();
+        for h in shared.tracker.all_pending() {
+            if h.approval.is_some() {
+                if !shared.parking.withdraw(&h) {
+                    continue;
+                }
+            } else {
+                if h.running.load(Ordering::SeqCst) || !h.cancel.cancel(CancelReason::Shutdown) {
+                    continue;
+                }
+                // Pairs with the fence in `step::run`, as in `Engine::cancel`.
+                std::sync::atomic::fence(Ordering::SeqCst);
+                if h.running.load(Ordering::SeqCst) {
+                    continue;
+                }
+                shared.withdraw_retry(&h);
+            }
+            if shared.tracker.remove_pending(&h) {
+                out.push(h.assignment.clone());
+            }
+        }
+        out
+    }
+
+    /// Drains for up to `grace` (queued steps run, and so do parked retries
+    /// that come due), then ends every step still pending as `cancelled`
+    /// (retryable), so each accepted assignment has one result.
     pub fn shutdown(&self, grace: Duration) -> ShutdownReport {
         self.begin_shutdown();
         let deadline = Instant::now() + grace;
@@ -469,9 +634,15 @@ impl Engine {
         }
         let drained = exited == total;
         let mut cancelled = 0;
+        // An approval that raced the start of the drain.
+        cancelled += self.shared.cancel_approvals();
         if !drained {
             for h in self.shared.tracker.all_pending() {
+                if h.approval.is_some() {
+                    continue; // being decided right now: its claimer answers
+                }
                 h.cancel.cancel(CancelReason::Shutdown);
+                self.shared.withdraw_retry(&h);
                 if self.shared.finish_cancelled(&h) {
                     cancelled += 1;
                 }
@@ -505,7 +676,12 @@ fn unwrap_handle(handle: Arc<StepHandle>) -> Assignment {
 
 impl Shared {
     /// Records a result and hands it to the sinks and the observer, once.
-    fn finish(&self, h: &StepHandle, outcome: Outcome, stats: StepStats) -> bool {
+    fn finish(
+        &self,
+        h: &StepHandle,
+        outcome: Outcome,
+        stats: StepStats,
+    ) -> Option<Arc<ExecResult>> {
         let result = Arc::new(ExecResult::new(
             &h.assignment,
             outcome,
@@ -514,7 +690,7 @@ impl Shared {
         ));
         let _in_flight = InFlight::enter(&self.finishing);
         if !self.tracker.complete(h, &result) {
-            return false;
+            return None;
         }
         for sink in &self.sinks {
             sink.deliver(&result);
@@ -534,7 +710,56 @@ impl Shared {
                 result.error_message.as_deref().unwrap_or("")
             );
         }
-        true
+        Some(result)
+    }
+
+    /// Parks a retry of `h` (its attempt just failed on a pool thread) until
+    /// `until`. Then hands the step back: if a cancel or shutdown arrived
+    /// while it ran, the canceller may have left the answer to us.
+    fn park_retry(&self, h: &Arc<StepHandle>, until: Instant, last: BlockError) {
+        let pool = &self.pools[h.assignment.pool.index()];
+        pool.waiting.fetch_add(1, Ordering::AcqRel);
+        self.parking.park_retry(h.clone(), until, last);
+        h.running.store(false, Ordering::SeqCst);
+        // Pairs with the fence in `Engine::cancel` (see `step::run`).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if h.cancel.is_cancelled() {
+            self.withdraw_retry(h);
+            self.finish_cancelled(h);
+        }
+    }
+
+    /// Removes a parked retry of `h` from the timer map, if there is one.
+    fn withdraw_retry(&self, h: &StepHandle) {
+        if h.approval.is_none() && self.parking.withdraw(h) {
+            self.pools[h.assignment.pool.index()].retry_left();
+        }
+    }
+
+    /// A parked retry's time came: at its deadline (CP2 timeouts) it ends
+    /// `timeout` now; otherwise it goes back to its pool, ahead of the queue.
+    fn retry_due(&self, h: Arc<StepHandle>, last: Box<BlockError>) {
+        let pool = &self.pools[h.assignment.pool.index()];
+        if h.cancel.is_cancelled() {
+            pool.retry_left();
+            self.finish_cancelled(&h);
+            return;
+        }
+        if self.settings.flags.complete_timeout && Instant::now() >= h.deadline {
+            pool.retry_left();
+            // Claimed like a queued step at its deadline: a cancel that set
+            // the token first gives its own answer.
+            if h.cancel.cancel(CancelReason::Deadline) {
+                let attempts = h.attempts.load(Ordering::Acquire);
+                let outcome = step::deadline_failure(self, &h, *last, attempts);
+                self.finish(&h, outcome, stats_so_far(&h));
+            } else {
+                self.finish_cancelled(&h);
+            }
+            return;
+        }
+        // Never fails: the pool holds the receiver for as long as it lives.
+        let _ = pool.retry_tx.send((h, last));
     }
 
     /// Ends a pending step as `cancelled` from outside its pool thread.
@@ -549,7 +774,7 @@ impl Shared {
             retryable: true,
             outputs: None,
         };
-        self.finish(h, outcome, stats)
+        self.finish(h, outcome, stats).is_some()
     }
 }
 
@@ -629,26 +854,102 @@ impl Drop for AliveGuard<'_> {
     }
 }
 
+/// How often a draining pool thread looks whether retries still wait.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+impl Pool {
+    /// A waiting retry of this pool left the waiting set: taken by a thread,
+    /// answered from the timer, or withdrawn. Each parked retry leaves once.
+    fn retry_left(&self) {
+        let before = self.waiting.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before > 0, "a retry left the waiting set twice");
+    }
+}
+
+/// Work for a pool thread: a fresh step, or a retry back from the timer.
+enum Work {
+    Fresh(Arc<StepHandle>),
+    Retry(Arc<StepHandle>, Box<BlockError>),
+}
+
+/// The next work of `pool`: due retries first (they already hold their
+/// place), then the main queue. `None` once the pool is drained: the main
+/// queue is closed and empty and no retry of this pool waits.
+fn next_work(pool: &Pool, main_open: &mut bool) -> Option<Work> {
+    let retry = |(h, e): (Arc<StepHandle>, Box<BlockError>)| {
+        pool.retry_left();
+        Work::Retry(h, e)
+    };
+    loop {
+        if let Ok(r) = pool.retry_rx.try_recv() {
+            return Some(retry(r));
+        }
+        if *main_open {
+            crossbeam_channel::select! {
+                recv(pool.retry_rx) -> m => if let Ok(r) = m { return Some(retry(r)) },
+                recv(pool.receiver) -> m => match m {
+                    Ok(h) => return Some(Work::Fresh(h)),
+                    Err(_) => *main_open = false,
+                },
+            }
+        } else {
+            // Draining: parked retries of this pool still get their attempts
+            // within the grace, like queued steps. Polled, but only while draining.
+            if pool.waiting.load(Ordering::Acquire) == 0 {
+                return None;
+            }
+            if let Ok(r) = pool.retry_rx.recv_timeout(DRAIN_POLL) {
+                return Some(retry(r));
+            }
+        }
+    }
+}
+
 fn worker_loop(shared: &Shared, kind: PoolKind, exit: Sender<()>) {
     let pool = &shared.pools[kind.index()];
     let _alive = AliveGuard(&pool.alive, exit);
-    for handle in pool.receiver.iter() {
+    let mut main_open = true;
+    while let Some(work) = next_work(pool, &mut main_open) {
+        let (handle, resume) = match work {
+            Work::Fresh(h) => {
+                shared.observer.dequeued(kind, h.accepted_at.elapsed());
+                (h, None)
+            }
+            Work::Retry(h, last) => (h, Some(*last)),
+        };
         pool.active.fetch_add(1, Ordering::AcqRel);
-        shared.observer.dequeued(kind, handle.accepted_at.elapsed());
         let _ctx = logging::enter(logging::LogContext::of(&handle.assignment));
         // The step loop already catches block panics; this catch covers the
         // engine's own code so a bug cannot kill the thread or lose the result.
-        let ran = catch_unwind(AssertUnwindSafe(|| step::run(shared, &handle)));
+        let ran = catch_unwind(AssertUnwindSafe(|| step::run(shared, &handle, resume)));
         pool.active.fetch_sub(1, Ordering::AcqRel);
-        let (outcome, stats) = ran.unwrap_or_else(|_| {
+        let progress = ran.unwrap_or_else(|_| {
             let outcome = Outcome::Failure {
                 code: crate::contract::ErrorCode::InternalError,
                 message: "internal error while running the step".into(),
                 retryable: true,
                 outputs: None,
             };
-            (outcome, stats_so_far(&handle))
+            step::Progress::Done(outcome, stats_so_far(&handle))
         });
-        shared.finish(&handle, outcome, stats);
+        match progress {
+            step::Progress::Done(outcome, stats) => {
+                shared.finish(&handle, outcome, stats);
+            }
+            step::Progress::Park { until, last } => shared.park_retry(&handle, until, last),
+        }
+    }
+}
+
+/// The timer thread: hands due entries to the engine until it is gone.
+fn timer_loop(parking: &Parking, weak: &std::sync::Weak<Shared>) {
+    while let Some(due) = parking.next_due() {
+        let Some(shared) = weak.upgrade() else { return };
+        for parked in due {
+            match parked {
+                Parked::Retry { handle, last } => shared.retry_due(handle, last),
+                Parked::Approval(handle) => shared.approval_expired(&handle),
+            }
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! One step from start to result: the attempt loop with retries, backoff
-//! sleeps, deadlines and cancellation (SPEC §6, §7).
+//! One step from start to result: the attempt loop with retries, deadlines
+//! and cancellation (SPEC §6, §7). A retry does not sleep here: the step
+//! returns [`Progress::Park`] and waits in the engine's timer map.
 
 use super::retry::{backoff, cp1_delay, is_retryable, jittered};
 use super::{Shared, StepHandle};
@@ -10,8 +11,24 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
-/// Runs the step of `h` to its outcome.
-pub(super) fn run(shared: &Shared, h: &StepHandle) -> (Outcome, StepStats) {
+/// Where an attempt left the step.
+pub(super) enum Progress {
+    /// The step has its outcome.
+    Done(Outcome, StepStats),
+    /// A retry is due at `until` (capped at the deadline under CP2 timeouts):
+    /// the step parks, and the pool thread is free at once.
+    Park {
+        /// When to re-queue it.
+        until: Instant,
+        /// The error of the attempt that failed.
+        last: BlockError,
+    },
+}
+
+/// Runs the step of `h` up to its outcome or its next backoff. `resume` is
+/// `None` for the first start, or the last error when a parked retry comes
+/// back from the timer.
+pub(super) fn run(shared: &Shared, h: &StepHandle, resume: Option<BlockError>) -> Progress {
     let s = &shared.settings;
     let a = &h.assignment;
     let accepted = h.accepted_at;
@@ -21,40 +38,62 @@ pub(super) fn run(shared: &Shared, h: &StepHandle) -> (Outcome, StepStats) {
             latency_ms: 0,
             queue_ms: ms(accepted.elapsed()),
         };
-        (outcome, stats)
+        Progress::Done(outcome, stats)
     };
-    // Publish "started" before looking at the token; `Engine::cancel` sets the
-    // token before looking at "started". With a SeqCst fence on both sides at
-    // least one of us sees the other, so a queued step is never both answered
-    // by the canceller and run here.
-    let start = Instant::now();
-    let _ = h.started.set(start);
-    fence(Ordering::SeqCst);
-    if let Some(reason) = h.cancel.reason() {
-        return never_started(final_failure(BlockError::cancelled(reason), false, None));
+    // Publish "running" before looking at the token; `Engine::cancel` sets
+    // the token before looking at "running". With a SeqCst fence on both
+    // sides at least one of us sees the other, so a waiting step (queued or
+    // parked) is never both answered by the canceller and run here.
+    let now = Instant::now();
+    if resume.is_none() {
+        let _ = h.started.set(now);
     }
-    if s.flags.complete_timeout && Instant::now() >= h.deadline {
-        // Claim the step as the deadline thread would; whoever sets the token
-        // counts the timeout, so it is counted once.
-        if !h.cancel.cancel(CancelReason::Deadline) {
-            let reason = h.cancel.reason().unwrap_or(CancelReason::Deadline);
+    h.running.store(true, Ordering::SeqCst);
+    fence(Ordering::SeqCst);
+    let start = *h.started.get().unwrap_or(&now);
+    let stats_now = |attempts| StepStats {
+        attempts,
+        latency_ms: ms(start.elapsed()),
+        queue_ms: ms(start.saturating_duration_since(accepted)),
+    };
+    let mut attempt = h.attempts.load(Ordering::Acquire);
+    if let Some(last) = resume {
+        if let Some(reason) = h.cancel.reason() {
+            let outcome = final_failure(BlockError::cancelled(reason), false, None);
+            return Progress::Done(outcome, stats_now(attempt));
+        }
+        if s.flags.complete_timeout && Instant::now() >= h.deadline {
+            let outcome = deadline_failure(shared, h, last, attempt);
+            return Progress::Done(outcome, stats_now(attempt));
+        }
+        // Counted when the retry really starts, not when it was planned.
+        shared.observer.retry(a.job_type);
+    } else {
+        if let Some(reason) = h.cancel.reason() {
             return never_started(final_failure(BlockError::cancelled(reason), false, None));
         }
-        shared.observer.timeout(a.job_type, TimeoutPhase::Deadline);
-        return never_started(queued_past_deadline());
+        if s.flags.complete_timeout && Instant::now() >= h.deadline {
+            // Claim the step as the deadline thread would; whoever sets the
+            // token counts the timeout, so it is counted once.
+            if !h.cancel.cancel(CancelReason::Deadline) {
+                let reason = h.cancel.reason().unwrap_or(CancelReason::Deadline);
+                return never_started(final_failure(BlockError::cancelled(reason), false, None));
+            }
+            shared.observer.timeout(a.job_type, TimeoutPhase::Deadline);
+            return never_started(queued_past_deadline());
+        }
+        if s.flags.advanced_retry {
+            shared.budget.record_first_attempt();
+        }
     }
 
-    let queue_ms = ms(start - accepted);
     let max_attempts = a
         .retry
         .max_attempts
         .unwrap_or(s.default_max_attempts)
         .max(1);
-    if s.flags.advanced_retry {
-        shared.budget.record_first_attempt();
-    }
-    let mut attempt = 0u32;
-    let outcome = loop {
+    // One attempt per call: a retry parks and comes back through `resume`.
+    let outcome = 'attempt: {
         attempt += 1;
         h.attempts.store(attempt, Ordering::Release);
         let now = Instant::now();
@@ -74,24 +113,24 @@ pub(super) fn run(shared: &Shared, h: &StepHandle) -> (Outcome, StepStats) {
         }))
         .unwrap_or_else(|panic| Err(panic_error(panic)));
         let err = match result {
-            Ok(outputs) => break Outcome::Success(outputs),
+            Ok(outputs) => break 'attempt Outcome::Success(outputs),
             Err(e) => e,
         };
         if let Some(phase) = err.timeout {
             shared.observer.timeout(a.job_type, phase);
         }
         if let Some(reason) = h.cancel.reason() {
-            break final_failure(BlockError::cancelled(reason), false, None);
+            break 'attempt final_failure(BlockError::cancelled(reason), false, None);
         }
         if err.code == ErrorCode::CancelledByUser || attempt >= max_attempts {
-            break final_failure(err, false, None);
+            break 'attempt final_failure(err, false, None);
         }
         if s.flags.complete_timeout && Instant::now() >= h.deadline {
-            break deadline_failure(shared, h, err, attempt);
+            break 'attempt deadline_failure(shared, h, err, attempt);
         }
         let delay = if s.flags.advanced_retry {
             if !is_retryable(&err) {
-                break final_failure(err, false, None);
+                break 'attempt final_failure(err, false, None);
             }
             let base = a
                 .retry
@@ -106,7 +145,7 @@ pub(super) fn run(shared: &Shared, h: &StepHandle) -> (Outcome, StepStats) {
                 d = d.max(after);
             }
             if Instant::now() + d >= h.deadline {
-                break final_failure(
+                break 'attempt final_failure(
                     err,
                     true,
                     Some(format!(
@@ -117,7 +156,7 @@ pub(super) fn run(shared: &Shared, h: &StepHandle) -> (Outcome, StepStats) {
             }
             if !shared.budget.try_spend() {
                 shared.observer.retry_budget_denied(a.job_type);
-                break final_failure(
+                break 'attempt final_failure(
                     err,
                     true,
                     Some("process retry budget exhausted; retry denied".into()),
@@ -127,26 +166,13 @@ pub(super) fn run(shared: &Shared, h: &StepHandle) -> (Outcome, StepStats) {
         } else {
             cp1_delay(attempt)
         };
-        let mut wake = Instant::now() + delay;
+        let mut until = Instant::now() + delay;
         if s.flags.complete_timeout {
-            wake = wake.min(h.deadline);
+            until = until.min(h.deadline);
         }
-        if !h.cancel.sleep_until(wake) {
-            let reason = h.cancel.reason().unwrap_or(CancelReason::User);
-            break final_failure(BlockError::cancelled(reason), false, None);
-        }
-        if s.flags.complete_timeout && Instant::now() >= h.deadline {
-            break deadline_failure(shared, h, err, attempt);
-        }
-        // Counted when the retry really starts, not when it was planned.
-        shared.observer.retry(a.job_type);
+        return Progress::Park { until, last: err };
     };
-    let stats = StepStats {
-        attempts: attempt,
-        latency_ms: ms(start.elapsed()),
-        queue_ms,
-    };
-    (outcome, stats)
+    Progress::Done(outcome, stats_now(attempt))
 }
 
 /// The outcome of a step whose deadline passed while it was still queued
@@ -180,7 +206,12 @@ fn attempt_deadline(shared: &Shared, h: &StepHandle, now: Instant) -> Instant {
     }
 }
 
-fn deadline_failure(shared: &Shared, h: &StepHandle, last: BlockError, attempts: u32) -> Outcome {
+pub(super) fn deadline_failure(
+    shared: &Shared,
+    h: &StepHandle,
+    last: BlockError,
+    attempts: u32,
+) -> Outcome {
     // One timeout, one count: an attempt cut short by the deadline was
     // already counted in its own phase.
     if last.timeout.is_none() {

@@ -5,7 +5,7 @@ use super::auth::{Auth, Principal};
 use super::{
     Handler, Reply, error_body, header, json, json_text, method_not_allowed, not_found, respond,
 };
-use crate::contract::{Ack, IntakeRules, RejectReason, Rejection, parse_assignment};
+use crate::contract::{Ack, IntakeRules, JobType, RejectReason, Rejection, parse_assignment};
 use crate::engine::{Admission, Backpressure, CancelOutcome, Engine, Lookup};
 use serde_json::json;
 use std::io::Read;
@@ -51,6 +51,8 @@ impl Ingress {
             ["", "api", "v1", "execute"] => Some("POST"),
             ["", "api", "v1", "results", id] if !id.is_empty() => Some("GET, HEAD"),
             ["", "api", "v1", "assignments", id, "cancel"] if !id.is_empty() => Some("POST"),
+            ["", "api", "v1", "approvals"] => Some("GET, HEAD"),
+            ["", "api", "v1", "approvals", id] if !id.is_empty() => Some("POST"),
             _ => None,
         };
         let Some(allow) = known else {
@@ -81,6 +83,8 @@ impl Ingress {
             ["", "api", "v1", "assignments", id, "cancel"] => {
                 self.cancel(&who, &percent_decode(id))
             }
+            ["", "api", "v1", "approvals"] => super::approvals::list(&self.engine, &who, query),
+            ["", "api", "v1", "approvals", id] => self.decide(&who, request, &percent_decode(id)),
             _ => not_found(path),
         }
     }
@@ -89,6 +93,27 @@ impl Ingress {
     /// tenant `who` is authorized for. Anything else is answered as unknown.
     fn visible(&self, who: &Principal, id: &str) -> bool {
         self.engine.tenant_of(id).is_some_and(|t| who.authorize(&t))
+    }
+
+    /// A decision on approval `id`: another tenant's approval is unknown (404).
+    fn decide(&self, who: &Principal, request: &mut Request, id: &str) -> Reply {
+        if !self.visible(who, id) {
+            return super::approvals::unknown(id);
+        }
+        match read_body(request, self.rules.max_body_bytes) {
+            Ok(body) => super::approvals::decide(&self.engine, id, &body),
+            Err(BodyError::TooLarge(n)) => json(
+                413,
+                &error_body(
+                    "payload_too_large",
+                    &format!("the body is {n} bytes, more than WORKER_MAX_BODY_BYTES"),
+                ),
+            ),
+            Err(BodyError::Io(e)) => json(
+                408,
+                &error_body("request_timeout", &format!("could not read the body: {e}")),
+            ),
+        }
     }
 
     fn submit(&self, who: &Principal, request: &mut Request, wait: Option<u64>) -> Reply {
@@ -139,6 +164,10 @@ impl Ingress {
             Admission::Duplicate(a) => (a.assignment_id.clone(), 200, Ack::duplicate(&a, worker)),
             Admission::Rejected(a, reason) => {
                 let msg = match reason {
+                    RejectReason::QueueFull if a.job_type == JobType::HumanApproval => {
+                        "WORKER_MAX_PENDING_APPROVALS approvals are already waiting; retry later"
+                            .to_owned()
+                    }
                     RejectReason::QueueFull => format!(
                         "the {} pool's queue is full (WORKER_MAX_QUEUE_SIZE); retry later",
                         a.pool.as_str()
@@ -257,6 +286,15 @@ fn wait_ms(query: &str) -> Option<u64> {
         .find(|(k, _)| *k == "wait_ms")
         .and_then(|(_, v)| v.parse::<u64>().ok())
         .map(|v| v.min(MAX_WAIT_MS))
+}
+
+/// The percent-decoded value of `key` in a query string.
+pub(super) fn query_param(query: &str, key: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| percent_decode(v))
 }
 
 fn percent_decode(s: &str) -> String {

@@ -32,6 +32,7 @@ impl MetricsEndpoint {
         self.metrics.refresh(
             &self.engine.pool_stats(),
             self.engine.blocks().fs_abandoned(),
+            self.engine.approvals_pending(),
             &health,
         );
         let content_type =

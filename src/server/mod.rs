@@ -5,11 +5,13 @@
 //! connection cap) and a fixed set of handler threads that never touch a
 //! socket, so no client can hold a handler or grow the thread count.
 
+mod approvals;
 pub mod auth;
 mod health;
 mod ingress;
 mod metrics;
 
+pub use approvals::parse_decision;
 pub use auth::{Auth, Principal};
 pub use health::{Health, HealthCheck};
 pub use ingress::Ingress;

@@ -6,7 +6,7 @@
 use crate::blocks::TimeoutPhase;
 use crate::config::Settings;
 use crate::contract::{ErrorCode, JobType, PoolKind, RejectReason, Status};
-use crate::engine::{Observer, PoolStats, StepReport};
+use crate::engine::{ApprovalOutcome, Observer, PoolStats, StepReport};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -52,6 +52,9 @@ pub struct Metrics {
     health_status: IntGaugeVec,
     assignments: IntCounterVec,
     fs_abandoned: IntGauge,
+    retries_waiting: IntGaugeVec,
+    approvals_pending: IntGauge,
+    approval_decisions: [IntCounter; 3],
     budget_denied: IntCounter,
     // Handles resolved once at start-up: these label sets are small and fixed.
     queue_wait: [Histogram; 3],
@@ -174,6 +177,21 @@ impl Metrics {
             "Queue bound of the pool; 0 when queues are unbounded (queue management off).",
         )?;
         let pool_threads = pool_gauge("worker_pool_threads", "Configured threads of the pool.")?;
+        let retries_waiting = pool_gauge(
+            "worker_retries_waiting",
+            "Retries waiting out their backoff (parked, holding no thread) or due and not yet picked up.",
+        )?;
+        let approvals_pending = IntGauge::new(
+            "worker_approvals_pending",
+            "human.approval steps waiting for a decision (parked, holding no thread).",
+        )?;
+        let decisions_vec = IntCounterVec::new(
+            Opts::new(
+                "worker_approval_decisions_total",
+                "Ended approvals by decision (approved, rejected, timeout).",
+            ),
+            &["decision"],
+        )?;
         let queue_wait_vec = HistogramVec::new(
             HistogramOpts::new(
                 "worker_queue_wait_seconds",
@@ -241,6 +259,9 @@ impl Metrics {
             Box::new(budget_denied.clone()),
             Box::new(timeouts_vec.clone()),
             Box::new(fs_abandoned.clone()),
+            Box::new(retries_waiting.clone()),
+            Box::new(approvals_pending.clone()),
+            Box::new(decisions_vec.clone()),
             Box::new(build_info.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -262,7 +283,12 @@ impl Metrics {
             .iter()
             .map(|r| assignments.with_label_values(&["rejected", r.as_str()]))
             .collect();
+        let approval_decisions =
+            ApprovalOutcome::ALL.map(|d| decisions_vec.with_label_values(&[d.as_str()]));
         Ok(Metrics {
+            retries_waiting,
+            approvals_pending,
+            approval_decisions,
             accepted: assignments.with_label_values(&["accepted", ""]),
             duplicates: assignments.with_label_values(&["accepted", "duplicate"]),
             rejections,
@@ -351,8 +377,16 @@ impl Metrics {
         })
     }
 
-    /// Updates the live gauges from the engine's pool numbers and health checks.
-    pub fn refresh(&self, pools: &[PoolStats], fs_abandoned: usize, health: &[(&str, bool)]) {
+    /// Updates the live gauges from the engine's pool numbers, pending
+    /// approvals and health checks.
+    pub fn refresh(
+        &self,
+        pools: &[PoolStats],
+        fs_abandoned: usize,
+        approvals_pending: usize,
+        health: &[(&str, bool)],
+    ) {
+        self.approvals_pending.set(approvals_pending as i64);
         for p in pools {
             let l = [p.kind.as_str()];
             self.queue_depth.with_label_values(&l).set(p.queued as i64);
@@ -363,6 +397,9 @@ impl Metrics {
             self.pool_threads
                 .with_label_values(&l)
                 .set(p.threads as i64);
+            self.retries_waiting
+                .with_label_values(&l)
+                .set(p.retries_waiting as i64);
         }
         self.fs_abandoned.set(fs_abandoned as i64);
         for (check, ok) in health {
@@ -431,6 +468,14 @@ impl Observer for Metrics {
 
     fn timeout(&self, job: JobType, phase: TimeoutPhase) {
         self.timeouts[job_index(job)][phase_index(phase)].inc();
+    }
+
+    fn approval_decided(&self, outcome: ApprovalOutcome) {
+        let i = ApprovalOutcome::ALL
+            .iter()
+            .position(|d| *d == outcome)
+            .unwrap_or(0);
+        self.approval_decisions[i].inc();
     }
 
     fn finished<'a>(&self, report: &StepReport<'a>) {

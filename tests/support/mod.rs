@@ -897,6 +897,16 @@ pub mod serve {
         ))
     }
 
+    /// `POST /api/v1/execute?wait_ms=N`: submit and wait for the result.
+    pub fn execute(w: &Worker, a: &Value, wait_ms: u64) -> Answer {
+        request(
+            "POST",
+            &w.url(&format!("/api/v1/execute?wait_ms={wait_ms}")),
+            &[],
+            Some(a.to_string().as_bytes()),
+        )
+    }
+
     /// `GET /api/v1/results/{id}?wait_ms=N`.
     pub fn result(w: &Worker, id: &str, wait_ms: u64) -> Answer {
         answer(http(
@@ -1057,6 +1067,20 @@ pub mod serve {
             .lines()
             .find_map(|l| l.strip_prefix("Threads:"))
             .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Threads of `pid` the engine names `caf-*` (pool, timer and deadline
+    /// threads), leaving out the ports' connection threads, whose number
+    /// follows the clients.
+    pub fn engine_threads(pid: u32) -> usize {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                    .filter(|n| n.starts_with("caf-") && n.trim() != "caf-worker")
+                    .count()
+            })
             .unwrap_or(0)
     }
 
