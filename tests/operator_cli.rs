@@ -1,0 +1,233 @@
+//! Operator experience through the real binary (issue 11, SPEC §12.14): the
+//! CP2 profile, configuration mistakes that point at the fix, payload checks
+//! in `validate`, batch input shapes, Ctrl-C and progress.
+mod support;
+
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn lines(values: &[Value]) -> String {
+    values.iter().map(|v| format!("{v}\n")).collect()
+}
+
+fn stderr_text(out: &support::Output) -> String {
+    out.stderr.join("\n")
+}
+
+/// A step that fails with a non-retryable code on every attempt: CP1 retries
+/// it (4 attempts), CP2's classification ends it after one.
+fn permanent_failure(id: &str) -> Value {
+    support::assignment(id, "debug.fail", json!({"error_code": "INVALID_INPUT"}))
+}
+
+#[test]
+fn profile_cp2_turns_on_every_cp2_flag_and_an_explicit_flag_still_wins() {
+    let dir = support::temp_dir();
+    let root = dir.path().join("data");
+    let root = root.to_str().unwrap();
+    let input = lines(&[permanent_failure("p-1")]);
+    let attempts = |args: &[&str], env: &[(&str, &str)]| {
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        all.push("-");
+        let mut env = env.to_vec();
+        env.push(("WORKER_FS_ROOT", root));
+        let out = support::run_cmd(&all, &env, &input, LIMIT);
+        assert_eq!(out.code, 1, "stderr {:?}", out.stderr);
+        out.results()["p-1"]["attempts"].as_u64().unwrap()
+    };
+    assert_eq!(
+        attempts(&[], &[]),
+        4,
+        "CP1 is the default: every error retried"
+    );
+    assert_eq!(attempts(&[], &[("WORKER_PROFILE", "cp2")]), 1);
+    assert_eq!(
+        attempts(&["--profile", "CP2"], &[]),
+        1,
+        "--profile, any case"
+    );
+    assert_eq!(
+        attempts(&["--set", "profile=cp2"], &[]),
+        1,
+        "the TOML/--set key `profile`"
+    );
+    assert_eq!(
+        attempts(
+            &["--profile", "cp2"],
+            &[("CP2_ADVANCED_RETRY_ENABLED", "false")]
+        ),
+        4,
+        "a flag set explicitly wins over the profile"
+    );
+    let out = support::run_cmd(&["run", "--profile", "cp3", "-"], &[], &input, LIMIT);
+    assert_eq!(out.code, 2);
+    assert!(
+        stderr_text(&out).contains("WORKER_PROFILE"),
+        "{:?}",
+        out.stderr
+    );
+}
+
+#[test]
+fn an_invalid_rust_log_exits_2_naming_it() {
+    let input = lines(&[support::assignment("l-1", "debug.echo", json!({}))]);
+    for filter in ["inof", "caf_wroker=debug", "caf_worker=debgu"] {
+        let out = support::run_cmd(&["validate", "-"], &[("RUST_LOG", filter)], &input, LIMIT);
+        assert_eq!(out.code, 2, "{filter}: {:?}", out.stderr);
+        assert!(out.stdout.is_empty(), "{filter}: nothing validated");
+        assert_eq!(out.stderr.len(), 1, "{:?}", out.stderr);
+        assert!(out.stderr[0].contains("RUST_LOG"), "{:?}", out.stderr);
+        assert!(out.stderr[0].contains("did you mean"), "{:?}", out.stderr);
+    }
+    let out = support::run_cmd(
+        &["validate", "-"],
+        &[("RUST_LOG", "warn,caf_worker=debug")],
+        &input,
+        LIMIT,
+    );
+    assert_eq!(out.code, 0, "{:?}", out.stderr);
+}
+
+#[test]
+fn unknown_keys_and_variables_name_the_closest_valid_one() {
+    let dir = support::temp_dir();
+    let input = lines(&[support::assignment("k-1", "debug.echo", json!({}))]);
+    let toml = dir.path().join("worker.toml");
+    std::fs::write(&toml, "io_poll_size = 3\n").unwrap();
+    let out = support::run_cmd(
+        &["validate", "--config", toml.to_str().unwrap(), "-"],
+        &[],
+        &input,
+        LIMIT,
+    );
+    assert_eq!(out.code, 2);
+    assert!(
+        stderr_text(&out).contains("did you mean io_pool_size?"),
+        "{:?}",
+        out.stderr
+    );
+    let out = support::run_cmd(
+        &["validate", "--set", "retry_jiter=full", "-"],
+        &[],
+        &input,
+        LIMIT,
+    );
+    assert_eq!(out.code, 2);
+    assert!(stderr_text(&out).contains("did you mean retry_jitter?"));
+    // The environment is shared with other software: a warning, not an exit.
+    let out = support::run_cmd(
+        &["validate", "-"],
+        &[
+            ("WORKER_IO_POLL_SIZE", "3"),
+            ("CP2_QUEUE_MANAGMENT_ENABLED", "1"),
+        ],
+        &input,
+        LIMIT,
+    );
+    assert_eq!(out.code, 0, "{:?}", out.stderr);
+    let text = stderr_text(&out);
+    assert!(text.contains("did you mean WORKER_IO_POOL_SIZE?"), "{text}");
+    assert!(
+        text.contains("did you mean CP2_QUEUE_MANAGEMENT_ENABLED?"),
+        "{text}"
+    );
+}
+
+#[test]
+fn setting_errors_name_the_setting_and_the_accepted_values() {
+    let input = lines(&[support::assignment("s-1", "debug.echo", json!({}))]);
+    let one_line = |env: &[(&str, &str)]| {
+        let out = support::run_cmd(&["validate", "-"], env, &input, LIMIT);
+        assert_eq!(out.code, 2, "{env:?}: {:?}", out.stderr);
+        assert_eq!(out.stderr.len(), 1, "{:?}", out.stderr);
+        out.stderr[0].clone()
+    };
+    let line = one_line(&[
+        ("WORKER_RETRY_BASE_MS", "300"),
+        ("WORKER_RETRY_MAX_DELAY_MS", "200"),
+    ]);
+    assert!(
+        line.contains("WORKER_RETRY_BASE_MS") && line.contains("WORKER_RETRY_MAX_DELAY_MS"),
+        "{line}"
+    );
+    let line = one_line(&[("WORKER_STRICT_IDS", "maybe")]);
+    assert!(line.contains("WORKER_STRICT_IDS"), "{line}");
+    assert!(line.contains("true, false, 1, 0, yes or no"), "{line}");
+    // Enum values ignore case.
+    let out = support::run_cmd(
+        &["validate", "-"],
+        &[
+            ("WORKER_LOG_FORMAT", "TEXT"),
+            ("WORKER_RETRY_JITTER", "Full"),
+        ],
+        &input,
+        LIMIT,
+    );
+    assert_eq!(out.code, 0, "{:?}", out.stderr);
+    assert!(
+        !out.stderr[0].starts_with('{'),
+        "text format: {:?}",
+        out.stderr
+    );
+    // So does job.resources.class.
+    let mut gpu = support::assignment("s-2", "debug.echo", json!({}));
+    gpu["job"]["resources"] = json!({"class": "GPU"});
+    let out = support::run_cmd(&["validate", "-"], &[], &lines(&[gpu]), LIMIT);
+    assert_eq!(out.stdout, ["line 1: ok s-2"], "{:?}", out.stderr);
+}
+
+#[test]
+fn each_command_lists_only_the_options_it_uses() {
+    let help = |cmd: &str| {
+        let out = support::run_cmd(&[cmd, "--help"], &[], "", LIMIT);
+        assert_eq!(out.code, 0);
+        out.stdout.join("\n")
+    };
+    let (serve, run, validate) = (help("serve"), help("run"), help("validate"));
+    for opt in [
+        "--ingress-addr",
+        "--health-addr",
+        "--metrics-addr",
+        "--profile",
+        "--io-pool-size",
+    ] {
+        assert!(serve.contains(opt), "serve --help lists {opt}");
+    }
+    for opt in ["--profile", "--io-pool-size", "--fs-root", "--results-file"] {
+        assert!(run.contains(opt), "run --help lists {opt}");
+    }
+    for opt in ["--ingress-addr", "--health-addr", "--metrics-addr"] {
+        assert!(!run.contains(opt), "run --help does not list {opt}");
+        assert!(
+            !validate.contains(opt),
+            "validate --help does not list {opt}"
+        );
+    }
+    for opt in [
+        "--io-pool-size",
+        "--fs-root",
+        "--results-file",
+        "--worker-id",
+        "--profile",
+    ] {
+        assert!(
+            !validate.contains(opt),
+            "validate --help does not list {opt}"
+        );
+    }
+    for opt in ["--config", "--set", "--log"] {
+        assert!(validate.contains(opt), "validate --help lists {opt}");
+    }
+}
+
+#[test]
+fn the_readme_lists_every_setting_with_its_env_name_and_key() {
+    let readme = std::fs::read_to_string(support::root().join("README.md")).unwrap();
+    for k in caf_worker::config::KEYS {
+        let row = format!("| `{}` | `{}` |", k.env, k.name);
+        assert!(readme.contains(&row), "README configuration table lacks {row}");
+    }
+}
