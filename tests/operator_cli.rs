@@ -228,6 +228,9 @@ fn the_readme_lists_every_setting_with_its_env_name_and_key() {
     let readme = std::fs::read_to_string(support::root().join("README.md")).unwrap();
     for k in caf_worker::config::KEYS {
         let row = format!("| `{}` | `{}` |", k.env, k.name);
-        assert!(readme.contains(&row), "README configuration table lacks {row}");
+        assert!(
+            readme.contains(&row),
+            "README configuration table lacks {row}"
+        );
     }
 }

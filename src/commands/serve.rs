@@ -126,7 +126,8 @@ fn start_ports(
         intake_rules(settings),
         settings.api_token.clone(),
         INGRESS_THREADS,
-    );
+    )
+    .with_max_long_polls(settings.max_long_polls);
     let mut ports = vec![HttpPort::start(
         "WORKER_INGRESS_ADDR",
         settings.ingress_addr,
