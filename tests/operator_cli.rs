@@ -234,3 +234,57 @@ fn the_readme_lists_every_setting_with_its_env_name_and_key() {
         );
     }
 }
+
+#[test]
+fn validate_checks_payloads_like_the_blocks_and_reports_repeated_ids() {
+    let a = support::assignment;
+    let input = lines(&[
+        a("pv-1", "http.request", json!({"method": "GET"})),
+        a("pv-2", "http.request", json!({"url": "ftp://x/y"})),
+        a(
+            "pv-3",
+            "http.request",
+            json!({"url": "http://x/", "method": "FETCH"}),
+        ),
+        a("pv-4", "fs.blob_get", json!({"path": "../etc/passwd"})),
+        a("pv-5", "fs.blob_put", json!({"path": "a.txt"})),
+        a("pv-6", "debug.sleep", json!({"ms": "100"})),
+        a("pv-6", "debug.echo", json!({})),
+        a(
+            "pv-7",
+            "fs.blob_put",
+            json!({"path": "ok.txt", "content": "x"}),
+        ),
+    ]);
+    let out = support::run_cmd(&["validate", "-"], &[], &input, LIMIT);
+    assert_eq!(out.code, 1, "{:?}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        [
+            "line 1: invalid payload: url: is required (MISSING_REQUIRED_FIELD)",
+            "line 2: invalid payload: url: must use http or https, got \"ftp\" (INVALID_INPUT)",
+            "line 3: invalid payload: method: \"FETCH\" is not one of GET HEAD POST PUT PATCH DELETE OPTIONS (INVALID_INPUT)",
+            "line 4: invalid payload: path: must not contain '..' components (PERMISSION_DENIED)",
+            "line 5: invalid payload: content: payload.content or payload.content_base64 is required (MISSING_REQUIRED_FIELD)",
+            "line 6: invalid payload: ms: must be a non-negative integer, got a string (INVALID_FORMAT)",
+            "line 7: duplicate assignment_id: \"pv-6\" is already on line 6",
+            "line 8: ok pv-7",
+        ]
+    );
+    // `run` keeps the contract: accepted, then an `error` result each (the
+    // repeat gets its duplicate Ack); nothing is written under the root.
+    let dir = support::temp_dir();
+    let root = dir.path().join("data");
+    let out = support::run_cmd(
+        &["run", "-"],
+        &[("WORKER_FS_ROOT", root.to_str().unwrap())],
+        &input,
+        LIMIT,
+    );
+    assert_eq!(out.code, 1, "{:?}", out.stderr);
+    let results = out.results();
+    for id in ["pv-1", "pv-2", "pv-3", "pv-4", "pv-5", "pv-6"] {
+        assert_eq!(results[id]["status"], "error", "{id}: {}", results[id]);
+    }
+    assert_eq!(results["pv-7"]["status"], "success");
+}

@@ -191,6 +191,21 @@ impl fmt::Display for SetupError {
 
 impl std::error::Error for SetupError {}
 
+/// Runs the payload checks `job`'s block runs before any I/O, without
+/// running anything (`caf-worker validate`). The blocks call the same
+/// functions, so the two cannot disagree.
+pub fn check_payload(job: JobType, payload: &Map<String, Value>) -> Result<(), BlockError> {
+    match job {
+        JobType::HttpRequest => http::prepare(payload).map(drop),
+        JobType::FsBlobPut | JobType::FsBlobGet | JobType::FsBlobDelete => {
+            fs::check_payload(job, payload)
+        }
+        JobType::DebugEcho => Ok(()),
+        JobType::DebugSleep => debug::sleep_ms(payload).map(drop),
+        JobType::DebugFail => debug::fail_spec(payload).map(drop),
+    }
+}
+
 /// All block families, sharing one HTTP agent and one FS root.
 #[derive(Debug)]
 pub struct Blocks {
