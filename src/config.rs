@@ -175,6 +175,9 @@ pub struct Settings {
     pub log_filter: String,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Not a setting: `run` sets it so a batch without fs.* steps leaves no
+    /// FS root behind; `serve` creates the root at start (health probes it).
+    pub fs_root_on_demand: bool,
     /// Warnings found while reading (e.g. a flag with an odd value); logged at start.
     pub warnings: Vec<String>,
     /// The effective value and origin of every key, for the start-up log.
@@ -666,6 +669,7 @@ impl Reader {
             metrics_max_tenants: self.int("metrics_max_tenants", 1, 1_000_000)? as usize,
             log_filter,
             log_format,
+            fs_root_on_demand: false,
             warnings: std::mem::take(&mut self.warnings),
             effective: self.values,
         };

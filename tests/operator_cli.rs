@@ -288,3 +288,131 @@ fn validate_checks_payloads_like_the_blocks_and_reports_repeated_ids() {
     }
     assert_eq!(results["pv-7"]["status"], "success");
 }
+
+fn echo(id: &str) -> Value {
+    support::assignment(id, "debug.echo", json!({"id": id}))
+}
+
+/// Pretty-printed objects, one after another, and the line each starts on.
+fn pretty_stream(values: &[Value]) -> (String, Vec<usize>) {
+    let (mut text, mut starts) = (String::new(), Vec::new());
+    for v in values {
+        starts.push(text.lines().count() + 1);
+        text.push_str(&serde_json::to_string_pretty(v).unwrap());
+        text.push('\n');
+    }
+    (text, starts)
+}
+
+#[test]
+fn batch_input_may_be_json_lines_an_array_or_concatenated_pretty_objects() {
+    let mut bad = echo("in-bad");
+    bad["version"] = json!("2");
+    let values = [echo("in-1"), bad, echo("in-3")];
+    let (pretty, starts) = pretty_stream(&values);
+    let array = serde_json::to_string_pretty(&json!(values)).unwrap();
+    let array_starts: Vec<usize> = array
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| *l == "  {")
+        .map(|(i, _)| i + 1)
+        .collect();
+    let mixed = format!(
+        "{}\n{}{}\n",
+        values[0],
+        serde_json::to_string_pretty(&values[1]).unwrap(),
+        values[2]
+    );
+    let mixed_starts = vec![
+        1,
+        2,
+        2 + serde_json::to_string_pretty(&values[1])
+            .unwrap()
+            .lines()
+            .count()
+            - 1,
+    ];
+    for (shape, text, starts) in [
+        ("pretty objects", pretty, starts),
+        ("pretty array", array, array_starts),
+        ("mixed", mixed, mixed_starts),
+    ] {
+        let out = support::run_cmd(&["validate", "-"], &[], &text, LIMIT);
+        assert_eq!(out.code, 1, "{shape}: {:?}", out.stderr);
+        assert_eq!(out.stdout.len(), 3, "{shape}: {:?}", out.stdout);
+        assert_eq!(
+            out.stdout[0],
+            format!("line {}: ok in-1", starts[0]),
+            "{shape}"
+        );
+        assert!(
+            out.stdout[1].starts_with(&format!("line {}: unsupported_version: ", starts[1])),
+            "{shape}: {:?}",
+            out.stdout
+        );
+        assert_eq!(
+            out.stdout[2],
+            format!("line {}: ok in-3", starts[2]),
+            "{shape}"
+        );
+
+        let out = support::run_cmd(&["run", "-"], &[], &text, LIMIT);
+        assert_eq!(out.code, 1, "{shape}: {:?}", out.stderr);
+        let results = out.results();
+        assert_eq!(results["in-1"]["status"], "success", "{shape}");
+        assert_eq!(results["in-3"]["status"], "success", "{shape}");
+        let acks: Vec<Value> = out
+            .json_lines()
+            .into_iter()
+            .filter(|v| v.get("acknowledged_at").is_some())
+            .collect();
+        assert_eq!(acks.len(), 1, "{shape}: {acks:?}");
+        assert_eq!(acks[0]["status"], "rejected");
+        assert_eq!(
+            acks[0]["line"], starts[1],
+            "{shape}: the Ack names its line"
+        );
+    }
+}
+
+#[test]
+fn a_cut_off_json_line_is_reported_and_the_next_lines_still_run() {
+    let text = format!(
+        "{}\n{{\"version\":\"1\",\"assignment_id\":\"cut\n{}\n",
+        echo("c-1"),
+        echo("c-3")
+    );
+    let out = support::run_cmd(&["run", "-"], &[], &text, LIMIT);
+    assert_eq!(out.code, 1);
+    let results = out.results();
+    assert_eq!(results["c-1"]["status"], "success");
+    assert_eq!(results["c-3"]["status"], "success");
+    let ack: Vec<Value> = out
+        .json_lines()
+        .into_iter()
+        .filter(|v| v.get("acknowledged_at").is_some())
+        .collect();
+    assert_eq!(ack.len(), 1);
+    assert_eq!(
+        (ack[0]["reason"].as_str(), ack[0]["line"].as_u64()),
+        (Some("invalid_json"), Some(2))
+    );
+}
+
+#[test]
+fn run_creates_the_fs_root_only_when_an_fs_step_needs_it() {
+    let dir = support::temp_dir();
+    let root = dir.path().join("nested/data");
+    let env = [("WORKER_FS_ROOT", root.to_str().unwrap())];
+    let out = support::run_cmd(&["run", "-"], &env, &lines(&[echo("r-1")]), LIMIT);
+    assert_eq!(out.code, 0, "{:?}", out.stderr);
+    assert!(!dir.path().join("nested").exists(), "no fs step, no root");
+    let put = support::assignment(
+        "r-2",
+        "fs.blob_put",
+        json!({"path": "a.txt", "content": "x"}),
+    );
+    let out = support::run_cmd(&["run", "-"], &env, &lines(&[put]), LIMIT);
+    assert_eq!(out.code, 0, "{:?}", out.stderr);
+    assert_eq!(std::fs::read_to_string(root.join("a.txt")).unwrap(), "x");
+}

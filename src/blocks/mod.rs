@@ -161,6 +161,9 @@ pub struct BlockSettings {
     pub max_response_bytes: usize,
     /// Idle connections kept per upstream host (≥ the pool sizes for reuse).
     pub http_max_idle_per_host: usize,
+    /// Create a missing FS root only when the first fs.* step runs (`run`),
+    /// not at start-up (`serve`, whose health check probes the root).
+    pub fs_root_on_demand: bool,
 }
 
 /// CP2 FS watchdog timeouts.
@@ -210,16 +213,52 @@ pub fn check_payload(job: JobType, payload: &Map<String, Value>) -> Result<(), B
 #[derive(Debug)]
 pub struct Blocks {
     http: http::HttpBlock,
-    fs: fs::FsBlock,
+    fs: std::sync::OnceLock<Result<fs::FsBlock, String>>,
+    settings: BlockSettings,
 }
 
 impl Blocks {
-    /// Builds the blocks; creates the FS root if missing.
+    /// Builds the blocks; creates the FS root if missing (with
+    /// `fs_root_on_demand`, only when the first fs.* step needs it).
     pub fn new(settings: &BlockSettings) -> Result<Blocks, SetupError> {
-        Ok(Blocks {
+        let blocks = Blocks {
             http: http::HttpBlock::new(settings),
-            fs: fs::FsBlock::new(settings)?,
-        })
+            fs: std::sync::OnceLock::new(),
+            settings: settings.clone(),
+        };
+        if !settings.fs_root_on_demand || settings.fs_root.exists() {
+            let fs = fs::FsBlock::new(settings)?;
+            let _ = blocks.fs.set(Ok(fs));
+        } else {
+            // Not created yet, but a root that could never be created is
+            // still a configuration error at start (exit 2).
+            let missing = |p: &std::path::Path| !p.exists();
+            let base = settings.fs_root.ancestors().skip(1).find(|p| !missing(p));
+            if let Some(base) = base.filter(|b| !b.as_os_str().is_empty() && !b.is_dir()) {
+                return Err(SetupError {
+                    setting: "WORKER_FS_ROOT",
+                    reason: format!(
+                        "cannot create {}: {} is not a directory",
+                        settings.fs_root.display(),
+                        base.display()
+                    ),
+                });
+            }
+        }
+        Ok(blocks)
+    }
+
+    /// The FS block, set up on first use when the root is created on demand.
+    /// A root that cannot be set up fails every fs.* step (permanently).
+    fn fs(&self) -> Result<&fs::FsBlock, BlockError> {
+        let slot = self.fs.get_or_init(|| {
+            fs::FsBlock::new(&self.settings).map_err(|e| {
+                log::error!("{e}; fs.* steps fail");
+                e.to_string()
+            })
+        });
+        slot.as_ref()
+            .map_err(|e| BlockError::new(ErrorCode::ExecutionFailed, e.clone()).permanent())
     }
 
     /// Runs one attempt of `job` on `payload`.
@@ -231,9 +270,9 @@ impl Blocks {
     ) -> Result<Value, BlockError> {
         match job {
             JobType::HttpRequest => self.http.execute(payload, ctx),
-            JobType::FsBlobPut => self.fs.put(payload, ctx),
-            JobType::FsBlobGet => self.fs.get(payload, ctx),
-            JobType::FsBlobDelete => self.fs.delete(payload, ctx),
+            JobType::FsBlobPut => self.fs()?.put(payload, ctx),
+            JobType::FsBlobGet => self.fs()?.get(payload, ctx),
+            JobType::FsBlobDelete => self.fs()?.delete(payload, ctx),
             JobType::DebugEcho => Ok(Value::Object(payload.clone())),
             JobType::DebugSleep => debug::sleep(payload, ctx),
             JobType::DebugFail => debug::fail(payload, ctx),
@@ -242,16 +281,22 @@ impl Blocks {
 
     /// FS operations abandoned to their helper thread and still running.
     pub fn fs_abandoned(&self) -> usize {
-        self.fs.abandoned()
+        match self.fs.get() {
+            Some(Ok(fs)) => fs.abandoned(),
+            _ => 0,
+        }
     }
 
     /// True if a probe file can be created and removed under the FS root.
     pub fn fs_root_writable(&self) -> bool {
-        self.fs.root_writable()
+        self.fs().is_ok_and(fs::FsBlock::root_writable)
     }
 
-    /// The canonical FS root.
+    /// The canonical FS root (as configured until it is set up).
     pub fn fs_root(&self) -> &std::path::Path {
-        self.fs.root()
+        match self.fs.get() {
+            Some(Ok(fs)) => fs.root(),
+            _ => &self.settings.fs_root,
+        }
     }
 }

@@ -22,7 +22,8 @@ struct Tally {
 }
 
 /// Runs the batch and returns the exit code (SPEC §1).
-pub fn run(settings: Settings, path: &str) -> i32 {
+pub fn run(mut settings: Settings, path: &str) -> i32 {
+    settings.fs_root_on_demand = true;
     let items = match input::open(path, intake_rules(&settings)) {
         Ok(items) => items,
         Err(e) => {
@@ -152,11 +153,18 @@ fn submit_all(
         if ack.status == AckStatus::Rejected {
             rejected += 1;
         }
-        let _ = out.send(BatchLine::Ack(
-            serde_json::to_string(&ack).unwrap_or_default(),
-        ));
+        let _ = out.send(BatchLine::Ack(ack_line(&ack, n)));
     }
     (accepted, rejected)
+}
+
+/// The Ack as a JSON line with the input line it answers (`"line": N`).
+fn ack_line(ack: &Ack, line: usize) -> String {
+    let mut v = serde_json::to_value(ack).unwrap_or_default();
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("line".to_owned(), line.into());
+    }
+    v.to_string()
 }
 
 /// Writes lines to stdout, flushing whenever it catches up with the channel.

@@ -205,6 +205,7 @@ impl Engine {
             },
             max_response_bytes: settings.max_response_bytes,
             http_max_idle_per_host: settings.pool_sizes.iter().sum(),
+            fs_root_on_demand: settings.fs_root_on_demand,
         })?;
         let capacity = settings
             .flags
