@@ -416,3 +416,169 @@ fn run_creates_the_fs_root_only_when_an_fs_step_needs_it() {
     assert_eq!(out.code, 0, "{:?}", out.stderr);
     assert_eq!(std::fs::read_to_string(root.join("a.txt")).unwrap(), "x");
 }
+
+/// A `run` child whose stdout and stderr lines arrive as they are written.
+struct LiveRun {
+    child: std::process::Child,
+    stdout: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::mpsc::Receiver<String>,
+    seen_err: Vec<String>,
+}
+
+impl LiveRun {
+    fn start(args: &[&str], env: &[(&str, &str)], input: &str) -> LiveRun {
+        use std::io::{BufRead, BufReader, Write};
+        use std::process::Stdio;
+        let mut child = support::command(env)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn run");
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).unwrap();
+        drop(stdin);
+        let pipe = |r: Box<dyn std::io::Read + Send>| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+            rx
+        };
+        let stdout = pipe(Box::new(child.stdout.take().unwrap()));
+        let stderr = pipe(Box::new(child.stderr.take().unwrap()));
+        LiveRun {
+            child,
+            stdout,
+            stderr,
+            seen_err: Vec::new(),
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// The next stdout line (fails the test after `limit`).
+    fn stdout_line(&self, limit: Duration) -> String {
+        self.stdout
+            .recv_timeout(limit)
+            .expect("no stdout line in time")
+    }
+
+    /// Waits for a stderr line containing every word of `needles`.
+    fn stderr_line(&mut self, needles: &[&str], limit: Duration) -> String {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen_err.push(l.clone());
+                    if needles.iter().all(|n| l.contains(n)) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!("no stderr line with {needles:?}: {:?}", self.seen_err),
+            }
+        }
+    }
+
+    /// Exit code and the remaining stdout lines.
+    fn finish(mut self, limit: Duration) -> (i32, Vec<String>) {
+        let deadline = std::time::Instant::now() + limit;
+        let code = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s.code().unwrap_or(-1);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "run did not exit in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let rest =
+            std::iter::from_fn(|| self.stdout.recv_timeout(Duration::from_secs(2)).ok()).collect();
+        (code, rest)
+    }
+}
+
+/// Three 20 s sleeps on the cpu pool, then an echo on the io pool: once the
+/// echo's result is out, all four are accepted and the sleeps are running.
+fn three_sleeps_and_a_marker() -> String {
+    let mut marker = echo("cc-marker");
+    marker["job"]["resources"] = json!({"class": "io"});
+    let mut v: Vec<Value> = (1..=3)
+        .map(|i| support::assignment(&format!("cc-{i}"), "debug.sleep", json!({"ms": 20_000})))
+        .collect();
+    v.push(marker);
+    lines(&v)
+}
+
+fn one_result_each(lines: &[String], ids: &[&str], status: &str) {
+    let values: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for id in ids {
+        let mine: Vec<&Value> = values
+            .iter()
+            .filter(|v| v["assignment_id"] == *id)
+            .collect();
+        assert_eq!(mine.len(), 1, "{id}: exactly one result: {lines:?}");
+        assert_eq!(mine[0]["status"], status, "{id}: {}", mine[0]);
+    }
+}
+
+#[test]
+fn a_second_ctrl_c_ends_every_unfinished_step_cancelled_and_exits() {
+    let mut run = LiveRun::start(&["run", "-"], &[], &three_sleeps_and_a_marker());
+    let marker = run.stdout_line(LIMIT);
+    assert!(marker.contains("cc-marker"), "{marker}");
+    let t0 = std::time::Instant::now();
+    run.signal("-INT");
+    let first = run.stderr_line(&["draining 3 step(s)", "30 s", "Ctrl-C again"], LIMIT);
+    assert!(first.contains("\"WARN\""), "{first}");
+    run.signal("-INT");
+    let warn = run.stderr_line(
+        &["3 unfinished step(s) ended cancelled", "on stdout"],
+        LIMIT,
+    );
+    assert!(warn.contains("\"WARN\""), "{warn}");
+    let (code, rest) = run.finish(LIMIT);
+    let took = t0.elapsed();
+    assert_eq!(code, 1);
+    assert!(
+        took < Duration::from_secs(10),
+        "stopped now, not after the 30 s grace: {took:?}"
+    );
+    one_result_each(&rest, &["cc-1", "cc-2", "cc-3"], "cancelled");
+    assert_eq!(rest.len(), 3, "{rest:?}");
+}
+
+#[test]
+fn a_drain_out_of_grace_says_how_many_were_cancelled_and_where_they_went() {
+    let mut run = LiveRun::start(
+        &["run", "-"],
+        &[("WORKER_SHUTDOWN_GRACE_MS", "300")],
+        &three_sleeps_and_a_marker(),
+    );
+    run.stdout_line(LIMIT);
+    run.signal("-TERM");
+    run.stderr_line(&["draining 3 step(s)", "0.3 s"], LIMIT);
+    let warn = run.stderr_line(
+        &["ran out of grace", "3 unfinished step(s)", "on stdout"],
+        LIMIT,
+    );
+    assert!(warn.contains("\"WARN\""), "{warn}");
+    let (code, rest) = run.finish(LIMIT);
+    assert_eq!(code, 1);
+    one_result_each(&rest, &["cc-1", "cc-2", "cc-3"], "cancelled");
+}

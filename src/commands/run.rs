@@ -31,8 +31,8 @@ pub fn run(mut settings: Settings, path: &str) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let stop = match serve::signal_flag() {
-        Ok(flag) => flag,
+    let interrupts = match serve::Interrupts::install() {
+        Ok(i) => i,
         Err(e) => {
             eprintln!("caf-worker: cannot install signal handlers: {e}");
             return EXIT_USAGE;
@@ -61,6 +61,7 @@ pub fn run(mut settings: Settings, path: &str) -> i32 {
     // A signal must also reach a submission blocked on a full bounded queue:
     // stopping intake makes that wait return `shutting_down`.
     let finished = Arc::new(AtomicBool::new(false));
+    let stop = interrupts.drain.clone();
     let watcher = {
         let (engine, stop, finished) = (engine.clone(), stop.clone(), finished.clone());
         std::thread::spawn(move || {
@@ -82,8 +83,13 @@ pub fn run(mut settings: Settings, path: &str) -> i32 {
     while printed.load(Ordering::Acquire) < accepted {
         if !shut && stop.load(Ordering::Acquire) {
             shut = true;
-            let report = engine.shutdown(settings.shutdown_grace);
-            log::warn!(cancelled = report.cancelled; "signal received: drained for {} ms", settings.shutdown_grace.as_millis());
+            serve::Interrupts::announce_drain(engine.pending_count(), settings.shutdown_grace);
+            let report = engine.shutdown_unless(settings.shutdown_grace, &interrupts.stop_now);
+            let whereto = match &settings.results_file {
+                Some(p) => format!("their results are on stdout and in {}", p.display()),
+                None => "their results are on stdout".to_owned(),
+            };
+            interrupts.report_unfinished(&report, settings.shutdown_grace, &whereto);
         }
         std::thread::sleep(Duration::from_millis(2));
     }

@@ -447,12 +447,23 @@ impl Engine {
     /// Drains for up to `grace`, then ends every step still pending as
     /// `cancelled` (retryable), so each accepted assignment has one result.
     pub fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        self.shutdown_unless(grace, &AtomicBool::new(false))
+    }
+
+    /// [`Engine::shutdown`], cut short when `stop_now` turns true (a second
+    /// Ctrl-C): the pending steps then end `cancelled` at once.
+    pub fn shutdown_unless(&self, grace: Duration, stop_now: &AtomicBool) -> ShutdownReport {
         self.begin_shutdown();
         let deadline = Instant::now() + grace;
         let total: usize = self.shared.pools.iter().map(|p| p.threads).sum();
         let mut exited = 0;
-        while exited < total && self.exited.recv_deadline(deadline).is_ok() {
-            exited += 1;
+        while exited < total && !stop_now.load(Ordering::Acquire) {
+            let slice = (Instant::now() + Duration::from_millis(50)).min(deadline);
+            match self.exited.recv_deadline(slice) {
+                Ok(()) => exited += 1,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(_) => break,
+            }
         }
         let drained = exited == total;
         let mut cancelled = 0;
