@@ -582,3 +582,105 @@ fn a_drain_out_of_grace_says_how_many_were_cancelled_and_where_they_went() {
     assert_eq!(code, 1);
     one_result_each(&rest, &["cc-1", "cc-2", "cc-3"], "cancelled");
 }
+
+#[test]
+fn on_a_terminal_run_draws_a_progress_line_on_stderr() {
+    let dir = support::temp_dir();
+    let input = dir.path().join("batch.jsonl");
+    let steps: Vec<Value> = (0..8)
+        .map(|i| support::assignment(&format!("pg-{i}"), "debug.sleep", json!({"ms": 300})))
+        .collect();
+    std::fs::write(&input, lines(&steps)).unwrap();
+    let out_file = dir.path().join("results.jsonl");
+    // `script` gives the worker a pseudo-terminal; stdout goes to a file, so
+    // what `script` prints is the worker's stderr as a terminal shows it.
+    let inner = format!(
+        "{} run --log-format text {} > {}",
+        support::bin(),
+        input.display(),
+        out_file.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qfec", &inner, "/dev/null"])
+        .env("WORKER_FS_ROOT", dir.path().join("data"))
+        .output()
+        .expect("script(1) is installed (bsdutils)");
+    assert!(out.status.success(), "{out:?}");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        tty.contains("\r\x1b[2K"),
+        "the line is redrawn in place: {tty:?}"
+    );
+    assert!(tty.contains("8/8 steps (100%)"), "done/total: {tty:?}");
+    assert!(
+        tty.contains("steps/s") && tty.contains("ETA"),
+        "rate and ETA: {tty:?}"
+    );
+    assert!(tty.contains("run finished: 8 result(s) in"), "{tty:?}");
+    assert_eq!(
+        std::fs::read_to_string(&out_file).unwrap().lines().count(),
+        8
+    );
+}
+
+#[test]
+fn without_a_terminal_a_long_batch_logs_progress_every_5_s_and_a_summary() {
+    let mut timeout = support::assignment("sum-timeout", "debug.sleep", json!({"ms": 2000}));
+    timeout["options"] = json!({"deadline_ms": 50});
+    let input = lines(&[
+        support::assignment("sum-long", "debug.sleep", json!({"ms": 5600})),
+        echo("sum-ok"),
+        permanent_failure("sum-error"),
+        timeout,
+    ]);
+    let out = support::run_cmd(&["run", "-"], &[], &input, LIMIT);
+    assert_eq!(out.code, 1, "{:?}", out.stderr);
+    let logs: Vec<Value> = out
+        .stderr
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("JSON: {l}")))
+        .collect();
+    let progress: Vec<&Value> = logs
+        .iter()
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("progress: "))
+        })
+        .collect();
+    assert_eq!(progress.len(), 1, "one line at 5 s: {:?}", out.stderr);
+    let ctx = &progress[0]["context"];
+    assert_eq!(
+        (ctx["done"].as_u64(), ctx["total"].as_u64()),
+        (Some(3), Some(4)),
+        "{ctx}"
+    );
+    assert!(
+        ctx["rate_per_sec"].is_u64() && ctx["eta_s"].is_u64(),
+        "{ctx}"
+    );
+    let summary = logs
+        .iter()
+        .find(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("run finished"))
+        })
+        .expect("summary line");
+    let c = &summary["context"];
+    assert_eq!(
+        [&c["success"], &c["error"], &c["timeout"], &c["cancelled"]],
+        [&json!(2), &json!(1), &json!(1), &json!(0)],
+        "{summary}"
+    );
+    assert!(c["elapsed_ms"].as_u64().unwrap() >= 5600, "{summary}");
+    assert!(c["steps_per_sec"].is_u64(), "{summary}");
+
+    // A short batch logs no progress line.
+    let out = support::run_cmd(&["run", "-"], &[], &lines(&[echo("sum-short")]), LIMIT);
+    assert!(
+        !out.stderr.iter().any(|l| l.contains("progress: ")),
+        "{:?}",
+        out.stderr
+    );
+}

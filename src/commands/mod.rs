@@ -2,6 +2,7 @@
 //! `main.rs` only parses arguments and calls [`main`].
 
 mod input;
+mod progress;
 mod run;
 mod serve;
 mod validate;

@@ -1,24 +1,34 @@
 //! `caf-worker run FILE|-`: execute a batch through the same pools, retry
 //! and timeout code as `serve`, printing each result as it finishes.
 
+use super::progress::{Counters, Progress};
 use super::validate::intake_rules;
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, input, serve};
 use crate::config::Settings;
-use crate::contract::{Ack, AckStatus};
+use crate::contract::{Ack, AckStatus, Status};
 use crate::engine::{Admission, Backpressure, Engine, ResultSink};
 use crate::sinks::{BatchLine, ChannelSink};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{self, BufWriter, Write};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// What the printer saw.
+/// What the printer saw: results per status.
 #[derive(Debug, Default, Clone, Copy)]
 struct Tally {
     results: usize,
-    failures: usize,
+    success: usize,
+    error: usize,
+    timeout: usize,
+    cancelled: usize,
+}
+
+impl Tally {
+    fn failures(&self) -> usize {
+        self.results - self.success
+    }
 }
 
 /// Runs the batch and returns the exit code (SPEC §1).
@@ -55,8 +65,10 @@ pub fn run(mut settings: Settings, path: &str) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let printed = Arc::new(AtomicUsize::new(0));
-    let printer = spawn_printer(line_rx, printed.clone());
+    let started = Instant::now();
+    let counters = Arc::new(Counters::default());
+    let printer = spawn_printer(line_rx, counters.clone());
+    let progress = Progress::start(counters.clone());
 
     // A signal must also reach a submission blocked on a full bounded queue:
     // stopping intake makes that wait return `shutting_down`.
@@ -75,7 +87,9 @@ pub fn run(mut settings: Settings, path: &str) -> i32 {
         })
     };
 
-    let (accepted, rejected) = submit_all(&engine, items, &stop, &line_tx);
+    let (accepted, rejected) = submit_all(&engine, items, &stop, &line_tx, &counters);
+    counters.input_done.store(true, Ordering::Release);
+    let printed = &counters.done;
 
     // Wait until every accepted step's result is printed; on a signal, drain
     // for the grace period and let shutdown answer the rest as `cancelled`.
@@ -101,11 +115,18 @@ pub fn run(mut settings: Settings, path: &str) -> i32 {
     engine.quiesce(Duration::from_secs(2));
     let _ = line_tx.send(BatchLine::Done);
     let tally = printer.join().unwrap_or_default();
+    progress.stop();
     if let Some(f) = results_file {
         let _ = f.sync();
     }
-    log::info!(accepted = accepted, rejected = rejected, failed = tally.failures; "run finished: {} result(s)", tally.results);
-    if rejected == 0 && tally.failures == 0 {
+    let elapsed = started.elapsed();
+    let rate = tally.results as f64 / elapsed.as_secs_f64().max(1e-3);
+    log::info!(accepted = accepted, rejected = rejected, failed = tally.failures(),
+        success = tally.success, error = tally.error, timeout = tally.timeout, cancelled = tally.cancelled,
+        elapsed_ms = elapsed.as_millis() as u64, steps_per_sec = rate.round() as u64;
+        "run finished: {} result(s) in {:.1} s ({rate:.0} steps/s): {} success, {} error, {} timeout, {} cancelled; {rejected} rejected",
+        tally.results, elapsed.as_secs_f64(), tally.success, tally.error, tally.timeout, tally.cancelled);
+    if rejected == 0 && tally.failures() == 0 {
         EXIT_OK
     } else {
         EXIT_FAILED
@@ -119,6 +140,7 @@ fn submit_all(
     items: input::Items,
     stop: &AtomicBool,
     out: &Sender<BatchLine>,
+    counters: &Counters,
 ) -> (usize, usize) {
     let (mut accepted, mut rejected) = (0, 0);
     let worker_id = engine.worker_id().to_owned();
@@ -145,6 +167,7 @@ fn submit_all(
             Ok(a) => match engine.submit(a, Backpressure::Wait) {
                 Admission::Accepted(_) => {
                     accepted += 1;
+                    counters.accepted.store(accepted, Ordering::Release);
                     continue;
                 }
                 Admission::Duplicate(a) => {
@@ -175,28 +198,41 @@ fn ack_line(ack: &Ack, line: usize) -> String {
 
 /// Writes lines to stdout, flushing whenever it catches up with the channel.
 /// A closed stdout (e.g. `| head`) stops writing but not counting.
-fn spawn_printer(lines: Receiver<BatchLine>, printed: Arc<AtomicUsize>) -> JoinHandle<Tally> {
+fn spawn_printer(lines: Receiver<BatchLine>, counters: Arc<Counters>) -> JoinHandle<Tally> {
     std::thread::spawn(move || {
         let stdout = io::stdout();
+        let stdout_tty = std::io::IsTerminal::is_terminal(&stdout);
         let mut out = BufWriter::with_capacity(64 * 1024, stdout.lock());
         let mut broken = false;
         let mut tally = Tally::default();
         for line in lines.iter() {
             let text = match line {
-                BatchLine::Result { line, success } => {
+                BatchLine::Result { line, status } => {
                     tally.results += 1;
-                    tally.failures += usize::from(!success);
+                    *match status {
+                        Status::Success => &mut tally.success,
+                        Status::Error => &mut tally.error,
+                        Status::Timeout => &mut tally.timeout,
+                        Status::Cancelled => &mut tally.cancelled,
+                    } += 1;
                     line
                 }
                 BatchLine::Ack(a) => a,
                 BatchLine::Done => break,
             };
-            broken = broken || writeln!(out, "{text}").is_err();
+            // On a terminal shared with the progress line, clear that first.
+            let clear =
+                if stdout_tty && crate::telemetry::logging::PROGRESS_LINE.load(Ordering::Relaxed) {
+                    "\r\x1b[2K"
+                } else {
+                    ""
+                };
+            broken = broken || writeln!(out, "{clear}{text}").is_err();
             if lines.is_empty() {
                 broken = broken || out.flush().is_err();
             }
             // Counted after the write, so `run` never exits before a line is out.
-            printed.store(tally.results, Ordering::Release);
+            counters.done.store(tally.results, Ordering::Release);
         }
         let _ = out.flush();
         tally

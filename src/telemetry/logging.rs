@@ -109,6 +109,19 @@ pub fn json_line(record: &log::Record<'_>) -> String {
     Value::Object(obj).to_string()
 }
 
+/// Set while `run` draws a progress line on a terminal's stderr: each log
+/// line then first clears it (the progress line is redrawn on its next tick).
+pub static PROGRESS_LINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The prefix that clears a progress line, if one is drawn.
+fn clear_progress() -> &'static str {
+    if PROGRESS_LINE.load(std::sync::atomic::Ordering::Relaxed) {
+        "\r\x1b[2K"
+    } else {
+        ""
+    }
+}
+
 /// Installs the global logger (once; later calls are ignored) writing to stderr.
 pub fn init(filter: &str, format: LogFormat) {
     let mut builder = env_logger::Builder::new();
@@ -117,7 +130,8 @@ pub fn init(filter: &str, format: LogFormat) {
         .target(env_logger::Target::Stderr);
     match format {
         LogFormat::Json => {
-            builder.format(|buf, record| writeln!(buf, "{}", json_line(record)));
+            builder
+                .format(|buf, record| writeln!(buf, "{}{}", clear_progress(), json_line(record)));
         }
         LogFormat::Text => {
             builder.format(|buf, record| {
@@ -131,7 +145,13 @@ pub fn init(filter: &str, format: LogFormat) {
                     Value::Object(m) if !m.is_empty() => format!(" {}", line["context"]),
                     _ => String::new(),
                 };
-                writeln!(buf, "{ts} {:5}{id} {}{ctx}", record.level(), record.args())
+                writeln!(
+                    buf,
+                    "{}{ts} {:5}{id} {}{ctx}",
+                    clear_progress(),
+                    record.level(),
+                    record.args()
+                )
             });
         }
     }
