@@ -684,3 +684,79 @@ fn without_a_terminal_a_long_batch_logs_progress_every_5_s_and_a_summary() {
         out.stderr
     );
 }
+
+#[test]
+fn each_unsuccessful_step_logs_one_warn_line_and_a_storm_is_summarised() {
+    let upstream =
+        support::HttpStub::routes(&[("/secret/path", vec![support::Reply::status(404)])]);
+    let url = upstream.url("/secret/path") + "?token=abc";
+    let mut http = support::assignment("w-http", "http.request", json!({"url": url}));
+    http["options"] = json!({"retry": {"max_attempts": 1}});
+    let out = support::run_cmd(&["run", "-"], &[], &lines(&[http]), LIMIT);
+    assert_eq!(out.code, 1);
+    let warns: Vec<Value> = out
+        .stderr
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["level"] == "WARN")
+        .collect();
+    assert_eq!(warns.len(), 1, "{:?}", out.stderr);
+    let (w, c) = (&warns[0], &warns[0]["context"]);
+    assert_eq!(w["assignment_id"], "w-http");
+    assert_eq!(
+        (c["job_type"].as_str(), c["error_code"].as_str()),
+        (Some("http.request"), Some("HTTP_ERROR"))
+    );
+    assert_eq!(
+        (c["attempts"].as_u64(), c["http_status"].as_u64()),
+        (Some(1), Some(404))
+    );
+    let host = c["upstream"].as_str().unwrap();
+    assert_eq!(host, upstream.url("").trim_end_matches('/'), "host only");
+    assert!(
+        !w.to_string().contains("secret") && !w.to_string().contains("token"),
+        "{w}"
+    );
+
+    // 40 failures at once: at most 10 lines a second, the rest summarised.
+    let storm: Vec<Value> = (0..40)
+        .map(|i| permanent_failure(&format!("w-{i}")))
+        .collect();
+    let out = support::run_cmd(
+        &["run", "--profile", "cp2", "-"],
+        &[(
+            "WORKER_FS_ROOT",
+            support::temp_dir().path().to_str().unwrap(),
+        )],
+        &lines(&storm),
+        LIMIT,
+    );
+    assert_eq!(out.code, 1);
+    let logs: Vec<Value> = out
+        .stderr
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let step_lines = logs
+        .iter()
+        .filter(|v| v["context"]["error_code"] == "INVALID_INPUT")
+        .count();
+    let suppressed: u64 = logs
+        .iter()
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("similar lines suppressed"))
+        })
+        .map(|v| v["context"]["suppressed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        step_lines as u64 + suppressed,
+        40,
+        "every failure is a line or counted"
+    );
+    assert!(
+        suppressed > 0 && step_lines >= 10,
+        "{step_lines} lines, {suppressed} suppressed"
+    );
+}

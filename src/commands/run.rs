@@ -113,6 +113,7 @@ pub fn run(mut settings: Settings, path: &str) -> i32 {
     // The printer has every result; the results file (the second sink) may
     // still be writing the last one.
     engine.quiesce(Duration::from_secs(2));
+    engine.flush_suppressed_logs();
     let _ = line_tx.send(BatchLine::Done);
     let tally = printer.join().unwrap_or_default();
     progress.stop();

@@ -161,6 +161,8 @@ pub(crate) struct Shared {
     draining: AtomicBool,
     /// `finish` calls between recording a result and delivering it.
     finishing: AtomicUsize,
+    /// Bounds the WARN line of each step that does not succeed.
+    failure_lines: logging::RateLimit,
 }
 
 /// The running engine. Cloning shares it.
@@ -239,6 +241,10 @@ impl Engine {
             pools,
             draining: AtomicBool::new(false),
             finishing: AtomicUsize::new(0),
+            failure_lines: logging::RateLimit::new(
+                FAILURE_LINES_PER_SEC,
+                "WARN lines of steps that did not succeed",
+            ),
         });
         let (exit_tx, exit_rx) = crossbeam_channel::unbounded();
         let mut handles = Vec::new();
@@ -481,7 +487,14 @@ impl Engine {
             }
         }
         self.quiesce(Duration::from_secs(2));
+        self.shared.failure_lines.flush();
         ShutdownReport { cancelled, drained }
+    }
+
+    /// Writes the "N similar lines suppressed" line for WARN lines of
+    /// unsuccessful steps still held back (shutdown does this itself).
+    pub fn flush_suppressed_logs(&self) {
+        self.shared.failure_lines.flush();
     }
 
     /// Waits (up to `limit`) until every result already recorded has been
@@ -522,13 +535,26 @@ impl Shared {
             result: &result,
             flow_duration: h.accepted_at.elapsed(),
         });
-        if result.status != crate::contract::Status::Success {
+        if result.status != crate::contract::Status::Success && self.failure_lines.admit() {
             let _ctx = logging::enter(logging::LogContext::of(&h.assignment));
-            log::debug!(
+            let a = &h.assignment;
+            let upstream = (a.job_type == JobType::HttpRequest)
+                .then(|| upstream_host(&a.payload))
+                .flatten();
+            let http_status = result
+                .outputs
+                .as_ref()
+                .and_then(|o| o["status_code"].as_u64());
+            log::warn!(
+                job_type = a.job_type.as_str(),
                 status = result.status.as_str(),
                 error_code = result.error_code.map(|c| c.as_str()),
-                attempts = result.attempts;
-                "step finished without success: {}",
+                attempts = result.attempts,
+                upstream = upstream.as_deref(),
+                http_status = http_status;
+                "step {} ended {}: {}",
+                a.assignment_id,
+                result.status.as_str(),
                 result.error_message.as_deref().unwrap_or("")
             );
         }
@@ -549,6 +575,20 @@ impl Shared {
         };
         self.finish(h, outcome, stats)
     }
+}
+
+/// WARN lines of unsuccessful steps per second before they are summarised.
+const FAILURE_LINES_PER_SEC: u32 = 10;
+
+/// `scheme://host[:port]` of an `http.request` payload: never the path or
+/// query string, which may carry tokens or tenant data.
+fn upstream_host(payload: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    let url = payload.get("url")?.as_str()?;
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    // Drop user:password@ if present.
+    let host = authority.rsplit('@').next()?;
+    (!host.is_empty()).then(|| format!("{}://{host}", scheme.to_ascii_lowercase()))
 }
 
 /// How often queued steps are checked against their deadlines (CP2).
