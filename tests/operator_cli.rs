@@ -760,3 +760,47 @@ fn each_unsuccessful_step_logs_one_warn_line_and_a_storm_is_summarised() {
         "{step_lines} lines, {suppressed} suppressed"
     );
 }
+
+#[test]
+fn the_readme_api_examples_work_as_pasted() {
+    let readme = std::fs::read_to_string(support::root().join("README.md")).unwrap();
+    let from = readme.find("The assignment API").expect("API section");
+    let start = readme[from..].find("```sh\n").unwrap() + from + 6;
+    let end = readme[start..].find("```").unwrap() + start;
+    let w = support::Worker::start(&[("WORKER_PROFILE", "cp2")]);
+    // The README uses the default ports; this worker listens on free ones.
+    let block = readme[start..end]
+        .replace("localhost:9090", &w.ingress.to_string())
+        .replace("127.0.0.1:9091", &w.health.to_string())
+        .replace("localhost:9091", &w.health.to_string());
+    let out = std::process::Command::new("sh")
+        .args(["-ec", &block])
+        .output()
+        .expect("sh and curl are installed");
+    assert!(out.status.success(), "{out:?}");
+    let answers: Vec<Value> = serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter::<Value>()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let expect = [
+        ("a-1", "accepted"),
+        ("a-1", "success"),
+        ("e-1", "success"),
+        ("s-1", "accepted"),
+        ("s-1", "cancellation_requested"),
+    ];
+    assert_eq!(answers.len(), expect.len() + 2, "{answers:?}");
+    for (v, (id, status)) in answers.iter().zip(expect) {
+        assert_eq!(
+            (v["assignment_id"].as_str(), v["status"].as_str()),
+            (Some(id), Some(status)),
+            "{v}"
+        );
+    }
+    assert_eq!(
+        answers[1]["outputs"]["status_code"], 200,
+        "the upstream exists"
+    );
+    assert_eq!(answers[5]["status"], "healthy");
+    assert_eq!(answers[6]["status"], "ready");
+}

@@ -56,8 +56,14 @@ impl Interrupts {
 
     /// Logs the one line of the first signal: what drains, for how long,
     /// and how to stop at once.
+    /// WARN when steps are in flight (they may be cut off), else INFO.
     pub fn announce_drain(pending: usize, grace: Duration) {
-        log::warn!(pending = pending, grace_ms = grace.as_millis() as u64;
+        let level = if pending > 0 {
+            log::Level::Warn
+        } else {
+            log::Level::Info
+        };
+        log::log!(level, pending = pending, grace_ms = grace.as_millis() as u64;
             "shutdown requested: draining {pending} step(s) for up to {} s; press Ctrl-C again (or send a second SIGTERM) to stop now and end them cancelled",
             grace.as_secs_f64());
     }
