@@ -420,6 +420,8 @@ fn run_creates_the_fs_root_only_when_an_fs_step_needs_it() {
 /// A `run` child whose stdout and stderr lines arrive as they are written.
 struct LiveRun {
     child: std::process::Child,
+    /// Kept open when the test wants `run` to wait for more input.
+    stdin: Option<std::process::ChildStdin>,
     stdout: std::sync::mpsc::Receiver<String>,
     stderr: std::sync::mpsc::Receiver<String>,
     seen_err: Vec<String>,
@@ -427,6 +429,13 @@ struct LiveRun {
 
 impl LiveRun {
     fn start(args: &[&str], env: &[(&str, &str)], input: &str) -> LiveRun {
+        let mut run = LiveRun::start_open(args, env, input);
+        run.stdin = None;
+        run
+    }
+
+    /// Like `start`, but stdin stays open after `input`.
+    fn start_open(args: &[&str], env: &[(&str, &str)], input: &str) -> LiveRun {
         use std::io::{BufRead, BufReader, Write};
         use std::process::Stdio;
         let mut child = support::command(env)
@@ -438,7 +447,6 @@ impl LiveRun {
             .expect("spawn run");
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(input.as_bytes()).unwrap();
-        drop(stdin);
         let pipe = |r: Box<dyn std::io::Read + Send>| {
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
@@ -452,6 +460,7 @@ impl LiveRun {
         let stderr = pipe(Box::new(child.stderr.take().unwrap()));
         LiveRun {
             child,
+            stdin: Some(stdin),
             stdout,
             stderr,
             seen_err: Vec::new(),
@@ -803,4 +812,23 @@ fn the_readme_api_examples_work_as_pasted() {
     );
     assert_eq!(answers[5]["status"], "healthy");
     assert_eq!(answers[6]["status"], "ready");
+}
+
+#[test]
+fn ctrl_c_ends_a_run_whose_input_is_still_open() {
+    let mut run = LiveRun::start_open(
+        &["run", "-"],
+        &[("WORKER_SHUTDOWN_GRACE_MS", "300")],
+        &three_sleeps_and_a_marker(),
+    );
+    assert!(run.stdin.is_some());
+    run.stdout_line(LIMIT);
+    let t0 = std::time::Instant::now();
+    run.signal("-INT");
+    run.stderr_line(&["ran out of grace", "3 unfinished step(s)"], LIMIT);
+    run.stderr_line(&["input is still open"], LIMIT);
+    let (code, rest) = run.finish(LIMIT);
+    assert_eq!(code, 1);
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    one_result_each(&rest, &["cc-1", "cc-2", "cc-3"], "cancelled");
 }

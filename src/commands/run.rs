@@ -70,17 +70,21 @@ pub fn run(mut settings: Settings, path: &str) -> i32 {
     let printer = spawn_printer(line_rx, counters.clone());
     let progress = Progress::start(counters.clone());
 
-    // A signal must also reach a submission blocked on a full bounded queue:
-    // stopping intake makes that wait return `shutting_down`.
+    // Signals are handled here, not on the reading thread: a submission may
+    // be blocked on a full bounded queue (stopping intake makes it return
+    // `shutting_down`), or the read itself on a quiet stdin.
     let finished = Arc::new(AtomicBool::new(false));
     let stop = interrupts.drain.clone();
     let watcher = {
-        let (engine, stop, finished) = (engine.clone(), stop.clone(), finished.clone());
+        let (engine, finished, counters) = (engine.clone(), finished.clone(), counters.clone());
+        let (interrupts, results_file) = (interrupts.clone(), results_file.clone());
+        let (grace, file) = (settings.shutdown_grace, settings.results_file.clone());
         std::thread::spawn(move || {
             while !finished.load(Ordering::Acquire) {
-                if stop.load(Ordering::Acquire) {
-                    engine.begin_shutdown();
-                    break;
+                if interrupts.drain.load(Ordering::Acquire) {
+                    drain(&engine, &interrupts, grace, file.as_deref());
+                    exit_if_reading_blocks(&finished, &counters, results_file.as_deref());
+                    return;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -91,20 +95,9 @@ pub fn run(mut settings: Settings, path: &str) -> i32 {
     counters.input_done.store(true, Ordering::Release);
     let printed = &counters.done;
 
-    // Wait until every accepted step's result is printed; on a signal, drain
-    // for the grace period and let shutdown answer the rest as `cancelled`.
-    let mut shut = false;
+    // Wait until every accepted step's result is printed; on a signal the
+    // watcher drains and shutdown answers the rest as `cancelled`.
     while printed.load(Ordering::Acquire) < accepted {
-        if !shut && stop.load(Ordering::Acquire) {
-            shut = true;
-            serve::Interrupts::announce_drain(engine.pending_count(), settings.shutdown_grace);
-            let report = engine.shutdown_unless(settings.shutdown_grace, &interrupts.stop_now);
-            let whereto = match &settings.results_file {
-                Some(p) => format!("their results are on stdout and in {}", p.display()),
-                None => "their results are on stdout".to_owned(),
-            };
-            interrupts.report_unfinished(&report, settings.shutdown_grace, &whereto);
-        }
         std::thread::sleep(Duration::from_millis(2));
     }
     finished.store(true, Ordering::Release);
@@ -132,6 +125,51 @@ pub fn run(mut settings: Settings, path: &str) -> i32 {
     } else {
         EXIT_FAILED
     }
+}
+
+/// The first signal's drain: announce it, wait up to `grace` (a second
+/// signal cuts it short), then say what was cancelled and where it went.
+fn drain(
+    engine: &Engine,
+    interrupts: &serve::Interrupts,
+    grace: Duration,
+    file: Option<&std::path::Path>,
+) {
+    engine.begin_shutdown();
+    serve::Interrupts::announce_drain(engine.pending_count(), grace);
+    let report = engine.shutdown_unless(grace, &interrupts.stop_now);
+    let whereto = match file {
+        Some(p) => format!("their results are on stdout and in {}", p.display()),
+        None => "their results are on stdout".to_owned(),
+    };
+    interrupts.report_unfinished(&report, grace, &whereto);
+}
+
+/// After a drain every accepted step has its result. If the reading thread
+/// still has not finished (blocked on a quiet stdin), end the process once
+/// those results are printed instead of waiting for input that may never come.
+fn exit_if_reading_blocks(
+    finished: &AtomicBool,
+    counters: &Counters,
+    results_file: Option<&crate::sinks::JsonLinesFile>,
+) {
+    let until = Instant::now() + Duration::from_secs(1);
+    loop {
+        if finished.load(Ordering::Acquire) {
+            return;
+        }
+        let all_printed =
+            counters.done.load(Ordering::Acquire) >= counters.accepted.load(Ordering::Acquire);
+        if all_printed && Instant::now() >= until {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    log::warn!("the input is still open; exiting without reading the rest of it");
+    if let Some(f) = results_file {
+        let _ = f.sync();
+    }
+    std::process::exit(EXIT_FAILED);
 }
 
 /// Feeds every input item to the engine, waiting for queue space. Returns
