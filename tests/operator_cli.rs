@@ -727,6 +727,27 @@ fn each_unsuccessful_step_logs_one_warn_line_and_a_storm_is_summarised() {
         "{w}"
     );
 
+    // An fs.* step names its path instead.
+    let get = support::assignment("w-fs", "fs.blob_get", json!({"path": "no/such.txt"}));
+    let dir = support::temp_dir();
+    let out = support::run_cmd(
+        &["run", "--profile", "cp2", "-"],
+        &[("WORKER_FS_ROOT", dir.path().to_str().unwrap())],
+        &lines(&[get]),
+        LIMIT,
+    );
+    let warn: Value = out
+        .stderr
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["assignment_id"] == "w-fs")
+        .unwrap_or_else(|| panic!("{:?}", out.stderr));
+    assert_eq!(warn["context"]["path"], "no/such.txt", "{warn}");
+    assert_eq!(
+        warn["context"]["error_code"], "RESOURCE_UNAVAILABLE",
+        "{warn}"
+    );
+
     // 40 failures at once: at most 10 lines a second, the rest summarised.
     let storm: Vec<Value> = (0..40)
         .map(|i| permanent_failure(&format!("w-{i}")))

@@ -541,6 +541,13 @@ impl Shared {
             let upstream = (a.job_type == JobType::HttpRequest)
                 .then(|| upstream_host(&a.payload))
                 .flatten();
+            let path = matches!(
+                a.job_type,
+                JobType::FsBlobPut | JobType::FsBlobGet | JobType::FsBlobDelete
+            )
+            .then(|| a.payload.get("path").and_then(|p| p.as_str()))
+            .flatten()
+            .map(|p| p.chars().take(256).collect::<String>());
             let http_status = result
                 .outputs
                 .as_ref()
@@ -551,6 +558,7 @@ impl Shared {
                 error_code = result.error_code.map(|c| c.as_str()),
                 attempts = result.attempts,
                 upstream = upstream.as_deref(),
+                path = path.as_deref(),
                 http_status = http_status;
                 "step {} ended {}: {}",
                 a.assignment_id,
