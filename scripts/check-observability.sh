@@ -94,6 +94,8 @@ GAUGES = ["worker_queue_depth", "worker_active_tasks", "worker_health_status",
           "worker_queue_capacity", "worker_pool_threads",
           "worker_fs_abandoned_operations", "worker_build_info",
           "worker_retries_waiting", "worker_approvals_pending"]
+# Ours, beyond SPEC §9 (docs/SPEC.md §12.14).
+COUNTERS += ["worker_step_http_errors_total"]
 ALLOWED = set(COUNTERS) | set(GAUGES) | {
     h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 def allowed(name, extra=()):
@@ -278,7 +280,32 @@ def github_anchor(heading):
 with open(runbooks_path, encoding="utf-8") as f:
     anchors = {github_anchor(m.group(1)) for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", f.read(), re.M)}
 
-RUNBOOK_PREFIX = "https://github.com/beamline/caf-worker/blob/main/docs/runbooks.md#"
+# The one runbook base URL, documented in the alerts file's header comment.
+RUNBOOK_BASE = "https://github.com/beamline/caf-worker/blob/main/docs/runbooks.md"
+RUNBOOK_PREFIX = RUNBOOK_BASE + "#"
+if not any(RUNBOOK_BASE in l for l in alert_lines if l.lstrip().startswith("#")):
+    err(f"{alerts_path}: the header comment must document the runbook base URL {RUNBOOK_BASE}")
+with open(runbooks_path, encoding="utf-8") as f:
+    runbook_text = f.read()
+if RUNBOOK_BASE not in runbook_text:
+    err(f"{runbooks_path}: must document the runbook base URL {RUNBOOK_BASE}")
+# Runbooks refer only to panels and codes that exist: every *italic* span is
+# a dashboard panel title, every `UPPER_CASE` word in backticks that is not a
+# setting is an error code of src/contract/error_code.rs.
+titles = {p.get("title") for p in panels}
+for m in re.finditer(r"(?<![*\w])\*([^*\n]+)\*(?![*\w])", runbook_text):
+    if m.group(1) not in titles:
+        err(f"{runbooks_path}: *{m.group(1)}* is not a dashboard panel title")
+with open("src/contract/error_code.rs", encoding="utf-8") as f:
+    codes = set(re.findall(r'= \d+, "([A-Z_]+)";', f.read()))
+for code in sorted(set(re.findall(r"`([A-Z][A-Z0-9_]{3,})`", runbook_text))):
+    if code.startswith(("WORKER_", "CP2_", "RUST_")):
+        continue
+    if code not in codes:
+        err(f"{runbooks_path}: `{code}` is neither a setting nor an error code")
+for name, a in sorted(alerts.items()):
+    if a["runbook"] and a["runbook"] != RUNBOOK_PREFIX + name.lower():
+        err(f"{alerts_path}: {name}: runbook_url should be {RUNBOOK_PREFIX + name.lower()}")
 for name, a in sorted(alerts.items()):
     where = f"{alerts_path}: {name}"
     for key in ("expr", "severity", "summary", "description", "runbook_url"):

@@ -20,6 +20,10 @@ apt_install() {
 command -v python3 >/dev/null 2>&1 || apt_install python3
 command -v promtool >/dev/null 2>&1 || apt_install prometheus
 command -v mkfifo >/dev/null 2>&1 || apt_install coreutils
+# curl runs the README's API examples as pasted (tests/operator_cli.rs);
+# script(1) gives `run` a pseudo-terminal for its progress line.
+command -v curl >/dev/null 2>&1 || apt_install curl ca-certificates
+command -v script >/dev/null 2>&1 || apt_install bsdutils
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -30,6 +30,7 @@ macro_rules! keys {
 }
 
 keys! {
+    "profile", "WORKER_PROFILE", Some("cp1"), "cp1 (baseline) or cp2 (all four CP2_* flags on; a flag set explicitly wins)";
     "cp2_advanced_retry_enabled", "CP2_ADVANCED_RETRY_ENABLED", Some("false"), "exponential backoff, classification, retry budget";
     "cp2_complete_timeout_enabled", "CP2_COMPLETE_TIMEOUT_ENABLED", Some("false"), "connect timeout, FS watchdog, total deadline";
     "cp2_queue_management_enabled", "CP2_QUEUE_MANAGEMENT_ENABLED", Some("false"), "bounded queues and queue_full rejection";
@@ -42,6 +43,7 @@ keys! {
     "ingress_addr", "WORKER_INGRESS_ADDR", Some("127.0.0.1:9090"), "assignment API address";
     "health_addr", "WORKER_HEALTH_ADDR", Some("0.0.0.0:9091"), "health address";
     "metrics_addr", "WORKER_METRICS_ADDR", Some("0.0.0.0:9092"), "metrics address";
+    "max_long_polls", "WORKER_MAX_LONG_POLLS", Some("14"), "result long-polls waiting at once; more are answered at once (0..=14)";
     "api_token", "WORKER_API_TOKEN", None, "bearer token the ingress requires";
     "api_tokens_file", "WORKER_API_TOKENS_FILE", None, "TOML [tokens] table: token = tenant_id, or \"*\" for an operator";
     "fs_root", "WORKER_FS_ROOT", Some("./data"), "root of every fs.* path";
@@ -90,6 +92,15 @@ pub struct Flags {
     pub observability_metrics: bool,
 }
 
+/// `WORKER_PROFILE`: which generation of behaviour the flags default to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// The CP1 baseline: every `CP2_*` flag defaults to off.
+    Cp1,
+    /// Wave 1: every `CP2_*` flag defaults to on.
+    Cp2,
+}
+
 /// `WORKER_RETRY_JITTER`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Jitter {
@@ -111,6 +122,8 @@ pub enum LogFormat {
 /// Validated settings. Durations are typed; every field has its §2 default.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// `WORKER_PROFILE` (the flags below already reflect it).
+    pub profile: Profile,
     /// Feature flags.
     pub flags: Flags,
     /// Worker identity.
@@ -125,6 +138,8 @@ pub struct Settings {
     pub health_addr: SocketAddr,
     /// Metrics port.
     pub metrics_addr: SocketAddr,
+    /// Result long-polls that may wait at once (`WORKER_MAX_LONG_POLLS`).
+    pub max_long_polls: usize,
     /// Bearer token the ingress requires, if any (an operator token).
     pub api_token: Option<String>,
     /// Per-tenant tokens file (read by the server at start-up).
@@ -191,6 +206,9 @@ pub struct Settings {
     pub log_filter: String,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Not a setting: `run` sets it so a batch without fs.* steps leaves no
+    /// FS root behind; `serve` creates the root at start (health probes it).
+    pub fs_root_on_demand: bool,
     /// Warnings found while reading (e.g. a flag with an odd value); logged at start.
     pub warnings: Vec<String>,
     /// The effective value and origin of every key, for the start-up log.
@@ -208,6 +226,8 @@ pub enum Origin {
     File,
     /// The built-in default.
     Default,
+    /// Turned on by `WORKER_PROFILE=cp2` (no explicit value was given).
+    Profile,
 }
 
 impl Origin {
@@ -218,6 +238,7 @@ impl Origin {
             Origin::Env => "env",
             Origin::File => "file",
             Origin::Default => "default",
+            Origin::Profile => "profile",
         }
     }
 }
@@ -229,6 +250,10 @@ pub enum ConfigError {
     Invalid {
         /// The environment variable naming the setting.
         setting: &'static str,
+        /// The config-file / `--set` key of the same setting.
+        key: &'static str,
+        /// Where the value came from.
+        origin: Origin,
         /// The offending value.
         value: String,
         /// What was expected.
@@ -243,6 +268,8 @@ pub enum ConfigError {
     },
     /// A `--set` or file key that names no setting.
     UnknownKey(String),
+    /// Two settings that contradict each other; the message names both.
+    Conflict(String),
 }
 
 impl fmt::Display for ConfigError {
@@ -250,17 +277,34 @@ impl fmt::Display for ConfigError {
         match self {
             ConfigError::Invalid {
                 setting,
+                key,
+                origin,
                 value,
                 expected,
-            } => write!(f, "invalid {setting}={value:?}: expected {expected}"),
+            } => {
+                let from = match origin {
+                    Origin::Cli => format!("the command line (--set {key})"),
+                    Origin::Env => "the environment".to_owned(),
+                    Origin::File => format!("the config file (key {key})"),
+                    Origin::Default | Origin::Profile => "the default".to_owned(),
+                };
+                write!(
+                    f,
+                    "invalid {setting}={value:?} (from {from}): expected {expected}"
+                )
+            }
             ConfigError::File { path, reason } => {
                 write!(f, "config file {}: {reason}", path.display())
             }
-            ConfigError::UnknownKey(k) => write!(
-                f,
-                "unknown setting {k:?} (known: {})",
-                KEYS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
-            ),
+            ConfigError::UnknownKey(k) => match closest(k, KEYS.iter().map(|k| k.name)) {
+                Some(near) => write!(f, "unknown setting {k:?}; did you mean {near}?"),
+                None => write!(
+                    f,
+                    "unknown setting {k:?} (known: {})",
+                    KEYS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+                ),
+            },
+            ConfigError::Conflict(message) => f.write_str(message),
         }
     }
 }
@@ -320,11 +364,120 @@ pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
             effective.insert(k.name, v);
         }
     }
-    Reader {
+    let mut reader = Reader {
         values: effective,
-        warnings: Vec::new(),
+        warnings: unknown_env_warnings(&sources.env),
+    };
+    reader.apply_profile()?;
+    reader.build()
+}
+
+/// Environment variables that look like settings but are not: the usual
+/// typo (`WORKER_IO_POLL_SIZE`) would otherwise be ignored in silence. A
+/// warning, not an error: the environment is shared with other software.
+fn unknown_env_warnings(env: &BTreeMap<String, String>) -> Vec<String> {
+    /// Read by the command line itself, not by the settings table.
+    const OTHER_KNOWN: &[&str] = &["WORKER_CONFIG"];
+    env.keys()
+        .filter(|k| k.starts_with("WORKER_") || k.starts_with("CP2_"))
+        .filter(|k| !OTHER_KNOWN.contains(&k.as_str()) && !KEYS.iter().any(|key| key.env == *k))
+        .map(|k| {
+            let envs = KEYS.iter().map(|key| key.env).chain(OTHER_KNOWN.iter().copied());
+            match closest(k, envs) {
+                Some(near) => format!("unknown environment variable {k} is ignored; did you mean {near}?"),
+                None => format!("unknown environment variable {k} is ignored (settings are listed in README.md, Configuration)"),
+            }
+        })
+        .collect()
+}
+
+/// The candidate nearest to `name` by edit distance, if it is near enough to
+/// be a likely typo (at most a third of the name's length, at least 2 edits).
+pub fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (name.chars().count() / 3).max(2);
+    let lower = name.to_ascii_lowercase();
+    candidates
+        .map(|c| (edit_distance(&lower, &c.to_ascii_lowercase()), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
     }
-    .build()
+    prev[b.len()]
+}
+
+/// Crates whose log lines a `RUST_LOG` module directive can select.
+const LOG_TARGETS: &[&str] = &["caf_worker", "tiny_http", "ureq", "ureq_proto", "rustls"];
+const LOG_LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a `RUST_LOG` filter (env_logger syntax). env_logger reads an
+/// unknown word as a module name, so a typo such as `inof` would silently
+/// drop every log line: a bare word must be a level or one of
+/// [`LOG_TARGETS`], and `module=level` must name a real level.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    let mut parts = filter.split('/');
+    let directives = parts.next().unwrap_or("");
+    if parts.nth(1).is_some() {
+        return Err("at most one '/' (the message filter) is allowed".to_owned());
+    }
+    let is_level = |s: &str| s.parse::<log::LevelFilter>().is_ok();
+    let known_module = |m: &str| {
+        LOG_TARGETS
+            .iter()
+            .any(|t| m == *t || m.starts_with(&format!("{t}::")))
+    };
+    let suggest = |w: &str| {
+        closest(w, LOG_LEVELS.iter().chain(LOG_TARGETS).copied())
+            .map(|n| format!("; did you mean {n}?"))
+            .unwrap_or_default()
+    };
+    for d in directives
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+    {
+        match d.split_once('=') {
+            None if is_level(d) || known_module(d) => {}
+            None => {
+                return Err(format!(
+                    "{d:?} is neither a level ({}) nor a module of caf-worker ({}){}",
+                    LOG_LEVELS.join(", "),
+                    LOG_TARGETS.join(", "),
+                    suggest(d)
+                ));
+            }
+            Some((module, level)) => {
+                let (module, level) = (module.trim(), level.trim());
+                if !known_module(module) {
+                    return Err(format!(
+                        "module {module:?} is not one of caf-worker's ({}){}",
+                        LOG_TARGETS.join(", "),
+                        suggest(module)
+                    ));
+                }
+                if !level.is_empty() && !is_level(level) {
+                    return Err(format!(
+                        "{level:?} is not a level ({}){}",
+                        LOG_LEVELS.join(", "),
+                        suggest(level)
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn read_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
@@ -339,7 +492,10 @@ fn read_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut out = BTreeMap::new();
     for (k, v) in table {
         if key(&k).is_none() {
-            return Err(err(format!("unknown key {k:?}")));
+            let hint = closest(&k, KEYS.iter().map(|k| k.name))
+                .map(|near| format!("; did you mean {near}?"))
+                .unwrap_or_else(|| " (keys are listed in README.md, Configuration)".to_owned());
+            return Err(err(format!("unknown key {k:?}{hint}")));
         }
         let s = match v {
             toml::Value::String(s) => s,
@@ -371,12 +527,46 @@ impl Reader {
         key(name).map_or("?", |k| k.env)
     }
 
-    fn invalid(name: &str, value: &str, expected: &str) -> ConfigError {
+    fn invalid(&self, name: &str, value: &str, expected: &str) -> ConfigError {
         ConfigError::Invalid {
             setting: Self::env_of(name),
+            key: key(name).map_or("?", |k| k.name),
+            origin: self.values.get(name).map_or(Origin::Default, |(_, o)| *o),
             value: value.to_owned(),
             expected: expected.to_owned(),
         }
+    }
+
+    /// An enum setting, matched case-insensitively against `names`.
+    fn choice<T: Copy>(&self, name: &str, names: &[(&str, T)]) -> Result<T, ConfigError> {
+        let v = self.raw(name).unwrap_or("");
+        let lower = v.trim().to_ascii_lowercase();
+        names
+            .iter()
+            .find(|(n, _)| *n == lower)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| {
+                let all: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
+                self.invalid(name, v, &format!("one of {} (any case)", all.join(", ")))
+            })
+    }
+
+    /// `WORKER_PROFILE=cp2` turns on every `CP2_*` flag not set explicitly.
+    fn apply_profile(&mut self) -> Result<(), ConfigError> {
+        let profile = self.choice("profile", &[("cp1", Profile::Cp1), ("cp2", Profile::Cp2)])?;
+        if profile == Profile::Cp2 {
+            for k in KEYS.iter().filter(|k| k.env.starts_with("CP2_")) {
+                let explicit = self
+                    .values
+                    .get(k.name)
+                    .is_some_and(|(_, o)| *o != Origin::Default);
+                if !explicit {
+                    self.values
+                        .insert(k.name, ("true".to_owned(), Origin::Profile));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A feature flag: true iff `true`/`1`/`yes`; anything else non-empty is false with a warning.
@@ -387,7 +577,7 @@ impl Reader {
             "" | "false" | "0" | "no" => false,
             other => {
                 self.warnings.push(format!(
-                    "{} has unrecognised value {other:?}; treating it as false (use true, 1 or yes)",
+                    "{} has unrecognised value {other:?}; treating it as false (use true, 1 or yes to turn it on; false, 0 or no to turn it off; any case)",
                     Self::env_of(name)
                 ));
                 false
@@ -400,7 +590,7 @@ impl Reader {
         match v.trim().to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" => Ok(true),
             "false" | "0" | "no" => Ok(false),
-            _ => Err(Self::invalid(name, v, "true or false")),
+            _ => Err(self.invalid(name, v, "true, false, 1, 0, yes or no (any case)")),
         }
     }
 
@@ -408,11 +598,7 @@ impl Reader {
         let v = self.raw(name).unwrap_or("");
         match v.trim().parse::<u64>() {
             Ok(n) if (min..=max).contains(&n) => Ok(n),
-            _ => Err(Self::invalid(
-                name,
-                v,
-                &format!("an integer in {min}..={max}"),
-            )),
+            _ => Err(self.invalid(name, v, &format!("an integer in {min}..={max}"))),
         }
     }
 
@@ -424,7 +610,7 @@ impl Reader {
         let v = self.raw(name).unwrap_or("");
         v.trim()
             .parse()
-            .map_err(|_| Self::invalid(name, v, "an IP:port address such as 127.0.0.1:9090"))
+            .map_err(|_| self.invalid(name, v, "an IP:port address such as 127.0.0.1:9090"))
     }
 
     /// A comma-separated CIDR list; `None` when unset.
@@ -433,7 +619,7 @@ impl Reader {
             return Ok(None);
         };
         Cidr::parse_list(v).map(Some).map_err(|e| {
-            Self::invalid(
+            self.invalid(
                 name,
                 v,
                 &format!("comma-separated CIDRs such as 10.0.0.0/8,fd00::/8 ({e})"),
@@ -458,34 +644,43 @@ impl Reader {
             .map(Duration::from_millis)?;
         let retry_max_delay = self.millis("retry_max_delay_ms", HOUR_MS)?;
         if retry_max_delay < retry_base {
-            return Err(Self::invalid(
-                "retry_max_delay_ms",
-                self.raw("retry_max_delay_ms").unwrap_or(""),
-                "a value not below WORKER_RETRY_BASE_MS",
+            return Err(ConfigError::Conflict(format!(
+                "WORKER_RETRY_BASE_MS ({} ms) is greater than WORKER_RETRY_MAX_DELAY_MS ({} ms): \
+                 lower the first (retry_base_ms) or raise the second (retry_max_delay_ms)",
+                retry_base.as_millis(),
+                retry_max_delay.as_millis()
+            )));
+        }
+        let jitter = self.choice(
+            "retry_jitter",
+            &[("none", Jitter::None), ("full", Jitter::Full)],
+        )?;
+        let log_format = self.choice(
+            "log_format",
+            &[("json", LogFormat::Json), ("text", LogFormat::Text)],
+        )?;
+        let profile = self.choice("profile", &[("cp1", Profile::Cp1), ("cp2", Profile::Cp2)])?;
+        let log_filter = self.raw("log").unwrap_or("info").to_owned();
+        if let Err(why) = check_log_filter(&log_filter) {
+            return Err(self.invalid(
+                "log",
+                &log_filter,
+                &format!("an env_logger filter such as info or warn,caf_worker=debug: {why}"),
             ));
         }
-        let jitter = match self.raw("retry_jitter").unwrap_or("").trim() {
-            "none" => Jitter::None,
-            "full" => Jitter::Full,
-            other => return Err(Self::invalid("retry_jitter", other, "none or full")),
-        };
-        let log_format = match self.raw("log_format").unwrap_or("").trim() {
-            "json" => LogFormat::Json,
-            "text" => LogFormat::Text,
-            other => return Err(Self::invalid("log_format", other, "json or text")),
-        };
         let worker_id = self
             .optional("worker_id")
             .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
         let fs_root = PathBuf::from(self.raw("fs_root").unwrap_or("./data"));
         if fs_root.as_os_str().is_empty() {
-            return Err(Self::invalid("fs_root", "", "a directory path"));
+            return Err(self.invalid("fs_root", "", "a directory path"));
         }
         let sql_root = PathBuf::from(self.raw("sql_root").unwrap_or("./data/sql"));
         if sql_root.as_os_str().is_empty() {
-            return Err(Self::invalid("sql_root", "", "a directory path"));
+            return Err(self.invalid("sql_root", "", "a directory path"));
         }
         let settings = Settings {
+            profile,
             flags,
             worker_id,
             pool_sizes: [
@@ -497,6 +692,7 @@ impl Reader {
             ingress_addr: self.addr("ingress_addr")?,
             health_addr: self.addr("health_addr")?,
             metrics_addr: self.addr("metrics_addr")?,
+            max_long_polls: self.int("max_long_polls", 0, 14)? as usize,
             api_token: self.optional("api_token"),
             api_tokens_file: self.optional("api_tokens_file").map(PathBuf::from),
             fs_root,
@@ -530,8 +726,9 @@ impl Reader {
             strict_ids: self.boolean("strict_ids")?,
             metrics_detailed_labels: self.boolean("metrics_detailed_labels")?,
             metrics_max_tenants: self.int("metrics_max_tenants", 1, 1_000_000)? as usize,
-            log_filter: self.raw("log").unwrap_or("info").to_owned(),
+            log_filter,
             log_format,
+            fs_root_on_demand: false,
             warnings: std::mem::take(&mut self.warnings),
             effective: self.values,
         };
@@ -688,5 +885,96 @@ mod tests {
         let text = s.effective_json().to_string();
         assert!(!text.contains("s3cret"), "{text}");
         assert!(text.contains("[REDACTED]"));
+    }
+
+    #[test]
+    fn profile_cp2_turns_on_the_flags_an_explicit_flag_wins() {
+        let s = load(&env(&[
+            ("WORKER_PROFILE", "CP2"),
+            ("CP2_QUEUE_MANAGEMENT_ENABLED", "false"),
+        ]))
+        .unwrap();
+        assert_eq!(s.profile, Profile::Cp2);
+        assert!(
+            s.flags.advanced_retry && s.flags.complete_timeout && s.flags.observability_metrics
+        );
+        assert!(!s.flags.queue_management);
+        assert_eq!(s.effective["cp2_advanced_retry_enabled"].1, Origin::Profile);
+        let s = load(&env(&[])).unwrap();
+        assert_eq!((s.profile, s.flags), (Profile::Cp1, Flags::default()));
+        let e = load(&env(&[("WORKER_PROFILE", "cp3")])).unwrap_err();
+        assert!(e.to_string().contains("WORKER_PROFILE"), "{e}");
+    }
+
+    #[test]
+    fn typos_name_the_closest_key() {
+        assert_eq!(
+            closest("io_poll_size", KEYS.iter().map(|k| k.name)),
+            Some("io_pool_size")
+        );
+        assert_eq!(closest("zzzzzz", KEYS.iter().map(|k| k.name)), None);
+        let s = load(&env(&[
+            ("WORKER_IO_POLL_SIZE", "3"),
+            ("WORKER_CONFIG", "x"),
+        ]))
+        .unwrap();
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        assert!(s.warnings[0].contains("did you mean WORKER_IO_POOL_SIZE?"));
+        let src = Sources {
+            cli: vec![("io_poll_size".into(), "1".into())],
+            ..Sources::default()
+        };
+        let e = load(&src).unwrap_err().to_string();
+        assert!(e.contains("did you mean io_pool_size?"), "{e}");
+    }
+
+    #[test]
+    fn log_filters_are_checked() {
+        for ok in [
+            "info",
+            "WARN",
+            "warn,caf_worker=debug",
+            "caf_worker::engine=trace",
+            "off",
+            "debug/step",
+            "",
+        ] {
+            assert!(check_log_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["inof", "caf_wroker=debug", "caf_worker=loud", "a/b/c"] {
+            assert!(check_log_filter(bad).is_err(), "{bad}");
+        }
+        let e = load(&env(&[("RUST_LOG", "inof")])).unwrap_err().to_string();
+        assert!(
+            e.contains("RUST_LOG") && e.contains("did you mean info?"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn enums_ignore_case_and_conflicts_name_both_settings() {
+        let s = load(&env(&[
+            ("WORKER_LOG_FORMAT", "TEXT"),
+            ("WORKER_RETRY_JITTER", "Full"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (s.log_format, s.retry_jitter),
+            (LogFormat::Text, Jitter::Full)
+        );
+        let e = load(&env(&[
+            ("WORKER_RETRY_BASE_MS", "300"),
+            ("WORKER_RETRY_MAX_DELAY_MS", "200"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("WORKER_RETRY_BASE_MS") && e.contains("WORKER_RETRY_MAX_DELAY_MS"),
+            "{e}"
+        );
+        let e = load(&env(&[("WORKER_STRICT_IDS", "maybe")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("true, false, 1, 0, yes or no"), "{e}");
     }
 }

@@ -55,8 +55,8 @@ pub enum BatchLine {
     Result {
         /// The JSON line (no newline).
         line: String,
-        /// `status == success`.
-        success: bool,
+        /// Its status.
+        status: Status,
     },
     /// An Ack line for a rejected or duplicate input.
     Ack(String),
@@ -72,7 +72,7 @@ impl ResultSink for ChannelSink {
     fn deliver(&self, result: &Arc<ExecResult>) {
         let _ = self.0.send(BatchLine::Result {
             line: result.to_json_line(),
-            success: result.status == Status::Success,
+            status: result.status,
         });
     }
 }

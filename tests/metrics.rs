@@ -489,3 +489,59 @@ fn cardinality_stays_bounded_with_distinct_run_ids_and_many_tenants() {
             .all(|(_, l, _)| l.get("run_id").is_none_or(|v| v.is_empty()))
     );
 }
+
+#[test]
+fn upstream_status_classes_and_fractional_process_cpu_are_scraped() {
+    let upstream = support::HttpStub::routes(&[
+        ("/missing", vec![support::Reply::status(404)]),
+        ("/broken", vec![support::Reply::status(502)]),
+    ]);
+    let w = Worker::start(&[("WORKER_PROFILE", "cp2")]);
+    let samples = parse(&scrape(&w));
+    let labels = |class| [("step_type", "http.request"), ("status_class", class)];
+    for class in ["4xx", "5xx"] {
+        assert!(
+            samples
+                .iter()
+                .any(|(n, l, v)| n == "worker_step_http_errors_total"
+                    && l.get("status_class").map(String::as_str) == Some(class)
+                    && *v == 0.0),
+            "{class} series exists at zero before any step"
+        );
+    }
+    let get = |id: &str, path: &str| {
+        let a = step(id, "http.request", json!({"url": upstream.url(path)}));
+        let mut a = a;
+        a["options"] = json!({"retry": {"max_attempts": 1}});
+        execute(&w, &a)
+    };
+    assert_eq!(get("m-404", "/missing")["error_code"], "HTTP_ERROR");
+    assert_eq!(get("m-502", "/broken")["error_code"], "HTTP_ERROR");
+    let samples = parse(&scrape(&w));
+    assert_eq!(
+        value(&samples, "worker_step_http_errors_total", &labels("4xx")),
+        1.0
+    );
+    assert_eq!(
+        value(&samples, "worker_step_http_errors_total", &labels("5xx")),
+        1.0
+    );
+    // The crate's own collector truncated this to whole seconds (0 for a
+    // fresh worker); ours reads clock ticks.
+    let cpu = value(&samples, "process_cpu_seconds_total", &[]);
+    assert!(
+        cpu > 0.0 && cpu.fract() != 0.0,
+        "process_cpu_seconds_total = {cpu}"
+    );
+    let rss = value(&samples, "process_resident_memory_bytes", &[]);
+    assert!(rss > 1_000_000.0, "process_resident_memory_bytes = {rss}");
+    for name in [
+        "process_open_fds",
+        "process_max_fds",
+        "process_threads",
+        "process_start_time_seconds",
+        "process_virtual_memory_bytes",
+    ] {
+        assert!(value(&samples, name, &[]) > 0.0, "{name}");
+    }
+}

@@ -305,13 +305,15 @@ fn validate_prints_one_line_per_assignment_and_exits_0_only_if_all_valid() {
     assert_eq!(out.code, 0);
     assert!(!data.join("x.txt").exists(), "validate must not execute");
 
-    // A JSON array works too; element numbers stand in for line numbers.
-    let arr = json!([echo("a-1"), {"version": "1"}]).to_string();
+    // A JSON array works too; each element is numbered by its start line.
+    let arr = serde_json::to_string_pretty(&json!([echo("a-1"), {"version": "1"}])).unwrap();
+    let second = arr.lines().position(|l| l == "  {").unwrap() + 1;
+    let second = arr.lines().skip(second).position(|l| l == "  {").unwrap() + second + 1;
     let out = support::run_cmd(&["validate", "-"], &[], &arr, LIMIT);
     assert_eq!(out.code, 1);
-    assert_eq!(out.stdout[0], "line 1: ok a-1");
+    assert_eq!(out.stdout[0], "line 2: ok a-1");
     assert!(
-        out.stdout[1].starts_with("line 2: invalid_assignment: "),
+        out.stdout[1].starts_with(&format!("line {second}: invalid_assignment: ")),
         "{:?}",
         out.stdout
     );

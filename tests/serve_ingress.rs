@@ -389,3 +389,88 @@ fn duplicate_submission_is_acknowledged_but_not_executed_again() {
     assert_eq!(lines.len(), 3, "{lines:?}");
     support::check_results(&lines);
 }
+
+#[test]
+fn a_long_poll_over_the_cap_says_it_did_not_wait_and_bad_wait_ms_is_400() {
+    let w = Worker::start(&[("WORKER_MAX_LONG_POLLS", "1")]);
+    assert_eq!(
+        serve::submit(&w, &sleep_step("cap-1", 20_000, "cpu")).status,
+        202
+    );
+    // One long-poll takes the only slot (it tries again if a probe below
+    // held the slot at that moment)...
+    let holder = {
+        let url = w.url("/api/v1/results/cap-1?wait_ms=8000");
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let r = serve::request("GET", &url, &[], None);
+                if r.json["waited"] == true || Instant::now() > deadline {
+                    return r;
+                }
+            }
+        })
+    };
+    // ...after which another one is answered at once, saying so. The probes
+    // ask for 1 ms, so they hold the slot only briefly.
+    let skipped = support::wait_for(Duration::from_secs(6), || {
+        let r = serve::result(&w, "cap-1", 1);
+        assert_eq!(r.status, 202, "{}", r.text);
+        (r.json["waited"] == false).then_some(r)
+    })
+    .expect("a long-poll over WORKER_MAX_LONG_POLLS was never skipped");
+    assert_eq!(skipped.json["status"], "pending", "{}", skipped.text);
+    assert_eq!(
+        skipped.header("retry-after"),
+        Some("1"),
+        "{:?}",
+        skipped.headers
+    );
+    let t = Instant::now();
+    let again = serve::result(&w, "cap-1", 5000);
+    assert_eq!(again.json["waited"], false, "{}", again.text);
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    let held = holder.join().unwrap();
+    assert_eq!(held.json["waited"], true, "{}", held.text);
+
+    for bad in ["abc", "-1", "1.5", ""] {
+        let r = serve::request(
+            "GET",
+            &w.url(&format!("/api/v1/results/cap-1?wait_ms={bad}")),
+            &[],
+            None,
+        );
+        assert_eq!(r.status, 400, "wait_ms={bad:?}: {}", r.text);
+        assert_eq!(r.json["error"], "invalid_wait_ms", "{}", r.text);
+        let r = serve::request(
+            "POST",
+            &w.url(&format!("/api/v1/execute?wait_ms={bad}")),
+            &[],
+            Some(sleep_step("cap-x", 1, "cpu").to_string().as_bytes()),
+        );
+        assert_eq!(r.status, 400, "execute wait_ms={bad:?}: {}", r.text);
+    }
+}
+
+#[test]
+fn with_no_long_polls_allowed_every_wait_is_skipped() {
+    let w = Worker::start(&[("WORKER_MAX_LONG_POLLS", "0")]);
+    assert_eq!(
+        serve::submit(&w, &sleep_step("cap-0", 20_000, "cpu")).status,
+        202
+    );
+    let t = Instant::now();
+    let r = serve::result(&w, "cap-0", 5000);
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(r.status, 202, "{}", r.text);
+    assert_eq!(r.json["waited"], false, "{}", r.text);
+    assert_eq!(r.header("retry-after"), Some("1"));
+}

@@ -157,3 +157,94 @@ fn sigterm_on_an_idle_worker_exits_promptly() {
         w.stderr.lock().unwrap()
     );
 }
+
+/// Waits for a stderr line of `w` containing every one of `needles`.
+fn log_line(w: &Worker, needles: &[&str], limit: Duration) -> String {
+    support::wait_for(limit, || {
+        let logs = w.stderr.lock().unwrap();
+        logs.iter()
+            .find(|l| needles.iter().all(|n| l.contains(n)))
+            .cloned()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no log line with {needles:?}: {:?}",
+            w.stderr.lock().unwrap()
+        )
+    })
+}
+
+#[test]
+fn a_second_signal_stops_now_with_one_cancelled_result_per_unfinished_step() {
+    let out = support::temp_dir();
+    let file = out.path().join("results.jsonl");
+    let mut w = Worker::start(&[
+        ("CP2_OBSERVABILITY_METRICS_ENABLED", "1"),
+        ("WORKER_RESULTS_FILE", file.to_str().unwrap()),
+    ]);
+    let ids = ["sd2-0", "sd2-1", "sd2-2"];
+    for id in ids {
+        assert_eq!(
+            serve::submit(&w, &sleep_step(id, 20_000, "cpu")).status,
+            202
+        );
+    }
+    serve::wait_pool(&w, "cpu", 3, 0, Duration::from_secs(5));
+    let kill = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &w.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    let t0 = Instant::now();
+    kill("-INT");
+    log_line(
+        &w,
+        &["draining 3 step(s)", "30 s", "Ctrl-C again"],
+        Duration::from_secs(5),
+    );
+    kill("-INT");
+    let warn = log_line(
+        &w,
+        &["3 unfinished step(s) ended cancelled", "results.jsonl"],
+        Duration::from_secs(5),
+    );
+    assert!(warn.contains("\"WARN\""), "{warn}");
+    let code = w.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, 1, "a forced stop is not a clean exit");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let counts = serve::result_counts(&file);
+    for id in ids {
+        assert_eq!(counts.get(id), Some(&1), "{id}: one result");
+    }
+    for v in support::read_jsonl(&file) {
+        assert_eq!(v["status"], "cancelled", "{v}");
+    }
+}
+
+#[test]
+fn a_drain_out_of_grace_without_a_results_file_says_the_results_are_lost() {
+    let mut w = Worker::start(&[
+        ("WORKER_PROFILE", "cp2"),
+        ("WORKER_SHUTDOWN_GRACE_MS", "300"),
+    ]);
+    assert_eq!(
+        serve::submit(&w, &sleep_step("sd3-0", 20_000, "cpu")).status,
+        202
+    );
+    serve::wait_pool(&w, "cpu", 1, 0, Duration::from_secs(5));
+    w.sigterm();
+    let warn = log_line(
+        &w,
+        &[
+            "ran out of grace",
+            "1 unfinished step(s)",
+            "WORKER_RESULTS_FILE",
+        ],
+        Duration::from_secs(5),
+    );
+    assert!(warn.contains("\"WARN\""), "{warn}");
+    assert_eq!(w.wait_exit(Duration::from_secs(10)), 0);
+}

@@ -11,15 +11,7 @@ const MAX_SLEEP_MS: u64 = 3_600_000;
 
 /// Sleeps `ms` in slices of ≤ 50 ms, ending early on cancellation or the attempt deadline.
 pub fn sleep(p: &Map<String, Value>, ctx: &AttemptContext<'_>) -> Result<Value, BlockError> {
-    let ms = optional_u64(p, "ms")?.ok_or_else(|| {
-        BlockError::input(ErrorCode::MissingRequiredField, "payload.ms is required")
-    })?;
-    if ms > MAX_SLEEP_MS {
-        return Err(BlockError::input(
-            ErrorCode::InvalidInput,
-            format!("payload.ms must be at most {MAX_SLEEP_MS}"),
-        ));
-    }
+    let ms = sleep_ms(p)?;
     let start = Instant::now();
     let until = start + Duration::from_millis(ms);
     loop {
@@ -47,11 +39,30 @@ pub fn sleep(p: &Map<String, Value>, ctx: &AttemptContext<'_>) -> Result<Value, 
     }
 }
 
-/// Fails the first `fail_attempts` attempts (default: all) with `error_code`, then succeeds.
-///
-/// Extras for tests and drills: `http_status` (with `HTTP_ERROR`, drives the
-/// retry classification) and `panic: true` (panics, to prove panics are caught).
-pub fn fail(p: &Map<String, Value>, ctx: &AttemptContext<'_>) -> Result<Value, BlockError> {
+/// `payload.ms` of `debug.sleep`: required, at most [`MAX_SLEEP_MS`].
+pub fn sleep_ms(p: &Map<String, Value>) -> Result<u64, BlockError> {
+    let ms = optional_u64(p, "ms")?.ok_or_else(|| {
+        BlockError::input(ErrorCode::MissingRequiredField, "payload.ms is required")
+    })?;
+    if ms > MAX_SLEEP_MS {
+        return Err(BlockError::input(
+            ErrorCode::InvalidInput,
+            format!("payload.ms must be at most {MAX_SLEEP_MS}"),
+        ));
+    }
+    Ok(ms)
+}
+
+/// What `debug.fail` was asked to do.
+pub struct FailSpec {
+    code: ErrorCode,
+    fail_attempts: Option<u64>,
+    http_status: Option<u64>,
+    panic: bool,
+}
+
+/// Reads and checks the `debug.fail` payload.
+pub fn fail_spec(p: &Map<String, Value>) -> Result<FailSpec, BlockError> {
     let code_text = required_str(p, "error_code")?;
     let code: ErrorCode = code_text.parse().map_err(|_| {
         BlockError::input(
@@ -59,9 +70,26 @@ pub fn fail(p: &Map<String, Value>, ctx: &AttemptContext<'_>) -> Result<Value, B
             format!("payload.error_code {code_text:?} is not a known error code"),
         )
     })?;
-    let fail_attempts = optional_u64(p, "fail_attempts")?;
-    let http_status = optional_u64(p, "http_status")?;
-    if optional_bool(p, "panic")? == Some(true) {
+    Ok(FailSpec {
+        code,
+        fail_attempts: optional_u64(p, "fail_attempts")?,
+        http_status: optional_u64(p, "http_status")?,
+        panic: optional_bool(p, "panic")? == Some(true),
+    })
+}
+
+/// Fails the first `fail_attempts` attempts (default: all) with `error_code`, then succeeds.
+///
+/// Extras for tests and drills: `http_status` (with `HTTP_ERROR`, drives the
+/// retry classification) and `panic: true` (panics, to prove panics are caught).
+pub fn fail(p: &Map<String, Value>, ctx: &AttemptContext<'_>) -> Result<Value, BlockError> {
+    let FailSpec {
+        code,
+        fail_attempts,
+        http_status,
+        panic,
+    } = fail_spec(p)?;
+    if panic {
         panic!("debug.fail: simulated panic on attempt {}", ctx.attempt);
     }
     if fail_attempts.is_some_and(|n| u64::from(ctx.attempt) > n) {

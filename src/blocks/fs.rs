@@ -128,32 +128,7 @@ impl FsBlock {
         ctx: &AttemptContext<'_>,
     ) -> Result<Value, BlockError> {
         let path = self.parse_path(p)?;
-        let content = match (
-            optional_str(p, "content")?,
-            optional_str(p, "content_base64")?,
-        ) {
-            (Some(_), Some(_)) => {
-                return Err(BlockError::input(
-                    ErrorCode::InvalidInput,
-                    "give payload.content or payload.content_base64, not both",
-                ));
-            }
-            (Some(c), None) => c.as_bytes().to_vec(),
-            (None, Some(b)) => base64::engine::general_purpose::STANDARD
-                .decode(b)
-                .map_err(|e| {
-                    BlockError::input(
-                        ErrorCode::InvalidFormat,
-                        format!("payload.content_base64 is not valid base64: {e}"),
-                    )
-                })?,
-            (None, None) => {
-                return Err(BlockError::input(
-                    ErrorCode::MissingRequiredField,
-                    "payload.content or payload.content_base64 is required",
-                ));
-            }
-        };
+        let content = put_content(p)?;
         let overwrite = optional_bool(p, "overwrite")?.unwrap_or(false);
         let root = self.root.clone();
         self.guarded(ctx, self.timeouts.write, move || {
@@ -296,42 +271,7 @@ impl FsBlock {
     /// under the watchdog). Components starting with `.caf-` are the
     /// worker's own (temp files, the health probe) → `PERMISSION_DENIED`.
     fn parse_path(&self, p: &Map<String, Value>) -> Result<BlobPath, BlockError> {
-        let raw = required_str(p, "path")?;
-        if raw.contains('\0') {
-            return Err(BlockError::input(
-                ErrorCode::InvalidInput,
-                "payload.path contains a NUL byte",
-            ));
-        }
-        let mut rel = PathBuf::new();
-        for c in Path::new(raw).components() {
-            match c {
-                Component::Normal(part) if confine::is_reserved(part) => {
-                    return Err(BlockError::input(
-                        ErrorCode::PermissionDenied,
-                        format!(
-                            "payload.path component {:?} is reserved for the worker (names starting with {:?})",
-                            part.to_string_lossy(),
-                            confine::RESERVED_PREFIX
-                        ),
-                    ));
-                }
-                Component::Normal(part) => rel.push(part),
-                Component::CurDir | Component::RootDir => {}
-                Component::ParentDir => {
-                    return Err(BlockError::input(
-                        ErrorCode::PermissionDenied,
-                        "payload.path must not contain '..' components",
-                    ));
-                }
-                Component::Prefix(_) => {
-                    return Err(BlockError::input(
-                        ErrorCode::PermissionDenied,
-                        "payload.path has a drive prefix",
-                    ));
-                }
-            }
-        }
+        let (rel, raw) = relative_path(p)?;
         let Some(name) = rel.file_name().map(OsString::from) else {
             return Err(BlockError::input(
                 ErrorCode::InvalidInput,
@@ -345,6 +285,94 @@ impl FsBlock {
             raw: raw.to_owned(),
         })
     }
+}
+
+/// The payload checks of an fs.* step that touch no file (`validate` runs
+/// them; the block runs them again before its I/O).
+pub(super) fn check_payload(
+    job: crate::contract::JobType,
+    p: &Map<String, Value>,
+) -> Result<(), BlockError> {
+    relative_path(p)?;
+    if job == crate::contract::JobType::FsBlobPut {
+        put_content(p)?;
+        optional_bool(p, "overwrite")?;
+    }
+    Ok(())
+}
+
+/// The bytes of a put: `content` or `content_base64`, exactly one.
+fn put_content(p: &Map<String, Value>) -> Result<Vec<u8>, BlockError> {
+    match (
+        optional_str(p, "content")?,
+        optional_str(p, "content_base64")?,
+    ) {
+        (Some(_), Some(_)) => Err(BlockError::input(
+            ErrorCode::InvalidInput,
+            "give payload.content or payload.content_base64, not both",
+        )),
+        (Some(c), None) => Ok(c.as_bytes().to_vec()),
+        (None, Some(b)) => base64::engine::general_purpose::STANDARD
+            .decode(b)
+            .map_err(|e| {
+                BlockError::input(
+                    ErrorCode::InvalidFormat,
+                    format!("payload.content_base64 is not valid base64: {e}"),
+                )
+            }),
+        (None, None) => Err(BlockError::input(
+            ErrorCode::MissingRequiredField,
+            "payload.content or payload.content_base64 is required",
+        )),
+    }
+}
+
+/// `payload.path` normalised to a path relative to the root (no I/O), and
+/// the path as given.
+fn relative_path(p: &Map<String, Value>) -> Result<(PathBuf, &str), BlockError> {
+    let raw = required_str(p, "path")?;
+    if raw.contains('\0') {
+        return Err(BlockError::input(
+            ErrorCode::InvalidInput,
+            "payload.path contains a NUL byte",
+        ));
+    }
+    let mut rel = PathBuf::new();
+    for c in Path::new(raw).components() {
+        match c {
+            Component::Normal(part) if confine::is_reserved(part) => {
+                return Err(BlockError::input(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "payload.path component {:?} is reserved for the worker (names starting with {:?})",
+                        part.to_string_lossy(),
+                        confine::RESERVED_PREFIX
+                    ),
+                ));
+            }
+            Component::Normal(part) => rel.push(part),
+            Component::CurDir | Component::RootDir => {}
+            Component::ParentDir => {
+                return Err(BlockError::input(
+                    ErrorCode::PermissionDenied,
+                    "payload.path must not contain '..' components",
+                ));
+            }
+            Component::Prefix(_) => {
+                return Err(BlockError::input(
+                    ErrorCode::PermissionDenied,
+                    "payload.path has a drive prefix",
+                ));
+            }
+        }
+    }
+    if rel.as_os_str().is_empty() {
+        return Err(BlockError::input(
+            ErrorCode::InvalidInput,
+            "payload.path must name a file under the FS root",
+        ));
+    }
+    Ok((rel, raw))
 }
 
 impl BlobPath {

@@ -61,7 +61,7 @@ pub struct HttpBlock {
     egress: Arc<EgressPolicy>,
 }
 
-struct Prepared {
+pub(super) struct Prepared {
     hop: Hop,
     follow_redirects: bool,
 }
@@ -577,7 +577,7 @@ fn ip_literal(uri: &http::Uri) -> Option<SocketAddr> {
 }
 
 /// Validates the payload and builds the request (no I/O).
-fn prepare(p: &Map<String, Value>) -> Result<Prepared, BlockError> {
+pub(super) fn prepare(p: &Map<String, Value>) -> Result<Prepared, BlockError> {
     let url = required_str(p, "url")?;
     let lower = url.to_ascii_lowercase();
     if !(lower.starts_with("http://") || lower.starts_with("https://")) {

@@ -179,6 +179,9 @@ pub struct BlockSettings {
     pub sql_allow_write: bool,
     /// CP2 per-attempt limit of a query (`None`: the attempt deadline only).
     pub sql_attempt_timeout: Option<Duration>,
+    /// Create a missing FS root only when the first fs.* step runs (`run`),
+    /// not at start-up (`serve`, whose health check probes the root).
+    pub fs_root_on_demand: bool,
 }
 
 /// CP2 FS watchdog timeouts.
@@ -209,22 +212,76 @@ impl fmt::Display for SetupError {
 
 impl std::error::Error for SetupError {}
 
+/// Runs the payload checks `job`'s block runs before any I/O, without
+/// running anything (`caf-worker validate`). The blocks call the same
+/// functions, so the two cannot disagree.
+pub fn check_payload(job: JobType, payload: &Map<String, Value>) -> Result<(), BlockError> {
+    match job {
+        JobType::HttpRequest => http::prepare(payload).map(drop),
+        JobType::FsBlobPut | JobType::FsBlobGet | JobType::FsBlobDelete => {
+            fs::check_payload(job, payload)
+        }
+        JobType::DebugEcho => Ok(()),
+        JobType::DebugSleep => debug::sleep_ms(payload).map(drop),
+        JobType::DebugFail => debug::fail_spec(payload).map(drop),
+        JobType::SqlQuery => sql::parse_request(payload, usize::MAX).map(drop),
+        JobType::HumanApproval => approval::parse(payload).map(drop),
+    }
+}
+
 /// All block families, sharing one HTTP agent, one FS root and one SQL root.
 #[derive(Debug)]
 pub struct Blocks {
     http: http::HttpBlock,
-    fs: fs::FsBlock,
+    fs: std::sync::OnceLock<Result<fs::FsBlock, String>>,
     sql: sql::SqlBlock,
+    settings: BlockSettings,
 }
 
 impl Blocks {
-    /// Builds the blocks; creates the FS and SQL roots if missing.
+    /// Builds the blocks; creates the SQL root and the FS root if missing
+    /// (with `fs_root_on_demand`, the FS root only when the first fs.* step
+    /// needs it).
     pub fn new(settings: &BlockSettings) -> Result<Blocks, SetupError> {
-        Ok(Blocks {
+        let blocks = Blocks {
             http: http::HttpBlock::new(settings),
-            fs: fs::FsBlock::new(settings)?,
+            fs: std::sync::OnceLock::new(),
             sql: sql::SqlBlock::new(settings)?,
-        })
+            settings: settings.clone(),
+        };
+        if !settings.fs_root_on_demand || settings.fs_root.exists() {
+            let fs = fs::FsBlock::new(settings)?;
+            let _ = blocks.fs.set(Ok(fs));
+        } else {
+            // Not created yet, but a root that could never be created is
+            // still a configuration error at start (exit 2).
+            let missing = |p: &std::path::Path| !p.exists();
+            let base = settings.fs_root.ancestors().skip(1).find(|p| !missing(p));
+            if let Some(base) = base.filter(|b| !b.as_os_str().is_empty() && !b.is_dir()) {
+                return Err(SetupError {
+                    setting: "WORKER_FS_ROOT",
+                    reason: format!(
+                        "cannot create {}: {} is not a directory",
+                        settings.fs_root.display(),
+                        base.display()
+                    ),
+                });
+            }
+        }
+        Ok(blocks)
+    }
+
+    /// The FS block, set up on first use when the root is created on demand.
+    /// A root that cannot be set up fails every fs.* step (permanently).
+    fn fs(&self) -> Result<&fs::FsBlock, BlockError> {
+        let slot = self.fs.get_or_init(|| {
+            fs::FsBlock::new(&self.settings).map_err(|e| {
+                log::error!("{e}; fs.* steps fail");
+                e.to_string()
+            })
+        });
+        slot.as_ref()
+            .map_err(|e| BlockError::new(ErrorCode::ExecutionFailed, e.clone()).permanent())
     }
 
     /// Runs one attempt of `job` on `payload`.
@@ -236,9 +293,9 @@ impl Blocks {
     ) -> Result<Value, BlockError> {
         match job {
             JobType::HttpRequest => self.http.execute(payload, ctx),
-            JobType::FsBlobPut => self.fs.put(payload, ctx),
-            JobType::FsBlobGet => self.fs.get(payload, ctx),
-            JobType::FsBlobDelete => self.fs.delete(payload, ctx),
+            JobType::FsBlobPut => self.fs()?.put(payload, ctx),
+            JobType::FsBlobGet => self.fs()?.get(payload, ctx),
+            JobType::FsBlobDelete => self.fs()?.delete(payload, ctx),
             JobType::SqlQuery => self.sql.execute(payload, ctx),
             JobType::DebugEcho => Ok(Value::Object(payload.clone())),
             JobType::DebugSleep => debug::sleep(payload, ctx),
@@ -255,16 +312,22 @@ impl Blocks {
 
     /// FS operations abandoned to their helper thread and still running.
     pub fn fs_abandoned(&self) -> usize {
-        self.fs.abandoned()
+        match self.fs.get() {
+            Some(Ok(fs)) => fs.abandoned(),
+            _ => 0,
+        }
     }
 
     /// True if a probe file can be created and removed under the FS root.
     pub fn fs_root_writable(&self) -> bool {
-        self.fs.root_writable()
+        self.fs().is_ok_and(fs::FsBlock::root_writable)
     }
 
-    /// The canonical FS root.
+    /// The canonical FS root (as configured until it is set up).
     pub fn fs_root(&self) -> &std::path::Path {
-        self.fs.root()
+        match self.fs.get() {
+            Some(Ok(fs)) => fs.root(),
+            _ => &self.settings.fs_root,
+        }
     }
 }

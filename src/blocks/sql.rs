@@ -76,7 +76,7 @@ pub struct SqlBlock {
 }
 
 /// A validated payload.
-struct Request<'a> {
+pub(super) struct Request<'a> {
     database: &'a str,
     sql: &'a str,
     params: Option<&'a Value>,
@@ -154,38 +154,7 @@ impl SqlBlock {
 
     /// Validates the payload (no I/O).
     fn parse<'a>(&self, p: &'a Map<String, Value>) -> Result<Request<'a>, BlockError> {
-        let database = required_str(p, "database")?;
-        let sql = required_str(p, "sql")?;
-        if sql.trim().is_empty() {
-            return Err(BlockError::input(
-                ErrorCode::InvalidInput,
-                "payload.sql is empty",
-            ));
-        }
-        let write = match optional_str(p, "mode")? {
-            None | Some("read") => false,
-            Some("write") => true,
-            Some(other) => {
-                return Err(BlockError::input(
-                    ErrorCode::InvalidInput,
-                    format!("payload.mode must be read or write, got {:?}", clip(other)),
-                ));
-            }
-        };
-        let max_rows = optional_u64(p, "max_rows")?
-            .map_or(self.max_rows, |n| n.min(self.max_rows as u64) as usize);
-        let params = match p.get("params") {
-            None | Some(Value::Null) => None,
-            Some(v @ (Value::Array(_) | Value::Object(_))) => Some(v),
-            Some(v) => return Err(wrong_type("params", "an array or an object", v)),
-        };
-        Ok(Request {
-            database,
-            sql,
-            params,
-            write,
-            max_rows,
-        })
+        parse_request(p, self.max_rows)
     }
 
     /// Maps `payload.database` to `<root>/<name>.db` and checks it the way
@@ -800,6 +769,42 @@ fn timer_loop(shared: &TimerShared) {
             None => shared.wake.wait(st).unwrap_or_else(|p| p.into_inner()),
         };
     }
+}
+
+/// Validates a `sql.query` payload (no I/O); `max_rows` is lowered to `cap`.
+/// `validate` runs it too, so the two cannot disagree.
+pub(super) fn parse_request(p: &Map<String, Value>, cap: usize) -> Result<Request<'_>, BlockError> {
+    let database = required_str(p, "database")?;
+    let sql = required_str(p, "sql")?;
+    if sql.trim().is_empty() {
+        return Err(BlockError::input(
+            ErrorCode::InvalidInput,
+            "payload.sql is empty",
+        ));
+    }
+    let write = match optional_str(p, "mode")? {
+        None | Some("read") => false,
+        Some("write") => true,
+        Some(other) => {
+            return Err(BlockError::input(
+                ErrorCode::InvalidInput,
+                format!("payload.mode must be read or write, got {:?}", clip(other)),
+            ));
+        }
+    };
+    let max_rows = optional_u64(p, "max_rows")?.map_or(cap, |n| n.min(cap as u64) as usize);
+    let params = match p.get("params") {
+        None | Some(Value::Null) => None,
+        Some(v @ (Value::Array(_) | Value::Object(_))) => Some(v),
+        Some(v) => return Err(wrong_type("params", "an array or an object", v)),
+    };
+    Ok(Request {
+        database,
+        sql,
+        params,
+        write,
+        max_rows,
+    })
 }
 
 #[cfg(test)]

@@ -1,17 +1,22 @@
-//! Batch input for `run` and `validate`: a JSON array of assignments or JSON
-//! Lines, from a file or stdin. JSON Lines is streamed (so `run` can apply
-//! backpressure); an array is read whole.
+//! Batch input for `run` and `validate`, as people write it: JSON Lines, a
+//! JSON array, or a stream of concatenated (pretty-printed) objects, from a
+//! file or stdin. Every item is numbered by the line its value starts on.
+//!
+//! Anything but an array is streamed (so `run` can apply backpressure): a
+//! small scanner tracks nesting and strings to find where each object ends.
+//! An array is read whole (it must be valid JSON as a whole, else exit 2).
 
 use crate::contract::{
     Assignment, Checked, IntakeRules, RejectReason, Rejection, parse_assignment,
     validate_assignment,
 };
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 
-/// One input item: its line (or array position) and what intake made of it.
+/// One input item: its line and what intake made of it.
 pub struct Item {
-    /// 1-based line number (JSON Lines) or element number (array).
+    /// 1-based line on which the item's JSON value starts.
     pub number: usize,
     /// The validated assignment or the rejection.
     pub parsed: Result<Assignment, Rejection>,
@@ -21,29 +26,28 @@ pub struct Item {
 #[derive(Debug)]
 pub struct InputError(pub String);
 
-enum Source {
-    Lines(Box<dyn BufRead>, usize),
-    Array(std::vec::IntoIter<Checked>, usize),
-}
-
 /// Iterator over the items of a batch input.
 pub struct Items {
     source: Source,
     rules: IntakeRules,
 }
 
+enum Source {
+    Stream(Box<Stream>),
+    Array(std::vec::IntoIter<(usize, Checked)>),
+}
+
 /// Opens `FILE` or `-` and detects its shape from the first non-blank byte.
 pub fn open(path: &str, rules: IntakeRules) -> Result<Items, InputError> {
-    let reader: Box<dyn BufRead> = if path == "-" {
+    let mut reader: Box<dyn BufRead> = if path == "-" {
         Box::new(BufReader::new(io::stdin()))
     } else {
         let f = File::open(path).map_err(|e| InputError(format!("cannot read {path}: {e}")))?;
         Box::new(BufReader::with_capacity(256 * 1024, f))
     };
-    let mut reader = reader;
-    // Skip leading whitespace, however the reads happen to be chunked, to find
-    // the shape; line numbers still count the newlines skipped.
-    let mut skipped_newlines = 0;
+    // Skip leading whitespace, however the reads are chunked, to find the
+    // shape; line numbers still count the newlines skipped.
+    let mut skipped = 0;
     let first = loop {
         let buf = reader
             .fill_buf()
@@ -51,18 +55,15 @@ pub fn open(path: &str, rules: IntakeRules) -> Result<Items, InputError> {
         if buf.is_empty() {
             break None;
         }
-        match buf.iter().position(|b| !b.is_ascii_whitespace()) {
-            Some(i) => {
-                let first = buf[i];
-                skipped_newlines += buf[..i].iter().filter(|b| **b == b'\n').count();
-                reader.consume(i);
-                break Some(first);
-            }
-            None => {
-                let n = buf.len();
-                skipped_newlines += buf.iter().filter(|b| **b == b'\n').count();
-                reader.consume(n);
-            }
+        let blank = buf
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(buf.len());
+        let first = buf.get(blank).copied();
+        skipped += buf[..blank].iter().filter(|b| **b == b'\n').count();
+        reader.consume(blank);
+        if first.is_some() {
+            break first;
         }
     };
     if first == Some(b'[') {
@@ -75,21 +76,17 @@ pub fn open(path: &str, rules: IntakeRules) -> Result<Items, InputError> {
                 "{path} starts with '[' but is not a JSON array: {e}"
             ))
         })?;
+        let lines = element_lines(&text).into_iter().map(|n| n + skipped);
+        let numbered: Vec<(usize, Checked)> = lines.zip(values).collect();
         return Ok(Items {
-            source: Source::Array(values.into_iter(), 0),
+            source: Source::Array(numbered.into_iter()),
             rules,
         });
     }
-    Ok(Items::lines(reader, skipped_newlines, rules))
-}
-
-impl Items {
-    fn lines(reader: Box<dyn BufRead>, skipped: usize, rules: IntakeRules) -> Items {
-        Items {
-            source: Source::Lines(reader, skipped),
-            rules,
-        }
-    }
+    Ok(Items {
+        source: Source::Stream(Box::new(Stream::new(reader, rules.max_body_bytes, skipped))),
+        rules,
+    })
 }
 
 impl Iterator for Items {
@@ -97,9 +94,9 @@ impl Iterator for Items {
 
     fn next(&mut self) -> Option<Self::Item> {
         match &mut self.source {
-            Source::Array(values, n) => {
-                let checked = values.next()?;
-                *n += 1;
+            Source::Array(values) => {
+                let (number, checked) = values.next()?;
+                // Duplicate keys inside an element reject that element only.
                 let v = match checked.into_result() {
                     Ok(v) => v,
                     Err(e) => {
@@ -108,42 +105,282 @@ impl Iterator for Items {
                             format!("the assignment is not valid JSON: {e}"),
                         );
                         return Some(Ok(Item {
-                            number: *n,
+                            number,
                             parsed: Err(r),
                         }));
                     }
                 };
                 let size = v.to_string().len();
                 let parsed = if size > self.rules.max_body_bytes {
-                    Err(Rejection::new(
-                        RejectReason::PayloadTooLarge,
-                        format!(
-                            "the assignment is {size} bytes, more than WORKER_MAX_BODY_BYTES ({})",
-                            self.rules.max_body_bytes
-                        ),
-                    ))
+                    Err(too_large(size, self.rules.max_body_bytes))
                 } else {
                     validate_assignment(v, &self.rules)
                 };
-                Some(Ok(Item { number: *n, parsed }))
+                Some(Ok(Item { number, parsed }))
             }
-            Source::Lines(reader, n) => loop {
-                let mut line = Vec::new();
-                match reader.read_until(b'\n', &mut line) {
-                    Ok(0) => return None,
-                    Ok(_) => {}
-                    Err(e) => {
-                        return Some(Err(InputError(format!("read error after line {n}: {e}"))));
-                    }
+            Source::Stream(stream) => {
+                let raw = match stream.next_value()? {
+                    Ok(raw) => raw,
+                    Err(e) => return Some(Err(e)),
+                };
+                let parsed = match raw.oversized {
+                    Some(size) => Err(too_large(size, self.rules.max_body_bytes)),
+                    None => parse_assignment(&raw.bytes, &self.rules),
+                };
+                Some(Ok(Item {
+                    number: raw.line,
+                    parsed,
+                }))
+            }
+        }
+    }
+}
+
+fn too_large(size: usize, max: usize) -> Rejection {
+    Rejection::new(
+        RejectReason::PayloadTooLarge,
+        format!("the assignment is {size} bytes, more than WORKER_MAX_BODY_BYTES ({max})"),
+    )
+}
+
+/// The line each top-level element of a (valid) JSON array starts on.
+fn element_lines(text: &[u8]) -> Vec<usize> {
+    let mut lines = Vec::new();
+    let (mut line, mut depth) = (1usize, 0usize);
+    let (mut in_string, mut escaped, mut expecting) = (false, false, false);
+    for &b in text {
+        if b == b'\n' {
+            line += 1;
+        }
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        if depth == 1 && expecting && !b.is_ascii_whitespace() && b != b']' {
+            lines.push(line);
+            expecting = false;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                expecting = depth == 1;
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' if depth == 1 => expecting = true,
+            _ => {}
+        }
+    }
+    lines
+}
+
+/// One value cut out of the stream.
+struct RawValue {
+    line: usize,
+    bytes: Vec<u8>,
+    /// Set (to the full size) when the value was larger than the body limit;
+    /// only the first bytes are kept.
+    oversized: Option<usize>,
+}
+
+/// Splits a byte stream into top-level JSON values, line by line.
+struct Stream {
+    reader: Box<dyn BufRead>,
+    line: usize,
+    max: usize,
+    ready: VecDeque<RawValue>,
+    /// The object being read: its start line, bytes, size, nesting, string state.
+    open: Option<Open>,
+    eof: bool,
+}
+
+struct Open {
+    line: usize,
+    bytes: Vec<u8>,
+    size: usize,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Open {
+    fn finish(self, max: usize) -> RawValue {
+        RawValue {
+            line: self.line,
+            oversized: (self.size > max).then_some(self.size),
+            bytes: self.bytes,
+        }
+    }
+}
+
+impl Stream {
+    /// `line`: lines already consumed before the reader's position.
+    fn new(reader: Box<dyn BufRead>, max: usize, line: usize) -> Stream {
+        Stream {
+            reader,
+            line,
+            max,
+            ready: VecDeque::new(),
+            open: None,
+            eof: false,
+        }
+    }
+
+    fn next_value(&mut self) -> Option<Result<RawValue, InputError>> {
+        loop {
+            if let Some(v) = self.ready.pop_front() {
+                return Some(Ok(v));
+            }
+            if self.eof {
+                // An object still open at the end is cut off: its parse error says so.
+                return self.open.take().map(|o| Ok(o.finish(self.max)));
+            }
+            let mut line = Vec::new();
+            match self.reader.read_until(b'\n', &mut line) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {
+                    self.line += 1;
+                    self.scan_line(&line);
                 }
-                *n += 1;
-                let trimmed = line.trim_ascii();
-                if trimmed.is_empty() {
+                Err(e) => {
+                    return Some(Err(InputError(format!(
+                        "read error after line {}: {e}",
+                        self.line
+                    ))));
+                }
+            }
+        }
+    }
+
+    fn scan_line(&mut self, text: &[u8]) {
+        // A line starting with `{` or `[` in column 0 while an object is open: the
+        // open one was a cut-off JSON Lines line (pretty-printed objects
+        // indent their inner lines). Report it and start afresh.
+        if matches!(text.first(), Some(b'{' | b'[')) {
+            if let Some(o) = self.open.take() {
+                self.ready.push_back(o.finish(self.max));
+            }
+        }
+        let mut i = 0;
+        while i < text.len() {
+            let b = text[i];
+            let Some(o) = self.open.as_mut() else {
+                if b.is_ascii_whitespace() {
+                    i += 1;
                     continue;
                 }
-                let parsed = parse_assignment(trimmed, &self.rules);
-                return Some(Ok(Item { number: *n, parsed }));
-            },
+                if b == b'{' || b == b'[' {
+                    self.open = Some(Open {
+                        line: self.line,
+                        bytes: Vec::new(),
+                        size: 0,
+                        depth: 0,
+                        in_string: false,
+                        escaped: false,
+                    });
+                    continue;
+                }
+                // Not an object: the rest of the line is one (bad) item.
+                let rest = text[i..].trim_ascii();
+                self.ready.push_back(RawValue {
+                    line: self.line,
+                    oversized: (rest.len() > self.max).then_some(rest.len()),
+                    bytes: rest[..rest.len().min(self.max + 1)].to_vec(),
+                });
+                return;
+            };
+            o.size += 1;
+            if o.bytes.len() <= self.max {
+                o.bytes.push(b);
+            }
+            if o.in_string {
+                match (o.escaped, b) {
+                    (true, _) => o.escaped = false,
+                    (false, b'\\') => o.escaped = true,
+                    (false, b'"') => o.in_string = false,
+                    _ => {}
+                }
+            } else {
+                match b {
+                    b'"' => o.in_string = true,
+                    b'{' | b'[' => o.depth += 1,
+                    b'}' | b']' => {
+                        o.depth = o.depth.saturating_sub(1);
+                        if o.depth == 0 {
+                            if let Some(o) = self.open.take() {
+                                self.ready.push_back(o.finish(self.max));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            i += 1;
         }
+        // JSON strings cannot span lines: an open string here means a cut-off value.
+        if self.open.as_ref().is_some_and(|o| o.in_string) {
+            if let Some(o) = self.open.take() {
+                self.ready.push_back(o.finish(self.max));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn items(text: &str) -> Vec<(usize, String)> {
+        let mut s = Stream::new(
+            Box::new(io::Cursor::new(text.as_bytes().to_vec())),
+            1 << 20,
+            0,
+        );
+        std::iter::from_fn(|| s.next_value())
+            .map(|v| {
+                let v = v.unwrap();
+                (v.line, String::from_utf8(v.bytes).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn json_lines_concatenated_and_pretty_objects() {
+        assert_eq!(
+            items("{\"a\":1}\n\n{\"b\":\"}\"}{\"c\":[1]}\n"),
+            [
+                (1, "{\"a\":1}".into()),
+                (3, "{\"b\":\"}\"}".into()),
+                (3, "{\"c\":[1]}".into())
+            ]
+        );
+        let pretty = "{\n  \"a\": {\n    \"x\": 1\n  }\n}\n{\n  \"b\": 2\n}\n";
+        let got = items(pretty);
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [1, 6]);
+        assert!(serde_json::from_str::<Value>(&got[0].1).is_ok());
+    }
+
+    #[test]
+    fn a_cut_off_line_does_not_swallow_the_next() {
+        let got =
+            items("{\"a\":1}\n{broken\n{\"b\":2}\n{\"s\":\"open\n{\"c\":3}\nnot json\n{x\n[1]\n");
+        let lines: Vec<usize> = got.iter().map(|g| g.0).collect();
+        assert_eq!(lines, [1, 2, 3, 4, 5, 6, 7, 8], "{got:?}");
+        assert_eq!(got[5].1, "not json");
+        assert_eq!(got[7].1, "[1]");
+    }
+
+    #[test]
+    fn array_elements_are_numbered_by_their_start_line() {
+        let text = b"[\n  {\"a\": \"[,]\"},\n  {\n    \"b\": [1, 2]\n  }, 3\n]";
+        assert_eq!(element_lines(text), [2, 3, 5]);
+        assert_eq!(element_lines(b"[]"), Vec::<usize>::new());
+        assert_eq!(element_lines(b"[{},{}]"), [1, 1]);
     }
 }

@@ -2,11 +2,12 @@
 //! `main.rs` only parses arguments and calls [`main`].
 
 mod input;
+mod progress;
 mod run;
 mod serve;
 mod validate;
 
-use crate::config::{self, Settings, Sources};
+use crate::config::{self, Sources};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -25,7 +26,7 @@ pub const EXIT_USAGE: i32 = 2;
     version,
     after_help = "Every option also has an environment variable and a config-file key; \
 precedence is command line > environment > config file > default. \
-See docs/SPEC.md §2 for the full list (`--set KEY=VALUE` sets any of them).\n\n\
+README.md, Configuration, lists them all (`--set KEY=VALUE` sets any of them).\n\n\
 Exit codes: 0 all steps succeeded; 1 a step failed or an input was rejected; \
 2 usage/configuration error or unreadable input (nothing ran)."
 )]
@@ -40,18 +41,29 @@ enum Command {
     Serve {
         #[command(flatten)]
         config: ConfigArgs,
+        #[command(flatten)]
+        profile: ProfileArgs,
+        #[command(flatten)]
+        exec: ExecArgs,
+        #[command(flatten)]
+        ports: PortArgs,
     },
-    /// Execute a batch of assignments (JSON array or JSON Lines) and print one
-    /// ExecResult per line on stdout as each finishes; logs go to stderr.
+    /// Execute a batch of assignments (JSON Lines, a JSON array, or
+    /// concatenated objects) and print one ExecResult per line on stdout as
+    /// each finishes; logs go to stderr.
     Run {
         #[command(flatten)]
         config: ConfigArgs,
+        #[command(flatten)]
+        profile: ProfileArgs,
+        #[command(flatten)]
+        exec: ExecArgs,
         /// Input file, or `-` for standard input.
         #[arg(value_name = "FILE|-")]
         input: String,
     },
-    /// Check assignments without executing anything: one line per assignment,
-    /// `ok` or the rejection reason and message.
+    /// Check assignments and their payloads without executing anything: one
+    /// line per assignment, `ok` or what is wrong.
     Validate {
         #[command(flatten)]
         config: ConfigArgs,
@@ -61,15 +73,35 @@ enum Command {
     },
 }
 
-/// Options shared by every command; each maps to a settings key.
+/// Options every command reads; each maps to a settings key.
 #[derive(Debug, Args)]
 struct ConfigArgs {
-    /// TOML config file (keys as in docs/SPEC.md §2, e.g. `io_pool_size = 8`).
+    /// TOML config file (keys as in README.md, Configuration; e.g. `io_pool_size = 8`).
     #[arg(long, value_name = "FILE", env = "WORKER_CONFIG")]
     config: Option<PathBuf>,
     /// Set any setting by key, e.g. `--set retry_jitter=full` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// `json` or `text` [env: WORKER_LOG_FORMAT; default: json].
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
+    /// Log filter, env_logger syntax [env: RUST_LOG; default: info].
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+}
+
+/// `--profile`, for the commands that execute steps.
+#[derive(Debug, Args)]
+struct ProfileArgs {
+    /// `cp1` (baseline) or `cp2` (all four CP2_* flags on; a flag set explicitly
+    /// still wins) [env: WORKER_PROFILE; default: cp1].
+    #[arg(long, value_name = "PROFILE")]
+    profile: Option<String>,
+}
+
+/// Options of the commands that execute steps (`serve`, `run`).
+#[derive(Debug, Args)]
+struct ExecArgs {
     /// Worker id in acks, results and logs [env: WORKER_ID; default: <hostname>-<pid>].
     #[arg(long)]
     worker_id: Option<String>,
@@ -88,6 +120,14 @@ struct ConfigArgs {
     /// Per-pool queue bound with queue management on [env: WORKER_MAX_QUEUE_SIZE; default: 1000].
     #[arg(long, value_name = "N")]
     max_queue_size: Option<String>,
+    /// Append every result as a JSON line to FILE [env: WORKER_RESULTS_FILE].
+    #[arg(long, value_name = "FILE")]
+    results_file: Option<String>,
+}
+
+/// The ports of `serve`.
+#[derive(Debug, Args)]
+struct PortArgs {
     /// Assignment API address [env: WORKER_INGRESS_ADDR; default: 127.0.0.1:9090].
     #[arg(long, value_name = "ADDR")]
     ingress_addr: Option<String>,
@@ -97,34 +137,46 @@ struct ConfigArgs {
     /// Metrics address [env: WORKER_METRICS_ADDR; default: 0.0.0.0:9092].
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<String>,
-    /// Append every result as a JSON line to FILE [env: WORKER_RESULTS_FILE].
-    #[arg(long, value_name = "FILE")]
-    results_file: Option<String>,
-    /// `json` or `text` [env: WORKER_LOG_FORMAT; default: json].
-    #[arg(long, value_name = "FORMAT")]
-    log_format: Option<String>,
-    /// Log filter, env_logger syntax [env: RUST_LOG; default: info].
-    #[arg(long, value_name = "FILTER")]
-    log: Option<String>,
 }
 
-impl ConfigArgs {
-    fn sources(&self) -> Result<Sources, config::ConfigError> {
-        let mut cli = Vec::new();
-        for (key, value) in [
+type Pairs<'a> = Vec<(&'static str, &'a Option<String>)>;
+
+impl ProfileArgs {
+    fn pairs(&self) -> Pairs<'_> {
+        vec![("profile", &self.profile)]
+    }
+}
+
+impl ExecArgs {
+    fn pairs(&self) -> Pairs<'_> {
+        vec![
             ("worker_id", &self.worker_id),
             ("fs_root", &self.fs_root),
             ("cpu_pool_size", &self.cpu_pool_size),
             ("io_pool_size", &self.io_pool_size),
             ("gpu_pool_size", &self.gpu_pool_size),
             ("max_queue_size", &self.max_queue_size),
+            ("results_file", &self.results_file),
+        ]
+    }
+}
+
+impl PortArgs {
+    fn pairs(&self) -> Pairs<'_> {
+        vec![
             ("ingress_addr", &self.ingress_addr),
             ("health_addr", &self.health_addr),
             ("metrics_addr", &self.metrics_addr),
-            ("results_file", &self.results_file),
-            ("log_format", &self.log_format),
-            ("log", &self.log),
-        ] {
+        ]
+    }
+}
+
+impl ConfigArgs {
+    /// The sources, with the command's own options (`extra`) on the command line.
+    fn sources(&self, extra: Pairs<'_>) -> Result<Sources, config::ConfigError> {
+        let mut cli = Vec::new();
+        let own = [("log_format", &self.log_format), ("log", &self.log)];
+        for (key, value) in extra.into_iter().chain(own) {
             if let Some(v) = value {
                 cli.push((key.to_owned(), v.clone()));
             }
@@ -139,20 +191,36 @@ impl ConfigArgs {
         }
         Ok(Sources::from_process_env(cli, self.config.clone()))
     }
-
-    fn load(&self) -> Result<Settings, config::ConfigError> {
-        config::load(&self.sources()?)
-    }
 }
 
 /// Runs a parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> i32 {
-    let (config, command) = match &cli.command {
-        Command::Serve { config } => (config, &cli.command),
-        Command::Run { config, .. } => (config, &cli.command),
-        Command::Validate { config, .. } => (config, &cli.command),
+    let sources = match &cli.command {
+        Command::Serve {
+            config,
+            profile,
+            exec,
+            ports,
+        } => {
+            let mut extra = profile.pairs();
+            extra.extend(exec.pairs());
+            extra.extend(ports.pairs());
+            config.sources(extra)
+        }
+        Command::Run {
+            config,
+            profile,
+            exec,
+            ..
+        } => {
+            let mut extra = profile.pairs();
+            extra.extend(exec.pairs());
+            config.sources(extra)
+        }
+        Command::Validate { config, .. } => config.sources(Vec::new()),
     };
-    let settings = match config.load() {
+    let command = &cli.command;
+    let settings = match sources.and_then(|s| config::load(&s)) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("caf-worker: {e}");

@@ -1,9 +1,9 @@
 //! `caf-worker serve`: the long-running worker (SPEC §8, §11).
 
 use super::validate::intake_rules;
-use super::{EXIT_OK, EXIT_USAGE};
+use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use crate::config::Settings;
-use crate::engine::{Engine, ResultSink};
+use crate::engine::{Engine, ResultSink, ShutdownReport};
 use crate::server::{Auth, Health, HttpPort, Ingress, MetricsEndpoint, PROBE_RESERVE, PortLimits};
 use crate::sinks::JsonLinesFile;
 use std::sync::Arc;
@@ -15,16 +15,76 @@ pub const INGRESS_THREADS: usize = 16;
 const HEALTH_THREADS: usize = 2;
 const METRICS_THREADS: usize = 2;
 
-/// A flag set by SIGTERM or SIGINT. A second signal of either kind ends the
-/// process at once (exit 1), for an operator whose drain takes too long.
-pub fn signal_flag() -> std::io::Result<Arc<AtomicBool>> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [SIGTERM, SIGINT] {
-        signal_hook::flag::register_conditional_shutdown(sig, 1, flag.clone())?;
-        signal_hook::flag::register(sig, flag.clone())?;
+/// SIGINT/SIGTERM as a good CLI handles Ctrl-C: the first asks for a
+/// drain, the second for stopping now (pending steps end `cancelled`), a
+/// third ends the process at once in case stopping itself is stuck.
+#[derive(Debug, Clone)]
+pub struct Interrupts {
+    /// Set by the first signal.
+    pub drain: Arc<AtomicBool>,
+    /// Set by the second signal.
+    pub stop_now: Arc<AtomicBool>,
+}
+
+impl Interrupts {
+    /// Installs the handlers: a thread reads the signals (signal-hook's
+    /// self-pipe), so nothing but a flag store happens in signal context.
+    pub fn install() -> std::io::Result<Interrupts> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+        let me = Interrupts {
+            drain: Arc::new(AtomicBool::new(false)),
+            stop_now: Arc::new(AtomicBool::new(false)),
+        };
+        let flags = me.clone();
+        std::thread::Builder::new()
+            .name("caf-signals".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                for _ in signals.forever() {
+                    if !flags.drain.swap(true, Ordering::AcqRel) {
+                        continue;
+                    }
+                    if flags.stop_now.swap(true, Ordering::AcqRel) {
+                        eprintln!("caf-worker: third signal: exiting at once");
+                        std::process::exit(EXIT_FAILED);
+                    }
+                }
+            })?;
+        Ok(me)
     }
-    Ok(flag)
+
+    /// Logs the one line of the first signal: what drains, for how long,
+    /// and how to stop at once.
+    /// WARN when steps are in flight (they may be cut off), else INFO.
+    pub fn announce_drain(pending: usize, grace: Duration) {
+        let level = if pending > 0 {
+            log::Level::Warn
+        } else {
+            log::Level::Info
+        };
+        log::log!(level, pending = pending, grace_ms = grace.as_millis() as u64;
+            "shutdown requested: draining {pending} step(s) for up to {} s; press Ctrl-C again (or send a second SIGTERM) to stop now and end them cancelled",
+            grace.as_secs_f64());
+    }
+
+    /// Logs how a drain ended that did not finish every step: cut short by
+    /// a second signal, or out of grace. `results` says where the
+    /// `cancelled` results went.
+    pub fn report_unfinished(&self, report: &ShutdownReport, grace: Duration, results: &str) {
+        if report.cancelled == 0 {
+            return;
+        }
+        if self.stop_now.load(Ordering::Acquire) {
+            log::warn!(cancelled = report.cancelled;
+                "second signal: stopped now; {} unfinished step(s) ended cancelled; {results}",
+                report.cancelled);
+        } else {
+            log::warn!(cancelled = report.cancelled, grace_ms = grace.as_millis() as u64;
+                "the drain ran out of grace ({} ms, WORKER_SHUTDOWN_GRACE_MS): {} unfinished step(s) ended cancelled; {results}",
+                grace.as_millis(), report.cancelled);
+        }
+    }
 }
 
 /// Opens `WORKER_RESULTS_FILE` if set; an unopenable file is a configuration error.
@@ -45,7 +105,7 @@ pub fn open_results_file(settings: &Settings) -> Result<Option<Arc<JsonLinesFile
 
 /// Runs until SIGTERM/SIGINT, then drains and exits 0.
 pub fn serve(settings: Settings) -> i32 {
-    let stop = match signal_flag() {
+    let interrupts = match Interrupts::install() {
         Ok(f) => f,
         Err(e) => {
             eprintln!("caf-worker: cannot install signal handlers: {e}");
@@ -107,15 +167,19 @@ pub fn serve(settings: Settings) -> i32 {
         "caf-worker {} listening", env!("CARGO_PKG_VERSION")
     );
 
-    while !stop.load(Ordering::Acquire) {
+    while !interrupts.drain.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Stop intake first: /readyz then reports "draining", never "starting".
     engine.begin_shutdown();
     ready.store(false, Ordering::Release);
-    let pending = engine.pending_count();
-    log::info!(pending = pending; "shutdown requested: draining for up to {} ms", settings.shutdown_grace.as_millis());
-    let report = engine.shutdown(settings.shutdown_grace);
+    Interrupts::announce_drain(engine.pending_count(), settings.shutdown_grace);
+    let report = engine.shutdown_unless(settings.shutdown_grace, &interrupts.stop_now);
+    let whereto = match &settings.results_file {
+        Some(p) => format!("their results are in {}", p.display()),
+        None => "their results were only kept in memory and are lost at exit (set WORKER_RESULTS_FILE to keep every result)".to_owned(),
+    };
+    interrupts.report_unfinished(&report, settings.shutdown_grace, &whereto);
     if let Some(f) = &results_file {
         if let Err(e) = f.sync() {
             log::error!(error = e.to_string(); "cannot sync the results file");
@@ -125,7 +189,11 @@ pub fn serve(settings: Settings) -> i32 {
         port.stop();
     }
     log::info!(cancelled = report.cancelled, drained = report.drained; "caf-worker stopped");
-    EXIT_OK
+    if interrupts.stop_now.load(Ordering::Acquire) {
+        EXIT_FAILED
+    } else {
+        EXIT_OK
+    }
 }
 
 /// Health and metrics take no bodies worth reading; they keep a reserve of
@@ -156,7 +224,8 @@ fn start_ports(
         intake_rules(settings),
         auth,
         INGRESS_THREADS,
-    );
+    )
+    .with_max_long_polls(settings.max_long_polls);
     let mut ports = vec![deny_own(HttpPort::start(
         "WORKER_INGRESS_ADDR",
         settings.ingress_addr,

@@ -113,7 +113,9 @@ impl PoolKind {
     }
 
     fn parse(s: &str) -> Option<PoolKind> {
-        PoolKind::ALL.into_iter().find(|p| p.as_str() == s)
+        PoolKind::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s))
     }
 }
 

@@ -210,6 +210,8 @@ pub(crate) struct Shared {
     parking: Arc<Parking>,
     /// `human.approval` steps may park (a decision channel exists).
     approvals_enabled: AtomicBool,
+    /// Bounds the WARN line of each step that does not succeed.
+    failure_lines: logging::RateLimit,
 }
 
 impl Drop for Shared {
@@ -269,6 +271,7 @@ impl Engine {
                 .flags
                 .complete_timeout
                 .then_some(settings.sql_timeout),
+            fs_root_on_demand: settings.fs_root_on_demand,
         })?;
         let capacity = settings
             .flags
@@ -308,6 +311,10 @@ impl Engine {
             finishing: AtomicUsize::new(0),
             parking: Arc::new(Parking::new()),
             approvals_enabled: AtomicBool::new(false),
+            failure_lines: logging::RateLimit::new(
+                FAILURE_LINES_PER_SEC,
+                "WARN lines of steps that did not succeed",
+            ),
         });
         let (exit_tx, exit_rx) = crossbeam_channel::unbounded();
         let mut handles = Vec::new();
@@ -625,12 +632,23 @@ impl Engine {
     /// that come due), then ends every step still pending as `cancelled`
     /// (retryable), so each accepted assignment has one result.
     pub fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        self.shutdown_unless(grace, &AtomicBool::new(false))
+    }
+
+    /// [`Engine::shutdown`], cut short when `stop_now` turns true (a second
+    /// Ctrl-C): the pending steps then end `cancelled` at once.
+    pub fn shutdown_unless(&self, grace: Duration, stop_now: &AtomicBool) -> ShutdownReport {
         self.begin_shutdown();
         let deadline = Instant::now() + grace;
         let total: usize = self.shared.pools.iter().map(|p| p.threads).sum();
         let mut exited = 0;
-        while exited < total && self.exited.recv_deadline(deadline).is_ok() {
-            exited += 1;
+        while exited < total && !stop_now.load(Ordering::Acquire) {
+            let slice = (Instant::now() + Duration::from_millis(50)).min(deadline);
+            match self.exited.recv_deadline(slice) {
+                Ok(()) => exited += 1,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(_) => break,
+            }
         }
         let drained = exited == total;
         let mut cancelled = 0;
@@ -654,7 +672,14 @@ impl Engine {
             }
         }
         self.quiesce(Duration::from_secs(2));
+        self.shared.failure_lines.flush();
         ShutdownReport { cancelled, drained }
+    }
+
+    /// Writes the "N similar lines suppressed" line for WARN lines of
+    /// unsuccessful steps still held back (shutdown does this itself).
+    pub fn flush_suppressed_logs(&self) {
+        self.shared.failure_lines.flush();
     }
 
     /// Waits (up to `limit`) until every result already recorded has been
@@ -700,13 +725,34 @@ impl Shared {
             result: &result,
             flow_duration: h.accepted_at.elapsed(),
         });
-        if result.status != crate::contract::Status::Success {
+        if result.status != crate::contract::Status::Success && self.failure_lines.admit() {
             let _ctx = logging::enter(logging::LogContext::of(&h.assignment));
-            log::debug!(
+            let a = &h.assignment;
+            let upstream = (a.job_type == JobType::HttpRequest)
+                .then(|| upstream_host(&a.payload))
+                .flatten();
+            let path = matches!(
+                a.job_type,
+                JobType::FsBlobPut | JobType::FsBlobGet | JobType::FsBlobDelete
+            )
+            .then(|| a.payload.get("path").and_then(|p| p.as_str()))
+            .flatten()
+            .map(|p| p.chars().take(256).collect::<String>());
+            let http_status = result
+                .outputs
+                .as_ref()
+                .and_then(|o| o["status_code"].as_u64());
+            log::warn!(
+                job_type = a.job_type.as_str(),
                 status = result.status.as_str(),
                 error_code = result.error_code.map(|c| c.as_str()),
-                attempts = result.attempts;
-                "step finished without success: {}",
+                attempts = result.attempts,
+                upstream = upstream.as_deref(),
+                path = path.as_deref(),
+                http_status = http_status;
+                "step {} ended {}: {}",
+                a.assignment_id,
+                result.status.as_str(),
                 result.error_message.as_deref().unwrap_or("")
             );
         }
@@ -776,6 +822,20 @@ impl Shared {
         };
         self.finish(h, outcome, stats).is_some()
     }
+}
+
+/// WARN lines of unsuccessful steps per second before they are summarised.
+const FAILURE_LINES_PER_SEC: u32 = 10;
+
+/// `scheme://host[:port]` of an `http.request` payload: never the path or
+/// query string, which may carry tokens or tenant data.
+fn upstream_host(payload: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    let url = payload.get("url")?.as_str()?;
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    // Drop user:password@ if present.
+    let host = authority.rsplit('@').next()?;
+    (!host.is_empty()).then(|| format!("{}://{host}", scheme.to_ascii_lowercase()))
 }
 
 /// How often queued steps are checked against their deadlines (CP2).

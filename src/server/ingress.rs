@@ -41,6 +41,13 @@ impl Ingress {
         }
     }
 
+    /// Caps the long-polls that wait at once at `n` (`WORKER_MAX_LONG_POLLS`),
+    /// never above all-but-two handler threads.
+    pub fn with_max_long_polls(mut self, n: usize) -> Ingress {
+        self.max_waiters = self.max_waiters.min(n);
+        self
+    }
+
     fn route(&self, request: &mut Request) -> Reply {
         let url = request.url().to_owned();
         let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
@@ -73,13 +80,16 @@ impl Ingress {
         };
         match segments.as_slice() {
             ["", "api", "v1", "assignments"] => self.submit(&who, request, None),
-            ["", "api", "v1", "execute"] => {
-                let wait = wait_ms(query).unwrap_or(DEFAULT_EXECUTE_WAIT_MS);
-                self.submit(&who, request, Some(wait))
-            }
-            ["", "api", "v1", "results", id] => {
-                self.result(&who, &percent_decode(id), wait_ms(query).unwrap_or(0))
-            }
+            ["", "api", "v1", "execute"] => match wait_ms(query) {
+                Ok(wait) => {
+                    self.submit(&who, request, Some(wait.unwrap_or(DEFAULT_EXECUTE_WAIT_MS)))
+                }
+                Err(reply) => reply,
+            },
+            ["", "api", "v1", "results", id] => match wait_ms(query) {
+                Ok(wait) => self.result(&who, &percent_decode(id), wait.unwrap_or(0)),
+                Err(reply) => reply,
+            },
             ["", "api", "v1", "assignments", id, "cancel"] => {
                 self.cancel(&who, &percent_decode(id))
             }
@@ -195,23 +205,36 @@ impl Ingress {
         if !self.visible(who, id) {
             return unknown(id);
         }
-        let lookup = if wait_ms == 0 {
-            self.engine.lookup(id)
+        // `waited`: None when no wait was asked for, else whether it happened.
+        let (lookup, waited) = if wait_ms == 0 {
+            (self.engine.lookup(id), None)
         } else if self.waiters.fetch_add(1, Ordering::AcqRel) < self.max_waiters {
             let l = self
                 .engine
                 .wait_result(id, Duration::from_millis(wait_ms.min(MAX_WAIT_MS)));
             self.waiters.fetch_sub(1, Ordering::AcqRel);
-            l
+            (l, Some(true))
         } else {
             // Every long-poll slot is taken: answer now rather than starve the port.
             self.waiters.fetch_sub(1, Ordering::AcqRel);
-            self.engine.lookup(id)
+            (self.engine.lookup(id), Some(false))
         };
         match lookup {
             // Checked again: the id may have aged out and been reused meanwhile.
             Lookup::Done(r) if who.authorize(&r.tenant_id) => json_text(200, r.to_json_line()),
-            Lookup::Pending => json(202, &json!({"status": "pending", "assignment_id": id})),
+            Lookup::Pending => match waited {
+                None => json(202, &json!({"status": "pending", "assignment_id": id})),
+                Some(true) => json(
+                    202,
+                    &json!({"status": "pending", "assignment_id": id, "waited": true}),
+                ),
+                // Tell the client the wait did not happen and when to come back.
+                Some(false) => json(
+                    202,
+                    &json!({"status": "pending", "assignment_id": id, "waited": false}),
+                )
+                .with_header(header("Retry-After", "1")),
+            },
             Lookup::Done(_) | Lookup::Unknown => unknown(id),
         }
     }
@@ -279,13 +302,32 @@ fn read_body(request: &mut Request, max: usize) -> Result<Vec<u8>, BodyError> {
     Ok(body)
 }
 
-fn wait_ms(query: &str) -> Option<u64> {
-    query
+/// `wait_ms` from the query: absent → `None`; not a non-negative integer → 400.
+/// Values above [`MAX_WAIT_MS`] are capped.
+fn wait_ms(query: &str) -> Result<Option<u64>, Reply> {
+    let Some(raw) = query
         .split('&')
-        .filter_map(|kv| kv.split_once('='))
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
         .find(|(k, _)| *k == "wait_ms")
-        .and_then(|(_, v)| v.parse::<u64>().ok())
-        .map(|v| v.min(MAX_WAIT_MS))
+        .map(|(_, v)| v)
+    else {
+        return Ok(None);
+    };
+    match raw.parse::<u64>() {
+        Ok(v) => Ok(Some(v.min(MAX_WAIT_MS))),
+        Err(_) => {
+            let shown: String = raw.chars().take(32).collect();
+            Err(json(
+                400,
+                &error_body(
+                    "invalid_wait_ms",
+                    &format!(
+                        "wait_ms must be a whole number of milliseconds (0..={MAX_WAIT_MS}), got {shown:?}"
+                    ),
+                ),
+            ))
+        }
+    }
 }
 
 /// The percent-decoded value of `key` in a query string.
@@ -322,9 +364,18 @@ mod tests {
 
     #[test]
     fn helpers() {
-        assert_eq!(wait_ms("a=1&wait_ms=250"), Some(250));
-        assert_eq!(wait_ms("wait_ms=999999"), Some(MAX_WAIT_MS));
-        assert_eq!(wait_ms("wait_ms=x"), None);
+        assert_eq!(wait_ms("a=1&wait_ms=250").ok(), Some(Some(250)));
+        assert_eq!(wait_ms("wait_ms=999999").ok(), Some(Some(MAX_WAIT_MS)));
+        assert_eq!(wait_ms("a=1").ok(), Some(None));
+        for bad in [
+            "wait_ms=x",
+            "wait_ms=-1",
+            "wait_ms=1.5",
+            "wait_ms=",
+            "wait_ms",
+        ] {
+            assert!(wait_ms(bad).is_err(), "{bad}");
+        }
         assert_eq!(percent_decode("a%2Fb"), "a/b");
         assert_eq!(percent_decode("abc%"), "abc%");
         assert_eq!(percent_decode("%4"), "%4");

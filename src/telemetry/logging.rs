@@ -109,6 +109,78 @@ pub fn json_line(record: &log::Record<'_>) -> String {
     Value::Object(obj).to_string()
 }
 
+/// At most `per_sec` lines per one-second window; the rest are counted and
+/// reported as one "N similar lines suppressed" line, so a failure storm
+/// cannot flood stderr.
+#[derive(Debug)]
+pub struct RateLimit {
+    per_sec: u32,
+    what: &'static str,
+    state: std::sync::Mutex<(std::time::Instant, u32, u64)>,
+}
+
+impl RateLimit {
+    /// A limiter of `per_sec` lines; `what` names them in the suppressed line.
+    pub fn new(per_sec: u32, what: &'static str) -> RateLimit {
+        RateLimit {
+            per_sec,
+            what,
+            state: std::sync::Mutex::new((std::time::Instant::now(), 0, 0)),
+        }
+    }
+
+    /// True if a line may be written now. Writes the suppressed line first
+    /// when a new window opens after suppressing some.
+    pub fn admit(&self) -> bool {
+        let suppressed = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            if now.duration_since(st.0) >= std::time::Duration::from_secs(1) {
+                st.0 = now;
+                st.1 = 0;
+            }
+            if st.1 >= self.per_sec {
+                st.2 += 1;
+                return false;
+            }
+            st.1 += 1;
+            std::mem::take(&mut st.2)
+        };
+        self.report(suppressed);
+        true
+    }
+
+    /// Writes the suppressed line for what is still counted (at shutdown).
+    pub fn flush(&self) {
+        let suppressed = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::take(&mut st.2)
+        };
+        self.report(suppressed);
+    }
+
+    fn report(&self, suppressed: u64) {
+        if suppressed > 0 {
+            log::warn!(suppressed = suppressed;
+                "{suppressed} similar lines suppressed ({}; at most {} per second)",
+                self.what, self.per_sec);
+        }
+    }
+}
+
+/// Set while `run` draws a progress line on a terminal's stderr: each log
+/// line then first clears it (the progress line is redrawn on its next tick).
+pub static PROGRESS_LINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The prefix that clears a progress line, if one is drawn.
+fn clear_progress() -> &'static str {
+    if PROGRESS_LINE.load(std::sync::atomic::Ordering::Relaxed) {
+        "\r\x1b[2K"
+    } else {
+        ""
+    }
+}
+
 /// Installs the global logger (once; later calls are ignored) writing to stderr.
 pub fn init(filter: &str, format: LogFormat) {
     let mut builder = env_logger::Builder::new();
@@ -117,7 +189,8 @@ pub fn init(filter: &str, format: LogFormat) {
         .target(env_logger::Target::Stderr);
     match format {
         LogFormat::Json => {
-            builder.format(|buf, record| writeln!(buf, "{}", json_line(record)));
+            builder
+                .format(|buf, record| writeln!(buf, "{}{}", clear_progress(), json_line(record)));
         }
         LogFormat::Text => {
             builder.format(|buf, record| {
@@ -131,7 +204,13 @@ pub fn init(filter: &str, format: LogFormat) {
                     Value::Object(m) if !m.is_empty() => format!(" {}", line["context"]),
                     _ => String::new(),
                 };
-                writeln!(buf, "{ts} {:5}{id} {}{ctx}", record.level(), record.args())
+                writeln!(
+                    buf,
+                    "{}{ts} {:5}{id} {}{ctx}",
+                    clear_progress(),
+                    record.level(),
+                    record.args()
+                )
             });
         }
     }

@@ -44,6 +44,7 @@ pub struct Metrics {
     step_executions: IntCounterVec,
     step_duration: HistogramVec,
     step_errors: IntCounterVec,
+    http_errors: IntCounterVec,
     flow_duration: HistogramVec,
     queue_depth: IntGaugeVec,
     active_tasks: IntGaugeVec,
@@ -145,6 +146,13 @@ impl Metrics {
             )
             .buckets(STEP_BUCKETS.to_vec()),
             &step_labels,
+        )?;
+        let http_errors_vec = IntCounterVec::new(
+            Opts::new(
+                "worker_step_http_errors_total",
+                "Steps that ended with HTTP_ERROR, by upstream status class (4xx, 5xx, other).",
+            ),
+            &["step_type", "status_class"],
         )?;
         let step_errors = IntCounterVec::new(
             Opts::new(
@@ -263,7 +271,8 @@ impl Metrics {
             Box::new(approvals_pending.clone()),
             Box::new(decisions_vec.clone()),
             Box::new(build_info.clone()),
-            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+            Box::new(http_errors_vec.clone()),
+            Box::new(super::process::ProcessCollector::new()?),
         ] {
             registry.register(c)?;
         }
@@ -285,10 +294,14 @@ impl Metrics {
             .collect();
         let approval_decisions =
             ApprovalOutcome::ALL.map(|d| decisions_vec.with_label_values(&[d.as_str()]));
+        for class in ["4xx", "5xx"] {
+            http_errors_vec.with_label_values(&[JobType::HttpRequest.as_str(), class]);
+        }
         Ok(Metrics {
             retries_waiting,
             approvals_pending,
             approval_decisions,
+            http_errors: http_errors_vec,
             accepted: assignments.with_label_values(&["accepted", ""]),
             duplicates: assignments.with_label_values(&["accepted", "duplicate"]),
             rejections,
@@ -481,6 +494,17 @@ impl Observer for Metrics {
     fn finished<'a>(&self, report: &StepReport<'a>) {
         let a = report.assignment;
         let r = report.result;
+        if r.error_code == Some(ErrorCode::HttpError) {
+            let status = r.outputs.as_ref().and_then(|o| o["status_code"].as_u64());
+            let class = match status {
+                Some(400..=499) => "4xx",
+                Some(500..=599) => "5xx",
+                _ => "other",
+            };
+            self.http_errors
+                .with_label_values(&[a.job_type.as_str(), class])
+                .inc();
+        }
         if !self.detailed_labels {
             self.with_step_series(a.job_type, r.status, &a.tenant_id, |s| {
                 s.executions.inc();

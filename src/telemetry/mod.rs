@@ -3,6 +3,7 @@
 
 pub mod logging;
 mod metrics;
+mod process;
 mod redact;
 
 pub use metrics::{FLOW_BUCKETS, Metrics, OTHER_TENANT, QUEUE_WAIT_BUCKETS, STEP_BUCKETS};
