@@ -4,7 +4,7 @@ use super::validate::intake_rules;
 use super::{EXIT_OK, EXIT_USAGE};
 use crate::config::Settings;
 use crate::engine::{Engine, ResultSink};
-use crate::server::{Health, HttpPort, Ingress, MetricsEndpoint};
+use crate::server::{ExtraCheck, Health, HttpPort, Ingress, MetricsEndpoint};
 use crate::sinks::JsonLinesFile;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,8 +72,9 @@ pub fn serve(settings: Settings) -> i32 {
             return EXIT_USAGE;
         }
     };
+    let checks: Vec<ExtraCheck> = Vec::new();
     let ready = Arc::new(AtomicBool::new(false));
-    let ports = start_ports(&settings, &engine, metrics, &ready);
+    let ports = start_ports(&settings, &engine, metrics, &ready, &checks);
     let ports = match ports {
         Ok(p) => p,
         Err(e) => {
@@ -88,9 +89,10 @@ pub fn serve(settings: Settings) -> i32 {
     ready.store(true, Ordering::Release);
     log::info!(
         worker_id = settings.worker_id.as_str(),
-        ingress = ports[0].addr().to_string(),
-        health = ports[1].addr().to_string(),
-        metrics = ports.get(2).map(|p| p.addr().to_string());
+        ingress = ports.ingress.as_ref().map_or_else(|| "off".to_owned(), |p| p.addr().to_string()),
+        health = ports.health.addr().to_string(),
+        metrics = ports.metrics.as_ref().map(|p| p.addr().to_string()),
+        nats = settings.nats.as_ref().map(|n| n.mode.as_str());
         "caf-worker {} listening", env!("CARGO_PKG_VERSION")
     );
 
@@ -108,11 +110,27 @@ pub fn serve(settings: Settings) -> i32 {
             log::error!(error = e.to_string(); "cannot sync the results file");
         }
     }
-    for port in ports {
-        port.stop();
-    }
+    ports.stop();
     log::info!(cancelled = report.cancelled, drained = report.drained; "caf-worker stopped");
     EXIT_OK
+}
+
+/// The open ports; the ingress is absent with `WORKER_INGRESS_ADDR=off`.
+struct Ports {
+    ingress: Option<HttpPort>,
+    health: HttpPort,
+    metrics: Option<HttpPort>,
+}
+
+impl Ports {
+    fn stop(self) {
+        for port in [self.ingress, Some(self.health), self.metrics]
+            .into_iter()
+            .flatten()
+        {
+            port.stop();
+        }
+    }
 }
 
 fn start_ports(
@@ -120,32 +138,51 @@ fn start_ports(
     engine: &Engine,
     metrics: Option<Arc<crate::telemetry::Metrics>>,
     ready: &Arc<AtomicBool>,
-) -> Result<Vec<HttpPort>, crate::server::BindError> {
-    let ingress = Ingress::new(
-        engine.clone(),
-        intake_rules(settings),
-        settings.api_token.clone(),
-        INGRESS_THREADS,
-    );
-    let mut ports = vec![HttpPort::start(
-        "WORKER_INGRESS_ADDR",
-        settings.ingress_addr,
-        INGRESS_THREADS,
-        Arc::new(ingress),
-    )?];
-    ports.push(HttpPort::start(
+    checks: &[ExtraCheck],
+) -> Result<Ports, crate::server::BindError> {
+    let ingress = match settings.ingress_addr {
+        None => None,
+        Some(addr) => {
+            let ingress = Ingress::new(
+                engine.clone(),
+                intake_rules(settings),
+                settings.api_token.clone(),
+                INGRESS_THREADS,
+            );
+            Some(HttpPort::start(
+                "WORKER_INGRESS_ADDR",
+                addr,
+                INGRESS_THREADS,
+                Arc::new(ingress),
+            )?)
+        }
+    };
+    let health = HttpPort::start(
         "WORKER_HEALTH_ADDR",
         settings.health_addr,
         HEALTH_THREADS,
-        Arc::new(Health::new(engine.clone(), ready.clone())),
-    )?);
-    if let Some(m) = metrics {
-        ports.push(HttpPort::start(
+        Arc::new(Health::with_checks(
+            engine.clone(),
+            ready.clone(),
+            checks.to_vec(),
+        )),
+    )?;
+    let metrics = match metrics {
+        None => None,
+        Some(m) => Some(HttpPort::start(
             "WORKER_METRICS_ADDR",
             settings.metrics_addr,
             METRICS_THREADS,
-            Arc::new(MetricsEndpoint::new(engine.clone(), m)),
-        )?);
-    }
-    Ok(ports)
+            Arc::new(MetricsEndpoint::with_checks(
+                engine.clone(),
+                m,
+                checks.to_vec(),
+            )),
+        )?),
+    };
+    Ok(Ports {
+        ingress,
+        health,
+        metrics,
+    })
 }

@@ -412,6 +412,41 @@ impl Engine {
         CancelOutcome::Requested
     }
 
+    /// Takes back a step that has not started: it will never run and gets no
+    /// result (its id is forgotten). For a transport that hands the work back
+    /// to its source instead (JetStream `-NAK` at shutdown, SPEC §13.3).
+    /// `false` if it is unknown, finished, already cancelled or running.
+    pub fn withdraw_unstarted(&self, id: &str) -> bool {
+        let Some(h) = self.shared.tracker.pending(id) else {
+            return false;
+        };
+        if h.started.get().is_some() || !h.cancel.cancel(CancelReason::Shutdown) {
+            return false;
+        }
+        // The same handshake as `cancel`: a pool thread that starts the step
+        // now sees the token and ends it at once; its answer then finds the
+        // id gone from the table and is dropped.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.shared.tracker.remove_pending(&h)
+    }
+
+    /// Room for new work: free queue slots plus idle threads, over every pool.
+    /// Unbounded queues (queue management off) count `WORKER_MAX_QUEUE_SIZE`
+    /// as their bound, so a puller still holds no more than that.
+    pub fn room(&self) -> usize {
+        if self.is_draining() {
+            return 0;
+        }
+        let bound = self.shared.settings.max_queue_size;
+        self.pool_stats()
+            .iter()
+            .map(|p| {
+                let idle = p.threads.saturating_sub(p.active);
+                idle + p.capacity.unwrap_or(bound).saturating_sub(p.queued)
+            })
+            .sum()
+    }
+
     /// Live per-pool numbers.
     pub fn pool_stats(&self) -> [PoolStats; 3] {
         self.shared.pools.each_ref().map(|p| PoolStats {
@@ -446,6 +481,13 @@ impl Engine {
     /// Drains for up to `grace`, then ends every step still pending as
     /// `cancelled` (retryable), so each accepted assignment has one result.
     pub fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        self.shutdown_with(grace, || {})
+    }
+
+    /// [`Engine::shutdown`], calling `grace_over` when the grace period ended
+    /// with steps still running, just before they are cancelled (a transport
+    /// that hands such steps back rather than answer them marks them here).
+    pub fn shutdown_with(&self, grace: Duration, grace_over: impl FnOnce()) -> ShutdownReport {
         self.begin_shutdown();
         let deadline = Instant::now() + grace;
         let total: usize = self.shared.pools.iter().map(|p| p.threads).sum();
@@ -456,6 +498,7 @@ impl Engine {
         let drained = exited == total;
         let mut cancelled = 0;
         if !drained {
+            grace_over();
             for h in self.shared.tracker.all_pending() {
                 h.cancel.cancel(CancelReason::Shutdown);
                 if self.shared.finish_cancelled(&h) {

@@ -6,7 +6,7 @@ mod health;
 mod ingress;
 mod metrics;
 
-pub use health::{Health, HealthCheck};
+pub use health::{ExtraCheck, Health, HealthCheck};
 pub use ingress::Ingress;
 pub use metrics::MetricsEndpoint;
 
