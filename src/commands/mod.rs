@@ -4,6 +4,7 @@
 mod input;
 mod run;
 mod serve;
+mod submit;
 mod validate;
 
 use crate::config::{self, Settings, Sources};
@@ -47,6 +48,37 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
         /// Input file, or `-` for standard input.
+        #[arg(value_name = "FILE|-")]
+        input: String,
+    },
+    /// Publish a JSON Lines file of assignments on NATS and print each answer
+    /// (ExecResult, or a rejected Ack) on stdout as it arrives.
+    ///
+    /// Subscribes to the result and ack subjects first, then publishes every
+    /// line on the assign subject (JetStream: with `Nats-Msg-Id` and waiting
+    /// for PubAcks; the streams are created when missing). Exits 0 when every
+    /// line is answered, 1 when `--timeout-ms` passes without any answer.
+    /// Subjects and stream names follow the WORKER_NATS_* settings.
+    #[command(
+        after_help = "Example:\n  nats-server -js &\n  caf-worker serve --set nats_url=nats://127.0.0.1:4222 &\n  \
+caf-worker submit --nats nats://127.0.0.1:4222 examples/quickstart.jsonl"
+    )]
+    Submit {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// NATS server URL(s), comma-separated [env: WORKER_NATS_URL].
+        #[arg(long, value_name = "URL")]
+        nats: Option<String>,
+        /// `core` or `jetstream` [env: WORKER_NATS_MODE; default: jetstream].
+        #[arg(long, value_name = "MODE")]
+        mode: Option<String>,
+        /// Give up after this many milliseconds without any answer.
+        #[arg(long, value_name = "MS", default_value_t = 30_000)]
+        timeout_ms: u64,
+        /// Print only the summary line (stderr), not every answer.
+        #[arg(long)]
+        quiet: bool,
+        /// JSON Lines file of assignments, or `-` for standard input.
         #[arg(value_name = "FILE|-")]
         input: String,
     },
@@ -140,8 +172,14 @@ impl ConfigArgs {
         Ok(Sources::from_process_env(cli, self.config.clone()))
     }
 
-    fn load(&self) -> Result<Settings, config::ConfigError> {
-        config::load(&self.sources()?)
+    fn load(&self, extra: &[(&str, &Option<String>)]) -> Result<Settings, config::ConfigError> {
+        let mut sources = self.sources()?;
+        for (key, value) in extra {
+            if let Some(v) = value {
+                sources.cli.push(((*key).to_owned(), v.clone()));
+            }
+        }
+        config::load(&sources)
     }
 }
 
@@ -150,9 +188,14 @@ pub fn main(cli: Cli) -> i32 {
     let (config, command) = match &cli.command {
         Command::Serve { config } => (config, &cli.command),
         Command::Run { config, .. } => (config, &cli.command),
+        Command::Submit { config, .. } => (config, &cli.command),
         Command::Validate { config, .. } => (config, &cli.command),
     };
-    let settings = match config.load() {
+    let extra = match command {
+        Command::Submit { nats, mode, .. } => vec![("nats_url", nats), ("nats_mode", mode)],
+        _ => Vec::new(),
+    };
+    let settings = match config.load(&extra) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("caf-worker: {e}");
@@ -168,5 +211,18 @@ pub fn main(cli: Cli) -> i32 {
         Command::Serve { .. } => serve::serve(settings),
         Command::Run { input, .. } => run::run(settings, input),
         Command::Validate { input, .. } => validate::validate(&settings, input),
+        Command::Submit {
+            input,
+            timeout_ms,
+            quiet,
+            ..
+        } => submit::submit(
+            &settings,
+            &submit::SubmitArgs {
+                input: input.clone(),
+                idle_timeout: std::time::Duration::from_millis(*timeout_ms),
+                quiet: *quiet,
+            },
+        ),
     }
 }

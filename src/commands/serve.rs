@@ -6,6 +6,8 @@ use crate::config::Settings;
 use crate::engine::{Engine, ResultSink};
 use crate::server::{ExtraCheck, Health, HttpPort, Ingress, MetricsEndpoint};
 use crate::sinks::JsonLinesFile;
+use crate::telemetry::{NoopTransportObserver, TransportObserver};
+use crate::transport::front::Front;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -61,10 +63,31 @@ pub fn serve(settings: Settings) -> i32 {
         Some(m) => m.clone(),
         None => Arc::new(crate::engine::NoopObserver),
     };
-    let sinks: Vec<Arc<dyn ResultSink>> = results_file
+    let mut sinks: Vec<Arc<dyn ResultSink>> = results_file
         .iter()
         .map(|f| f.clone() as Arc<dyn ResultSink>)
         .collect();
+    // The NATS client connects in the background (an unreachable server is
+    // not fatal); its sink must exist before the engine starts.
+    let front_sink = match &settings.nats {
+        None => None,
+        Some(n) => {
+            let observer: Arc<dyn TransportObserver> = match &metrics {
+                Some(m) => m.clone(),
+                None => Arc::new(NoopTransportObserver),
+            };
+            match Front::connect(&settings, n, observer) {
+                Ok(sink) => Some(Arc::new(sink)),
+                Err(e) => {
+                    eprintln!("caf-worker: invalid WORKER_NATS_URL: {e}");
+                    return EXIT_USAGE;
+                }
+            }
+        }
+    };
+    if let Some(sink) = &front_sink {
+        sinks.push(sink.clone());
+    }
     let engine = match Engine::start(&settings, observer, sinks) {
         Ok(e) => e,
         Err(e) => {
@@ -72,7 +95,18 @@ pub fn serve(settings: Settings) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let checks: Vec<ExtraCheck> = Vec::new();
+    let mut front = match &front_sink {
+        None => None,
+        Some(sink) => match Front::start(sink, engine.clone()) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("caf-worker: cannot start the NATS front: {e}");
+                engine.shutdown(Duration::ZERO);
+                return EXIT_USAGE;
+            }
+        },
+    };
+    let checks: Vec<ExtraCheck> = front.iter().map(Front::health_check).collect();
     let ready = Arc::new(AtomicBool::new(false));
     let ports = start_ports(&settings, &engine, metrics, &ready, &checks);
     let ports = match ports {
@@ -100,11 +134,23 @@ pub fn serve(settings: Settings) -> i32 {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Stop intake first: /readyz then reports "draining", never "starting".
+    // NATS first of all: JetStream hands unstarted steps back before the
+    // pools could start them.
+    if let Some(f) = &mut front {
+        f.begin_drain();
+    }
     engine.begin_shutdown();
     ready.store(false, Ordering::Release);
     let pending = engine.pending_count();
     log::info!(pending = pending; "shutdown requested: draining for up to {} ms", settings.shutdown_grace.as_millis());
-    let report = engine.shutdown(settings.shutdown_grace);
+    let report = engine.shutdown_with(settings.shutdown_grace, || {
+        if let Some(f) = &front {
+            f.grace_over();
+        }
+    });
+    if let Some(f) = front {
+        f.finish();
+    }
     if let Some(f) = &results_file {
         if let Err(e) = f.sync() {
             log::error!(error = e.to_string(); "cannot sync the results file");
