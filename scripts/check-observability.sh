@@ -7,7 +7,7 @@
 #                                         $instance filters, $__rate_interval,
 #                                         histogram_quantile form, PromQL syntax
 #   docs/runbooks.md                      a heading for every runbook_url anchor
-# and that both files use only the metric names SPEC §9 lists (plus `up` in alerts).
+# and that both files use only the metric names SPEC §9 and §13.5 list (plus `up` in alerts).
 #
 # Usage: scripts/check-observability.sh [--names-out FILE]
 #   --names-out FILE  write the metric names used by dashboard and alerts, one per
@@ -86,12 +86,16 @@ def err(msg):
 # ---- metric names allowed by SPEC §9 ----------------------------------------
 COUNTERS = ["worker_step_executions_total", "worker_step_errors_total",
             "worker_assignments_total", "worker_step_retries_total",
-            "worker_retry_budget_denied_total", "worker_timeouts_total"]
+            "worker_retry_budget_denied_total", "worker_timeouts_total",
+            # SPEC §13.5 (NATS transport)
+            "worker_nats_reconnects_total", "worker_nats_messages_total",
+            "worker_jetstream_acks_total"]
 HISTOGRAMS = ["worker_step_execution_duration_seconds",
               "worker_flow_execution_duration_seconds", "worker_queue_wait_seconds"]
 GAUGES = ["worker_queue_depth", "worker_active_tasks", "worker_health_status",
           "worker_queue_capacity", "worker_pool_threads",
-          "worker_fs_abandoned_operations", "worker_build_info"]
+          "worker_fs_abandoned_operations", "worker_build_info",
+          "worker_nats_connected", "worker_nats_publish_buffered"]
 ALLOWED = set(COUNTERS) | set(GAUGES) | {
     h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 def allowed(name, extra=()):
