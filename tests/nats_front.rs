@@ -629,3 +629,33 @@ fn wrong_credentials_log_each_attempt_back_off_and_stay_unready() {
     w.sigterm();
     assert_eq!(w.wait_exit(Duration::from_secs(10)), 0);
 }
+
+#[test]
+fn a_result_above_max_payload_is_replaced_by_a_quota_exceeded_result() {
+    let dir = support::temp_dir();
+    let conf = dir.path().join("small.conf");
+    std::fs::write(&conf, "max_payload: 4096\n").unwrap();
+    let server = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
+    let c = client(&server.url());
+    let results = sub(&c, RESULTS);
+    let w = worker(&server.url(), "core", &[]);
+    wait_ready(&w);
+    // The assignment fits; its echo result (the payload plus the envelope) does not.
+    let a = assignment("big-1", "debug.echo", json!({"blob": "x".repeat(3880)}));
+    assert!(a.to_string().len() < 4096);
+    c.publish(ASSIGN, a.to_string().as_bytes()).unwrap();
+    let got = collect(&results, Duration::from_secs(10), |m| !m.is_empty());
+    assert_eq!(got.len(), 1, "one (stand-in) result");
+    let r = body(&got[0]);
+    assert_eq!(
+        (r["status"].as_str(), r["error_code"].as_str()),
+        (Some("error"), Some("QUOTA_EXCEEDED")),
+        "{} bytes",
+        got[0].payload.len()
+    );
+    assert!(r["outputs"].is_null());
+    assert_eq!(r["assignment_id"], "big-1");
+    // The full result stays retained for the HTTP lookup.
+    let full = support::serve::result(&w, "big-1", 0);
+    assert_eq!(full.json["status"], "success");
+}

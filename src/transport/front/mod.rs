@@ -271,6 +271,24 @@ impl Front {
     }
 }
 
+/// The stand-in for a result larger than the server's `max_payload`: the
+/// same ids, no outputs, `QUOTA_EXCEEDED` (the full result stays retained
+/// for the HTTP lookup).
+fn too_large(out: &Outgoing, size: usize, max: usize) -> Outgoing {
+    let mut r = (*out.result).clone();
+    r.status = crate::contract::Status::Error;
+    r.outputs = None;
+    r.error_code = Some(crate::contract::ErrorCode::QuotaExceeded);
+    r.error_message = Some(format!(
+        "the result is {size} bytes, more than the NATS server's max_payload ({max}); its outputs were dropped"
+    ));
+    r.retryable = Some(false);
+    Outgoing {
+        result: Arc::new(r),
+        traceparent: out.traceparent.clone(),
+    }
+}
+
 impl ResultSink for FrontSink {
     fn deliver(&self, result: &Arc<ExecResult>) {
         self.0.deliver(result);
@@ -351,12 +369,14 @@ impl Shared {
                     "NATS result buffer full ({RESULT_BUFFER}); result dropped (JetStream redelivers, core loses it)"
                 );
             }
-            if let Some(js) = self
-                .hand()
-                .get_mut(&out.result.assignment_id)
-                .and_then(|e| e.js.as_mut())
+            // JetStream: forget the held message (no +WPI for it), so its
+            // redelivery after ack_wait publishes the retained result.
+            let mut hand = self.hand();
+            if hand
+                .get(&out.result.assignment_id)
+                .is_some_and(|e| e.js.is_some())
             {
-                js.publishing = false; // a redelivery publishes the retained result
+                hand.remove(&out.result.assignment_id);
             }
             return;
         }
@@ -460,10 +480,10 @@ impl Shared {
         h.insert("Nats-Msg-Id", &r.assignment_id);
         let payload = r.to_json_line();
         let subject = &self.nats.result_subject;
-        match self.nats.mode {
+        let sent = match self.nats.mode {
             NatsMode::Core => {
                 self.client
-                    .publish_with_headers(subject, None, &h, payload.as_bytes())?
+                    .publish_with_headers(subject, None, &h, payload.as_bytes())
             }
             NatsMode::JetStream => {
                 let token = self.next_token.fetch_add(1, Ordering::Relaxed);
@@ -472,20 +492,42 @@ impl Shared {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(token, jetstream::PubWait::new(out.clone()));
-                if let Err(e) =
+                let sent =
                     self.client
-                        .publish_with_headers(subject, Some(&reply), &h, payload.as_bytes())
-                {
+                        .publish_with_headers(subject, Some(&reply), &h, payload.as_bytes());
+                if sent.is_err() {
                     self.pubacks
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&token);
-                    return Err(e);
                 }
+                sent
+            }
+        };
+        match sent {
+            Ok(()) => {
+                self.observer.message(Direction::Out, MessageKind::Result);
+                Ok(())
+            }
+            // The connection is gone: the caller buffers it again.
+            Err(e @ (nats::Error::NotConnected | nats::Error::Closed | nats::Error::Io(_))) => {
+                Err(e)
+            }
+            Err(nats::Error::PayloadTooLarge { size, max }) => {
+                self.publish_result(&too_large(out, size, max))
+            }
+            Err(e) => {
+                // Not a connection problem: publishing it again would fail
+                // the same way. JetStream redelivers (up to max_deliver).
+                log::error!(
+                    assignment_id = r.assignment_id.as_str(),
+                    error = e.to_string();
+                    "cannot publish a result; dropped"
+                );
+                self.hand().remove(&r.assignment_id);
+                Ok(())
             }
         }
-        self.observer.message(Direction::Out, MessageKind::Result);
-        Ok(())
     }
 
     /// Publishes an Ack on the ack subject (and to `reply` when given).
