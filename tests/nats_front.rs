@@ -659,3 +659,29 @@ fn a_result_above_max_payload_is_replaced_by_a_quota_exceeded_result() {
     let full = support::serve::result(&w, "big-1", 0);
     assert_eq!(full.json["status"], "success");
 }
+
+#[test]
+fn jetstream_invalid_message_is_rejected_dead_lettered_and_terminated() {
+    let server = NatsServer::start();
+    let c = client(&server.url());
+    let (acks, dlq) = (
+        sub(&c, "caf.exec.assign.v1.ack"),
+        sub(&c, "caf.exec.dlq.v1"),
+    );
+    let js = JetStream::new(c.clone(), Duration::from_secs(5));
+    let w = worker(&server.url(), "jetstream", &[]);
+    wait_js_setup(&js);
+    js.publish(ASSIGN, &Headers::new(), b"[1, 2", Some("garbage-1"))
+        .unwrap();
+    let dead = collect(&dlq, Duration::from_secs(10), |m| !m.is_empty());
+    assert_eq!(dead.len(), 1);
+    assert_eq!(body(&dead[0])["reason"], "invalid_json");
+    let rejected = collect(&acks, Duration::from_secs(5), |m| !m.is_empty());
+    assert_eq!(body(&rejected[0])["status"], "rejected");
+    // +TERM: removed from the work queue at once, never redelivered.
+    wait_stream(&js, "CAF_ASSIGN", 0, Duration::from_secs(5));
+    assert_eq!(
+        metric(&w, "worker_jetstream_acks_total{kind=\"term\"}"),
+        Some(1.0)
+    );
+}
