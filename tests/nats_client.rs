@@ -284,6 +284,12 @@ fn wrong_credentials_retry_with_backoff_and_never_panic() {
     );
     assert!(!seen.iter().any(|e| matches!(e, Event::Connected { .. })));
     assert!(!bad.is_connected());
+    assert!(bad.connect_failures() >= 3);
+    assert!(
+        bad.last_error()
+            .unwrap()
+            .contains("Authorization Violation")
+    );
     assert!(matches!(bad.publish("x", b""), Err(Error::NotConnected)));
 
     let good = connected(&server.url_with("worker:s3cret"));
@@ -598,4 +604,187 @@ fn jetstream_nak_term_and_in_progress() {
         js.stream_info("WQ").unwrap().unwrap()["state"]["messages"],
         0
     );
+}
+
+// ------------------------------------------------------ cluster and TLS
+
+#[test]
+fn url_list_and_cluster_announced_servers_are_tried() {
+    let (ca, cb) = (support::nats::free_port(), support::nats::free_port());
+    let mut a = NatsServer::start_core(&[
+        "--cluster_name",
+        "c",
+        "--cluster",
+        &format!("nats://127.0.0.1:{ca}"),
+    ]);
+    let b = NatsServer::start_core(&[
+        "--cluster_name",
+        "c",
+        "--cluster",
+        &format!("nats://127.0.0.1:{cb}"),
+        "--routes",
+        &format!("nats://127.0.0.1:{ca}"),
+    ]);
+    // The first URL is dead; B is never listed: the client learns it from A.
+    let dead = support::nats::free_port();
+    let mut o = options(&format!("nats://127.0.0.1:{dead},{}", a.url()));
+    o.reconnect_max = Duration::from_millis(300);
+    let c = Client::start(o);
+    assert!(wait_for(T, || c.is_connected().then_some(())).is_some());
+    assert_eq!(c.connected_server().unwrap(), a.url());
+    let b_url = b.url();
+    let learned = wait_for(T, || c.known_servers().contains(&b_url).then_some(()));
+    assert!(learned.is_some(), "{:?}", c.known_servers());
+    let sub = c.subscribe("cl.x").unwrap();
+    a.kill();
+    assert!(
+        wait_for(T, || (c.connected_server() == Some(b_url.clone()))
+            .then_some(()))
+        .is_some(),
+        "failed over to the announced server: {:?}",
+        c.connected_server()
+    );
+    c.flush(T).unwrap();
+    let p = connected(&b.url());
+    p.publish("cl.x", b"via b").unwrap();
+    assert_eq!(sub.receiver().recv_timeout(T).unwrap().payload, b"via b");
+}
+
+/// A throwaway CA and a server certificate for 127.0.0.1, made with openssl.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (install it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=caf test ca",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[test]
+fn tls_with_a_ca_file_and_tls_required_by_the_server() {
+    let certs = support::temp_dir();
+    make_certs(certs.path());
+    let p = |f: &str| certs.path().join(f).to_string_lossy().into_owned();
+    let server = NatsServer::start_with(&[
+        "--tls",
+        "--tlscert",
+        &p("server.pem"),
+        "--tlskey",
+        &p("server.key"),
+    ]);
+    let tls_url = format!("tls://127.0.0.1:{}", server.port);
+    let start = |url: &str, ca: Option<String>| {
+        let mut o = options(url);
+        o.ca_file = ca.map(Into::into);
+        Client::start(o)
+    };
+    let c = start(&tls_url, Some(p("ca.pem")));
+    assert!(
+        wait_for(T, || c.is_connected().then_some(())).is_some(),
+        "tls:// with the CA file"
+    );
+    // A nats:// URL still upgrades when INFO says tls_required.
+    let plain = start(&server.url(), Some(p("ca.pem")));
+    assert!(
+        wait_for(T, || plain.is_connected().then_some(())).is_some(),
+        "honours tls_required"
+    );
+
+    let sub = c.subscribe("tls.>").unwrap();
+    c.flush(T).unwrap();
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    for i in 0..50 {
+        plain
+            .publish(&format!("tls.{i}"), &big[..20_000 * (i + 1)])
+            .unwrap();
+    }
+    for i in 0..50 {
+        let m = sub.receiver().recv_timeout(T).unwrap();
+        assert_eq!(
+            m.payload,
+            &big[..20_000 * (i + 1)],
+            "message {i} intact over TLS"
+        );
+    }
+    // Request/reply and flush over TLS too.
+    assert!(matches!(
+        plain.request("nobody", None, b"", T),
+        Err(Error::NoResponders)
+    ));
+
+    // Without our CA the certificate is refused: no connection, no panic.
+    let untrusted = start(&tls_url, None);
+    let bad_ca = start(&tls_url, Some(p("server.key")));
+    for (client, why) in [
+        (&untrusted, "UnknownIssuer"),
+        (&bad_ca, "no certificate found"),
+    ] {
+        assert!(wait_for(T, || (client.connect_failures() >= 2).then_some(())).is_some());
+        assert!(!client.is_connected());
+        let err = client.last_error().unwrap();
+        assert!(err.contains(why), "{err}");
+    }
 }

@@ -214,6 +214,8 @@ struct Inner {
     connected: AtomicBool,
     closed: AtomicBool,
     reconnects: AtomicU64,
+    connect_failures: AtomicU64,
+    last_error: Mutex<Option<String>>,
     dropped: AtomicU64,
     last_drop_log: Mutex<Option<Instant>>,
     max_payload: AtomicUsize,
@@ -313,6 +315,8 @@ impl Client {
             connected: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            last_error: Mutex::new(None),
             dropped: AtomicU64::new(0),
             last_drop_log: Mutex::new(None),
             events: crossbeam_channel::bounded(EVENT_CAPACITY),
@@ -349,6 +353,17 @@ impl Client {
         self.inner.reconnects.load(Ordering::Relaxed)
     }
 
+    /// Connection attempts that failed (refused, timed out, TLS or auth errors).
+    pub fn connect_failures(&self) -> u64 {
+        self.inner.connect_failures.load(Ordering::Relaxed)
+    }
+
+    /// Why the last connection attempt failed or the last connection was
+    /// lost (cleared by nothing: it is history, for health reports).
+    pub fn last_error(&self) -> Option<String> {
+        lock(&self.inner.last_error).clone()
+    }
+
     /// Messages dropped because a subscription's channel was full.
     pub fn dropped_messages(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
@@ -368,6 +383,15 @@ impl Client {
     /// The server connected to, without credentials.
     pub fn connected_server(&self) -> Option<String> {
         lock(&self.inner.conn).as_ref().map(|c| c.server.display())
+    }
+
+    /// Every server the client may try (URL list plus those the cluster
+    /// announced), without credentials.
+    pub fn known_servers(&self) -> Vec<String> {
+        lock(&self.inner.servers)
+            .iter()
+            .map(ServerAddr::display)
+            .collect()
     }
 
     /// Buffered publish. `Err(NotConnected)` while disconnected.
@@ -760,6 +784,8 @@ fn supervise(inner: Arc<Inner>) {
             Ok(x) => x,
             Err(e) => {
                 attempt = attempt.saturating_add(1);
+                *lock(&inner.last_error) = Some(format!("{}: {e}", addr.display()));
+                inner.connect_failures.fetch_add(1, Ordering::Relaxed);
                 match &e {
                     Error::Server(text) => {
                         log::error!("nats: {} refused the connection: {text}", addr.display());
@@ -811,6 +837,7 @@ fn supervise(inner: Arc<Inner>) {
             break;
         }
         log::warn!("nats: disconnected from {}: {reason}", addr.display());
+        *lock(&inner.last_error) = Some(format!("{}: {reason}", addr.display()));
         inner.emit(Event::Disconnected { reason });
         attempt = if since.elapsed() >= STABLE_AFTER {
             1
