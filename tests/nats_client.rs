@@ -452,6 +452,12 @@ fn jetstream_streams_consumers_and_dedup() {
         js.stream_info("RESULTS").unwrap().unwrap()["state"]["messages"],
         2
     );
+
+    assert!(js.delete_consumer("WORK", "w").unwrap());
+    assert!(!js.delete_consumer("WORK", "w").unwrap());
+    assert!(js.delete_stream("RESULTS").unwrap());
+    assert!(!js.delete_stream("RESULTS").unwrap());
+    assert!(js.stream_info("RESULTS").unwrap().is_none());
 }
 
 fn work_stream(js: &JetStream, ack_wait: Duration) {
@@ -787,4 +793,18 @@ fn tls_with_a_ca_file_and_tls_required_by_the_server() {
         let err = client.last_error().unwrap();
         assert!(err.contains(why), "{err}");
     }
+}
+
+#[test]
+fn lame_duck_mode_is_reported() {
+    let server = NatsServer::start();
+    let c = connected(&server.url());
+    let pid = server.pid().unwrap().to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-USR2", &pid])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let seen = events_until(&c, T, |e| e.contains(&Event::LameDuck));
+    assert!(seen.contains(&Event::LameDuck), "{seen:?}");
 }

@@ -32,7 +32,8 @@ const STABLE_AFTER: Duration = Duration::from_secs(1);
 const DEFAULT_PORT: u16 = 4222;
 
 /// Connection options (see `WORKER_NATS_URL` and `WORKER_NATS_CA_FILE`).
-#[derive(Debug, Clone)]
+/// `Debug` redacts credentials in the server URLs.
+#[derive(Clone)]
 pub struct Options {
     /// Server URLs: `nats://` or `tls://`, optionally `user:pass@` or `token@`.
     pub servers: Vec<String>,
@@ -50,6 +51,22 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// Largest message assumed until a server's INFO says otherwise.
     pub max_payload_hint: usize,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let servers: Vec<String> = self.servers.iter().map(|s| redact_url(s)).collect();
+        f.debug_struct("Options")
+            .field("servers", &servers)
+            .field("name", &self.name)
+            .field("ca_file", &self.ca_file)
+            .field("ping_interval", &self.ping_interval)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_payload_hint", &self.max_payload_hint)
+            .finish()
+    }
 }
 
 impl Options {
@@ -883,6 +900,8 @@ mod tests {
         assert_eq!(o.servers, vec!["nats://a:1", "tls://b:2"]);
         assert!(Options::from_url_list(" , ").is_err());
         assert_eq!(redact_url("nats://u:secret@h:1"), "nats://***@h:1");
+        let o = Options::from_url_list("nats://u:secret@h:1,tls://tok@h:2").unwrap();
+        assert!(!format!("{o:?}").contains("secret") && !format!("{o:?}").contains("tok@"));
         assert!(!format!("{}", parse_url("nats://u:secret@h:x").unwrap_err()).contains("secret"));
     }
 
