@@ -553,7 +553,7 @@ fn jetstream_nak_term_and_in_progress() {
     let ack_wait = Duration::from_millis(800);
     work_stream(&js, ack_wait);
     let client = js.client().clone();
-    for name in ["nak", "term", "wpi"] {
+    for name in ["nak", "nakdelay", "term", "wpi"] {
         js.publish(
             &format!("wq.{name}"),
             &Headers::new(),
@@ -563,9 +563,9 @@ fn jetstream_nak_term_and_in_progress() {
         .unwrap();
     }
     let pull = js.pull_subscription("WQ", "c").unwrap();
-    pull.request(3, Duration::from_secs(1), None).unwrap();
+    pull.request(4, Duration::from_secs(1), None).unwrap();
     let mut first = HashMap::new();
-    while first.len() < 3 {
+    while first.len() < 4 {
         match pull.next(T).expect("an item") {
             PullItem::Message(m, meta) => {
                 first.insert(m.subject.clone(), (m, meta));
@@ -573,14 +573,19 @@ fn jetstream_nak_term_and_in_progress() {
             other => panic!("{other:?}"),
         }
     }
+    let nak_at = Instant::now();
     nats::nak(&client, &first["wq.nak"].0, None).unwrap();
+    let delay = Duration::from_millis(600);
+    nats::nak(&client, &first["wq.nakdelay"].0, Some(delay)).unwrap();
     nats::term(&client, &first["wq.term"].0).unwrap();
     let wpi = first["wq.wpi"].0.clone();
     nats::in_progress(&client, &wpi).unwrap();
 
     // For 2.5 ack_wait periods keep the wpi message alive and record every
-    // delivery: the nak'ed one comes back once, the others never.
+    // delivery: the nak'ed ones come back once (one after its delay), the
+    // others never.
     let mut redelivered: Vec<(String, u64)> = Vec::new();
+    let mut delayed_after = None;
     let until = Instant::now() + ack_wait.mul_f32(2.5);
     let mut next_wpi = Instant::now() + ack_wait / 3;
     pull.request(10, ack_wait * 3, None).unwrap();
@@ -593,6 +598,9 @@ fn jetstream_nak_term_and_in_progress() {
             match item {
                 PullItem::Message(m, meta) => {
                     nats::ack(&client, &m).unwrap();
+                    if m.subject == "wq.nakdelay" {
+                        delayed_after = Some(nak_at.elapsed());
+                    }
                     redelivered.push((m.subject, meta.delivered));
                 }
                 PullItem::RequestTimeout => pull.request(10, ack_wait * 3, None).unwrap(),
@@ -602,8 +610,13 @@ fn jetstream_nak_term_and_in_progress() {
     }
     assert_eq!(
         redelivered,
-        [("wq.nak".to_string(), 2)],
-        "only the nak'ed message came back"
+        [("wq.nak".to_string(), 2), ("wq.nakdelay".to_string(), 2)],
+        "only the nak'ed messages came back"
+    );
+    let after = delayed_after.unwrap();
+    assert!(
+        after >= delay - Duration::from_millis(50),
+        "NAK delay honoured: {after:?}"
     );
     nats::ack_sync(&client, &wpi, T).unwrap();
     assert_eq!(
