@@ -821,3 +821,39 @@ fn lame_duck_mode_is_reported() {
     let seen = events_until(&c, T, |e| e.contains(&Event::LameDuck));
     assert!(seen.contains(&Event::LameDuck), "{seen:?}");
 }
+
+#[test]
+fn slow_consumer_drops_without_blocking_and_drain_closes() {
+    let server = NatsServer::start();
+    let c = connected(&server.url());
+    let tiny = c.subscribe_with_capacity("slow", None, 2).unwrap();
+    let other = c.subscribe("slow").unwrap();
+    c.flush(T).unwrap();
+    for i in 0..100 {
+        c.publish("slow", format!("{i}").as_bytes()).unwrap();
+    }
+    // The reader never waits for a full channel: PONG still comes back and
+    // the other subscription gets everything.
+    c.flush(T).unwrap();
+    for i in 0..100 {
+        assert_eq!(
+            other.receiver().recv_timeout(T).unwrap().payload,
+            format!("{i}").as_bytes()
+        );
+    }
+    assert_eq!(c.dropped_messages(), 98);
+    assert_eq!(tiny.receiver().len(), 2);
+    assert!(c.is_connected());
+
+    c.drain(T);
+    assert!(!c.is_connected());
+    assert!(matches!(c.publish("x", b""), Err(Error::Closed)));
+    assert!(matches!(c.subscribe("x"), Err(Error::Closed)));
+    // Buffered messages stay readable, then the channel reports the end.
+    assert!(tiny.receiver().recv_timeout(T).is_ok());
+    assert!(tiny.receiver().recv_timeout(T).is_ok());
+    assert!(matches!(
+        tiny.receiver().recv_timeout(T),
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+    ));
+}
