@@ -857,3 +857,48 @@ fn slow_consumer_drops_without_blocking_and_drain_closes() {
         Err(crossbeam_channel::RecvTimeoutError::Disconnected)
     ));
 }
+
+#[test]
+fn a_silent_or_dribbling_server_times_out_the_handshake() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        // First connection: silence. Later ones: INFO one byte at a time,
+        // never finishing within the connect timeout.
+        let mut held = Vec::new();
+        for (i, s) in listener.incoming().take(3).enumerate() {
+            let Ok(mut s) = s else { continue };
+            if i > 0 {
+                std::thread::spawn(move || {
+                    for b in b"INFO {\"server_id\":\"slow\"}\r\n" {
+                        if s.write_all(&[*b]).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                });
+            } else {
+                held.push(s);
+            }
+        }
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    let mut o = options(&format!("nats://127.0.0.1:{port}"));
+    o.connect_timeout = Duration::from_millis(400);
+    o.reconnect_max = Duration::from_millis(100);
+    let c = Client::start(o);
+    let t0 = Instant::now();
+    assert!(wait_for(T, || (c.connect_failures() >= 3).then_some(())).is_some());
+    let took = t0.elapsed();
+    // Three attempts bounded by the timeout each (plus short backoffs).
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_millis(3500),
+        "{took:?}"
+    );
+    assert!(
+        c.last_error().unwrap().contains("timed out"),
+        "{:?}",
+        c.last_error()
+    );
+    assert!(!c.is_connected());
+}

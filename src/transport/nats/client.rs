@@ -591,11 +591,13 @@ impl Inner {
     }
 
     fn add_sub(&self, entry: SubEntry) -> Result<u64, Error> {
+        let mut subs = lock(&self.subs);
+        // Checked under the lock `close` clears the table with, so no
+        // subscription outlives a close.
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
         let sid = self.next_sid.fetch_add(1, Ordering::Relaxed);
-        let mut subs = lock(&self.subs);
         if let Some(c) = self.current() {
             // A dead connection is fine: the next one re-sends every SUB.
             let _ = c.write(|b| proto::encode_sub(b, &entry.subject, entry.queue.as_deref(), sid));
