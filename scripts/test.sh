@@ -21,6 +21,7 @@ command -v python3 >/dev/null 2>&1 || apt_install python3
 command -v promtool >/dev/null 2>&1 || apt_install prometheus
 command -v mkfifo >/dev/null 2>&1 || apt_install coreutils
 command -v nats-server >/dev/null 2>&1 || apt_install nats-server
+command -v openssl >/dev/null 2>&1 || apt_install openssl
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -284,6 +284,12 @@ fn wrong_credentials_retry_with_backoff_and_never_panic() {
     );
     assert!(!seen.iter().any(|e| matches!(e, Event::Connected { .. })));
     assert!(!bad.is_connected());
+    assert!(bad.connect_failures() >= 3);
+    assert!(
+        bad.last_error()
+            .unwrap()
+            .contains("Authorization Violation")
+    );
     assert!(matches!(bad.publish("x", b""), Err(Error::NotConnected)));
 
     let good = connected(&server.url_with("worker:s3cret"));
@@ -446,6 +452,12 @@ fn jetstream_streams_consumers_and_dedup() {
         js.stream_info("RESULTS").unwrap().unwrap()["state"]["messages"],
         2
     );
+
+    assert!(js.delete_consumer("WORK", "w").unwrap());
+    assert!(!js.delete_consumer("WORK", "w").unwrap());
+    assert!(js.delete_stream("RESULTS").unwrap());
+    assert!(!js.delete_stream("RESULTS").unwrap());
+    assert!(js.stream_info("RESULTS").unwrap().is_none());
 }
 
 fn work_stream(js: &JetStream, ack_wait: Duration) {
@@ -541,7 +553,7 @@ fn jetstream_nak_term_and_in_progress() {
     let ack_wait = Duration::from_millis(800);
     work_stream(&js, ack_wait);
     let client = js.client().clone();
-    for name in ["nak", "term", "wpi"] {
+    for name in ["nak", "nakdelay", "term", "wpi"] {
         js.publish(
             &format!("wq.{name}"),
             &Headers::new(),
@@ -551,9 +563,9 @@ fn jetstream_nak_term_and_in_progress() {
         .unwrap();
     }
     let pull = js.pull_subscription("WQ", "c").unwrap();
-    pull.request(3, Duration::from_secs(1), None).unwrap();
+    pull.request(4, Duration::from_secs(1), None).unwrap();
     let mut first = HashMap::new();
-    while first.len() < 3 {
+    while first.len() < 4 {
         match pull.next(T).expect("an item") {
             PullItem::Message(m, meta) => {
                 first.insert(m.subject.clone(), (m, meta));
@@ -561,14 +573,19 @@ fn jetstream_nak_term_and_in_progress() {
             other => panic!("{other:?}"),
         }
     }
+    let nak_at = Instant::now();
     nats::nak(&client, &first["wq.nak"].0, None).unwrap();
+    let delay = Duration::from_millis(600);
+    nats::nak(&client, &first["wq.nakdelay"].0, Some(delay)).unwrap();
     nats::term(&client, &first["wq.term"].0).unwrap();
     let wpi = first["wq.wpi"].0.clone();
     nats::in_progress(&client, &wpi).unwrap();
 
     // For 2.5 ack_wait periods keep the wpi message alive and record every
-    // delivery: the nak'ed one comes back once, the others never.
+    // delivery: the nak'ed ones come back once (one after its delay), the
+    // others never.
     let mut redelivered: Vec<(String, u64)> = Vec::new();
+    let mut delayed_after = None;
     let until = Instant::now() + ack_wait.mul_f32(2.5);
     let mut next_wpi = Instant::now() + ack_wait / 3;
     pull.request(10, ack_wait * 3, None).unwrap();
@@ -581,6 +598,9 @@ fn jetstream_nak_term_and_in_progress() {
             match item {
                 PullItem::Message(m, meta) => {
                     nats::ack(&client, &m).unwrap();
+                    if m.subject == "wq.nakdelay" {
+                        delayed_after = Some(nak_at.elapsed());
+                    }
                     redelivered.push((m.subject, meta.delivered));
                 }
                 PullItem::RequestTimeout => pull.request(10, ack_wait * 3, None).unwrap(),
@@ -590,12 +610,295 @@ fn jetstream_nak_term_and_in_progress() {
     }
     assert_eq!(
         redelivered,
-        [("wq.nak".to_string(), 2)],
-        "only the nak'ed message came back"
+        [("wq.nak".to_string(), 2), ("wq.nakdelay".to_string(), 2)],
+        "only the nak'ed messages came back"
+    );
+    let after = delayed_after.unwrap();
+    assert!(
+        after >= delay - Duration::from_millis(50),
+        "NAK delay honoured: {after:?}"
     );
     nats::ack_sync(&client, &wpi, T).unwrap();
     assert_eq!(
         js.stream_info("WQ").unwrap().unwrap()["state"]["messages"],
         0
     );
+}
+
+// ------------------------------------------------------ cluster and TLS
+
+#[test]
+fn url_list_and_cluster_announced_servers_are_tried() {
+    let (ca, cb) = (support::nats::free_port(), support::nats::free_port());
+    let mut a = NatsServer::start_core(&[
+        "--cluster_name",
+        "c",
+        "--cluster",
+        &format!("nats://127.0.0.1:{ca}"),
+    ]);
+    let b = NatsServer::start_core(&[
+        "--cluster_name",
+        "c",
+        "--cluster",
+        &format!("nats://127.0.0.1:{cb}"),
+        "--routes",
+        &format!("nats://127.0.0.1:{ca}"),
+    ]);
+    // The first URL is dead; B is never listed: the client learns it from A.
+    let dead = support::nats::free_port();
+    let mut o = options(&format!("nats://127.0.0.1:{dead},{}", a.url()));
+    o.reconnect_max = Duration::from_millis(300);
+    let c = Client::start(o);
+    assert!(wait_for(T, || c.is_connected().then_some(())).is_some());
+    assert_eq!(c.connected_server().unwrap(), a.url());
+    let b_url = b.url();
+    let learned = wait_for(T, || c.known_servers().contains(&b_url).then_some(()));
+    assert!(learned.is_some(), "{:?}", c.known_servers());
+    let sub = c.subscribe("cl.x").unwrap();
+    a.kill();
+    assert!(
+        wait_for(T, || (c.connected_server() == Some(b_url.clone()))
+            .then_some(()))
+        .is_some(),
+        "failed over to the announced server: {:?}",
+        c.connected_server()
+    );
+    c.flush(T).unwrap();
+    let p = connected(&b.url());
+    p.publish("cl.x", b"via b").unwrap();
+    assert_eq!(sub.receiver().recv_timeout(T).unwrap().payload, b"via b");
+}
+
+/// A throwaway CA and a server certificate for 127.0.0.1, made with openssl.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (install it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=caf test ca",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[test]
+fn tls_with_a_ca_file_and_tls_required_by_the_server() {
+    let certs = support::temp_dir();
+    make_certs(certs.path());
+    let p = |f: &str| certs.path().join(f).to_string_lossy().into_owned();
+    let server = NatsServer::start_with(&[
+        "--tls",
+        "--tlscert",
+        &p("server.pem"),
+        "--tlskey",
+        &p("server.key"),
+    ]);
+    let tls_url = format!("tls://127.0.0.1:{}", server.port);
+    let start = |url: &str, ca: Option<String>| {
+        let mut o = options(url);
+        o.ca_file = ca.map(Into::into);
+        Client::start(o)
+    };
+    let c = start(&tls_url, Some(p("ca.pem")));
+    assert!(
+        wait_for(T, || c.is_connected().then_some(())).is_some(),
+        "tls:// with the CA file"
+    );
+    // A nats:// URL still upgrades when INFO says tls_required.
+    let plain = start(&server.url(), Some(p("ca.pem")));
+    assert!(
+        wait_for(T, || plain.is_connected().then_some(())).is_some(),
+        "honours tls_required"
+    );
+
+    let sub = c.subscribe("tls.>").unwrap();
+    c.flush(T).unwrap();
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    for i in 0..50 {
+        plain
+            .publish(&format!("tls.{i}"), &big[..20_000 * (i + 1)])
+            .unwrap();
+    }
+    for i in 0..50 {
+        let m = sub.receiver().recv_timeout(T).unwrap();
+        assert_eq!(
+            m.payload,
+            &big[..20_000 * (i + 1)],
+            "message {i} intact over TLS"
+        );
+    }
+    // Request/reply and flush over TLS too.
+    assert!(matches!(
+        plain.request("nobody", None, b"", T),
+        Err(Error::NoResponders)
+    ));
+
+    // Without our CA the certificate is refused: no connection, no panic.
+    let untrusted = start(&tls_url, None);
+    let bad_ca = start(&tls_url, Some(p("server.key")));
+    for (client, why) in [
+        (&untrusted, "UnknownIssuer"),
+        (&bad_ca, "no certificate found"),
+    ] {
+        assert!(wait_for(T, || (client.connect_failures() >= 2).then_some(())).is_some());
+        assert!(!client.is_connected());
+        let err = client.last_error().unwrap();
+        assert!(err.contains(why), "{err}");
+    }
+}
+
+#[test]
+fn lame_duck_mode_is_reported() {
+    let server = NatsServer::start();
+    let c = connected(&server.url());
+    let pid = server.pid().unwrap().to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-USR2", &pid])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let seen = events_until(&c, T, |e| e.contains(&Event::LameDuck));
+    assert!(seen.contains(&Event::LameDuck), "{seen:?}");
+}
+
+#[test]
+fn slow_consumer_drops_without_blocking_and_drain_closes() {
+    let server = NatsServer::start();
+    let c = connected(&server.url());
+    let tiny = c.subscribe_with_capacity("slow", None, 2).unwrap();
+    let other = c.subscribe("slow").unwrap();
+    c.flush(T).unwrap();
+    for i in 0..100 {
+        c.publish("slow", format!("{i}").as_bytes()).unwrap();
+    }
+    // The reader never waits for a full channel: PONG still comes back and
+    // the other subscription gets everything.
+    c.flush(T).unwrap();
+    for i in 0..100 {
+        assert_eq!(
+            other.receiver().recv_timeout(T).unwrap().payload,
+            format!("{i}").as_bytes()
+        );
+    }
+    assert_eq!(c.dropped_messages(), 98);
+    assert_eq!(tiny.receiver().len(), 2);
+    assert!(c.is_connected());
+
+    c.drain(T);
+    assert!(!c.is_connected());
+    assert!(matches!(c.publish("x", b""), Err(Error::Closed)));
+    assert!(matches!(c.subscribe("x"), Err(Error::Closed)));
+    // Buffered messages stay readable, then the channel reports the end.
+    assert!(tiny.receiver().recv_timeout(T).is_ok());
+    assert!(tiny.receiver().recv_timeout(T).is_ok());
+    assert!(matches!(
+        tiny.receiver().recv_timeout(T),
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+    ));
+}
+
+#[test]
+fn a_silent_or_dribbling_server_times_out_the_handshake() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        // First connection: silence. Later ones: INFO one byte at a time,
+        // never finishing within the connect timeout.
+        let mut held = Vec::new();
+        for (i, s) in listener.incoming().take(3).enumerate() {
+            let Ok(mut s) = s else { continue };
+            if i > 0 {
+                std::thread::spawn(move || {
+                    for b in b"INFO {\"server_id\":\"slow\"}\r\n" {
+                        if s.write_all(&[*b]).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                });
+            } else {
+                held.push(s);
+            }
+        }
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    let mut o = options(&format!("nats://127.0.0.1:{port}"));
+    o.connect_timeout = Duration::from_millis(400);
+    o.reconnect_max = Duration::from_millis(100);
+    let c = Client::start(o);
+    let t0 = Instant::now();
+    assert!(wait_for(T, || (c.connect_failures() >= 3).then_some(())).is_some());
+    let took = t0.elapsed();
+    // Three attempts bounded by the timeout each (plus short backoffs).
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_millis(3500),
+        "{took:?}"
+    );
+    assert!(
+        c.last_error().unwrap().contains("timed out"),
+        "{:?}",
+        c.last_error()
+    );
+    assert!(!c.is_connected());
 }

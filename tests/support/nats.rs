@@ -25,6 +25,7 @@ pub struct NatsServer {
     /// Its client port on 127.0.0.1.
     pub port: u16,
     args: Vec<String>,
+    js: bool,
     dir: tempfile::TempDir,
 }
 
@@ -34,8 +35,18 @@ impl NatsServer {
         NatsServer::start_with(&[])
     }
 
-    /// With extra arguments (e.g. `["--user", "u", "--pass", "p"]`).
+    /// `-js` with extra arguments (e.g. `["--user", "u", "--pass", "p"]`).
     pub fn start_with(extra: &[&str]) -> NatsServer {
+        NatsServer::launch(extra, true)
+    }
+
+    /// Without JetStream (e.g. a two-node cluster, which JetStream would
+    /// refuse without a third node).
+    pub fn start_core(extra: &[&str]) -> NatsServer {
+        NatsServer::launch(extra, false)
+    }
+
+    fn launch(extra: &[&str], js: bool) -> NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("caf-nats-")
             .tempdir()
@@ -44,6 +55,7 @@ impl NatsServer {
             child: None,
             port: free_port(),
             args: extra.iter().map(|s| s.to_string()).collect(),
+            js,
             dir,
         };
         s.spawn();
@@ -70,6 +82,11 @@ impl NatsServer {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
+    /// The server's process id (e.g. to send SIGUSR2 for lame duck mode).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -93,9 +110,11 @@ impl NatsServer {
             .expect("server log");
         let port = self.port.to_string();
         let mut cmd = Command::new(binary());
-        cmd.args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
-            .arg(&store)
-            .args(&self.args)
+        cmd.args(["-a", "127.0.0.1", "-p", &port]);
+        if self.js {
+            cmd.arg("-js").arg("-sd").arg(&store);
+        }
+        cmd.args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);

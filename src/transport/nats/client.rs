@@ -32,7 +32,8 @@ const STABLE_AFTER: Duration = Duration::from_secs(1);
 const DEFAULT_PORT: u16 = 4222;
 
 /// Connection options (see `WORKER_NATS_URL` and `WORKER_NATS_CA_FILE`).
-#[derive(Debug, Clone)]
+/// `Debug` redacts credentials in the server URLs.
+#[derive(Clone)]
 pub struct Options {
     /// Server URLs: `nats://` or `tls://`, optionally `user:pass@` or `token@`.
     pub servers: Vec<String>,
@@ -50,6 +51,22 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// Largest message assumed until a server's INFO says otherwise.
     pub max_payload_hint: usize,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let servers: Vec<String> = self.servers.iter().map(|s| redact_url(s)).collect();
+        f.debug_struct("Options")
+            .field("servers", &servers)
+            .field("name", &self.name)
+            .field("ca_file", &self.ca_file)
+            .field("ping_interval", &self.ping_interval)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_payload_hint", &self.max_payload_hint)
+            .finish()
+    }
 }
 
 impl Options {
@@ -214,6 +231,8 @@ struct Inner {
     connected: AtomicBool,
     closed: AtomicBool,
     reconnects: AtomicU64,
+    connect_failures: AtomicU64,
+    last_error: Mutex<Option<String>>,
     dropped: AtomicU64,
     last_drop_log: Mutex<Option<Instant>>,
     max_payload: AtomicUsize,
@@ -313,6 +332,8 @@ impl Client {
             connected: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            last_error: Mutex::new(None),
             dropped: AtomicU64::new(0),
             last_drop_log: Mutex::new(None),
             events: crossbeam_channel::bounded(EVENT_CAPACITY),
@@ -349,6 +370,17 @@ impl Client {
         self.inner.reconnects.load(Ordering::Relaxed)
     }
 
+    /// Connection attempts that failed (refused, timed out, TLS or auth errors).
+    pub fn connect_failures(&self) -> u64 {
+        self.inner.connect_failures.load(Ordering::Relaxed)
+    }
+
+    /// Why the last connection attempt failed or the last connection was
+    /// lost (cleared by nothing: it is history, for health reports).
+    pub fn last_error(&self) -> Option<String> {
+        lock(&self.inner.last_error).clone()
+    }
+
     /// Messages dropped because a subscription's channel was full.
     pub fn dropped_messages(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
@@ -368,6 +400,15 @@ impl Client {
     /// The server connected to, without credentials.
     pub fn connected_server(&self) -> Option<String> {
         lock(&self.inner.conn).as_ref().map(|c| c.server.display())
+    }
+
+    /// Every server the client may try (URL list plus those the cluster
+    /// announced), without credentials.
+    pub fn known_servers(&self) -> Vec<String> {
+        lock(&self.inner.servers)
+            .iter()
+            .map(ServerAddr::display)
+            .collect()
     }
 
     /// Buffered publish. `Err(NotConnected)` while disconnected.
@@ -550,11 +591,13 @@ impl Inner {
     }
 
     fn add_sub(&self, entry: SubEntry) -> Result<u64, Error> {
+        let mut subs = lock(&self.subs);
+        // Checked under the lock `close` clears the table with, so no
+        // subscription outlives a close.
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
         let sid = self.next_sid.fetch_add(1, Ordering::Relaxed);
-        let mut subs = lock(&self.subs);
         if let Some(c) = self.current() {
             // A dead connection is fine: the next one re-sends every SUB.
             let _ = c.write(|b| proto::encode_sub(b, &entry.subject, entry.queue.as_deref(), sid));
@@ -760,6 +803,8 @@ fn supervise(inner: Arc<Inner>) {
             Ok(x) => x,
             Err(e) => {
                 attempt = attempt.saturating_add(1);
+                *lock(&inner.last_error) = Some(format!("{}: {e}", addr.display()));
+                inner.connect_failures.fetch_add(1, Ordering::Relaxed);
                 match &e {
                     Error::Server(text) => {
                         log::error!("nats: {} refused the connection: {text}", addr.display());
@@ -811,6 +856,7 @@ fn supervise(inner: Arc<Inner>) {
             break;
         }
         log::warn!("nats: disconnected from {}: {reason}", addr.display());
+        *lock(&inner.last_error) = Some(format!("{}: {reason}", addr.display()));
         inner.emit(Event::Disconnected { reason });
         attempt = if since.elapsed() >= STABLE_AFTER {
             1
@@ -856,6 +902,8 @@ mod tests {
         assert_eq!(o.servers, vec!["nats://a:1", "tls://b:2"]);
         assert!(Options::from_url_list(" , ").is_err());
         assert_eq!(redact_url("nats://u:secret@h:1"), "nats://***@h:1");
+        let o = Options::from_url_list("nats://u:secret@h:1,tls://tok@h:2").unwrap();
+        assert!(!format!("{o:?}").contains("secret") && !format!("{o:?}").contains("tok@"));
         assert!(!format!("{}", parse_url("nats://u:secret@h:x").unwrap_err()).contains("secret"));
     }
 

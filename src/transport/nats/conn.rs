@@ -128,6 +128,12 @@ enum ReadHalf {
 }
 
 impl ReadHalf {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            ReadHalf::Plain(s) | ReadHalf::Tls(_, s, _) => s.set_read_timeout(t),
+        }
+    }
+
     /// Appends at least one byte to `data`, or returns 0 at end of stream.
     fn read_into(&mut self, data: &mut Vec<u8>) -> io::Result<usize> {
         match self {
@@ -305,6 +311,8 @@ pub(crate) fn connect(
     let mut plain_rd = ReadHalf::Plain(sock.try_clone()?);
     let info = match next_op(&mut plain_rd, &mut data, &limits, deadline)? {
         ServerOp::Info(info) => *info,
+        // E.g. "maximum connections exceeded".
+        ServerOp::Err(e) => return Err(Error::Server(e)),
         other => {
             return Err(Error::Protocol(format!(
                 "expected INFO, got {}",
@@ -322,6 +330,8 @@ pub(crate) fn connect(
         let mut tls = rustls::ClientConnection::new(cfg, name)
             .map_err(|e| Error::Protocol(format!("tls: {e}")))?;
         let mut hs = sock.try_clone()?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        hs.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
         while tls.is_handshaking() {
             tls.complete_io(&mut hs)
                 .map_err(|e| Error::Protocol(format!("tls handshake: {e}")))?;
@@ -457,9 +467,13 @@ fn next_op(
             data.drain(..used);
             return Ok(op);
         }
-        if Instant::now() > deadline {
+        // Each read waits only for what is left, so a server that dribbles
+        // bytes cannot stretch the handshake past the connect timeout.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return Err(Error::Timeout);
         }
+        rd.set_read_timeout(Some(left))?;
         match rd.read_into(data) {
             Ok(0) => return Err(Error::Io(io::ErrorKind::UnexpectedEof.into())),
             Ok(_) => {}

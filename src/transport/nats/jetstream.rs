@@ -298,6 +298,24 @@ impl JetStream {
         self.api(&format!("STREAM.CREATE.{}", cfg.name), &body)
     }
 
+    /// Deletes a stream; `false` when it did not exist.
+    pub fn delete_stream(&self, name: &str) -> Result<bool, Error> {
+        check_name(name)?;
+        let r = self.api(&format!("STREAM.DELETE.{name}"), &Value::Null);
+        not_found_as_none(r, ERR_STREAM_NOT_FOUND).map(|v| v.is_some())
+    }
+
+    /// Deletes a consumer; `false` when it did not exist.
+    pub fn delete_consumer(&self, stream: &str, consumer: &str) -> Result<bool, Error> {
+        check_name(stream)?;
+        check_name(consumer)?;
+        let r = self.api(
+            &format!("CONSUMER.DELETE.{stream}.{consumer}"),
+            &Value::Null,
+        );
+        not_found_as_none(r, ERR_CONSUMER_NOT_FOUND).map(|v| v.is_some())
+    }
+
     /// Consumer info, `None` when the consumer does not exist.
     pub fn consumer_info(&self, stream: &str, consumer: &str) -> Result<Option<Value>, Error> {
         check_name(stream)?;
