@@ -685,3 +685,51 @@ fn jetstream_invalid_message_is_rejected_dead_lettered_and_terminated() {
         Some(1.0)
     );
 }
+
+#[test]
+fn submit_prints_every_answer_and_exits_0_or_1_after_the_timeout() {
+    let server = NatsServer::start();
+    let dir = support::temp_dir();
+    let file = dir.path().join("in.jsonl");
+    let mut text: String = (0..20)
+        .map(|i| format!("{}\n", echo(&format!("sub-{i}"))))
+        .collect();
+    text.push_str("{broken\n\n");
+    std::fs::write(&file, text).unwrap();
+    let submit = |mode: &str, timeout: &str| {
+        support::command(&[])
+            .args(["submit", "--nats", &server.url(), "--mode", mode])
+            .args(["--timeout-ms", timeout, file.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    // No worker yet: nothing answers, exit 1 after the idle timeout.
+    let t0 = Instant::now();
+    let out = submit("core", "500");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("21 unanswered"));
+
+    let w = worker(&server.url(), "core", &[]);
+    wait_ready(&w);
+    let out = submit("core", "10000");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 21, "20 results and one rejected Ack");
+    assert_eq!(
+        lines.iter().filter(|v| v["status"] == "success").count(),
+        20
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|v| v["reason"] == "invalid_json")
+            .count(),
+        1
+    );
+    assert!(stderr.contains("21 of 21 answered"), "{stderr}");
+}

@@ -65,7 +65,7 @@ caf-worker submit --nats nats://127.0.0.1:4222 examples/quickstart.jsonl"
     )]
     Submit {
         #[command(flatten)]
-        config: ConfigArgs,
+        config: FileArgs,
         /// NATS server URL(s), comma-separated [env: WORKER_NATS_URL].
         #[arg(long, value_name = "URL")]
         nats: Option<String>,
@@ -93,15 +93,43 @@ caf-worker submit --nats nats://127.0.0.1:4222 examples/quickstart.jsonl"
     },
 }
 
-/// Options shared by every command; each maps to a settings key.
+/// The config file and `--set`: every command has them.
 #[derive(Debug, Args)]
-struct ConfigArgs {
+struct FileArgs {
     /// TOML config file (keys as in docs/SPEC.md §2, e.g. `io_pool_size = 8`).
     #[arg(long, value_name = "FILE", env = "WORKER_CONFIG")]
     config: Option<PathBuf>,
     /// Set any setting by key, e.g. `--set retry_jitter=full` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+}
+
+impl FileArgs {
+    /// Sources from `named` options (key, value) plus `--set`, env and file.
+    fn sources(&self, named: &[(&str, &Option<String>)]) -> Result<Sources, config::ConfigError> {
+        let mut cli = Vec::new();
+        for (key, value) in named {
+            if let Some(v) = value {
+                cli.push(((*key).to_owned(), v.clone()));
+            }
+        }
+        for kv in &self.set {
+            let Some((k, v)) = kv.split_once('=') else {
+                return Err(config::ConfigError::UnknownKey(format!(
+                    "{kv} (--set takes KEY=VALUE)"
+                )));
+            };
+            cli.push((k.trim().to_owned(), v.to_owned()));
+        }
+        Ok(Sources::from_process_env(cli, self.config.clone()))
+    }
+}
+
+/// Options of the commands that run steps; each maps to a settings key.
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    #[command(flatten)]
+    file: FileArgs,
     /// Worker id in acks, results and logs [env: WORKER_ID; default: <hostname>-<pid>].
     #[arg(long)]
     worker_id: Option<String>,
@@ -141,9 +169,8 @@ struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    fn sources(&self) -> Result<Sources, config::ConfigError> {
-        let mut cli = Vec::new();
-        for (key, value) in [
+    fn load(&self) -> Result<Settings, config::ConfigError> {
+        config::load(&self.file.sources(&[
             ("worker_id", &self.worker_id),
             ("fs_root", &self.fs_root),
             ("cpu_pool_size", &self.cpu_pool_size),
@@ -156,53 +183,42 @@ impl ConfigArgs {
             ("results_file", &self.results_file),
             ("log_format", &self.log_format),
             ("log", &self.log),
-        ] {
-            if let Some(v) = value {
-                cli.push((key.to_owned(), v.clone()));
-            }
-        }
-        for kv in &self.set {
-            let Some((k, v)) = kv.split_once('=') else {
-                return Err(config::ConfigError::UnknownKey(format!(
-                    "{kv} (--set takes KEY=VALUE)"
-                )));
-            };
-            cli.push((k.trim().to_owned(), v.to_owned()));
-        }
-        Ok(Sources::from_process_env(cli, self.config.clone()))
-    }
-
-    fn load(&self, extra: &[(&str, &Option<String>)]) -> Result<Settings, config::ConfigError> {
-        let mut sources = self.sources()?;
-        for (key, value) in extra {
-            if let Some(v) = value {
-                sources.cli.push(((*key).to_owned(), v.clone()));
-            }
-        }
-        config::load(&sources)
+        ])?)
     }
 }
 
 /// Runs a parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> i32 {
-    let (config, command) = match &cli.command {
-        Command::Serve { config } => (config, &cli.command),
-        Command::Run { config, .. } => (config, &cli.command),
-        Command::Submit { config, .. } => (config, &cli.command),
-        Command::Validate { config, .. } => (config, &cli.command),
+    let command = &cli.command;
+    let loaded = match command {
+        Command::Serve { config }
+        | Command::Run { config, .. }
+        | Command::Validate { config, .. } => config.load(),
+        Command::Submit {
+            config, nats, mode, ..
+        } => config
+            .sources(&[("nats_url", nats), ("nats_mode", mode)])
+            .and_then(|s| config::load(&s)),
     };
-    let extra = match command {
-        Command::Submit { nats, mode, .. } => vec![("nats_url", nats), ("nats_mode", mode)],
-        _ => Vec::new(),
-    };
-    let settings = match config.load(&extra) {
+    let settings = match loaded {
         Ok(s) => s,
         Err(e) => {
             eprintln!("caf-worker: {e}");
             return EXIT_USAGE;
         }
     };
-    crate::telemetry::logging::init(&settings.log_filter, settings.log_format);
+    // `submit` is an interactive tool: only warnings unless RUST_LOG says otherwise.
+    let quiet_default = matches!(command, Command::Submit { .. })
+        && settings
+            .effective
+            .get("log")
+            .is_some_and(|(_, origin)| *origin == config::Origin::Default);
+    let filter = if quiet_default {
+        "warn"
+    } else {
+        &settings.log_filter
+    };
+    crate::telemetry::logging::init(filter, settings.log_format);
     crate::telemetry::logging::install_panic_hook();
     for w in &settings.warnings {
         log::warn!("{w}");
