@@ -10,10 +10,13 @@ use crate::transport::nats::{Client, Headers, Message, Subscription};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Publishes waiting for their PubAck at once (JetStream).
 const WINDOW: usize = 1024;
+/// Core mode: assignments published ahead of their answers.
+const CORE_WINDOW: usize = 8192;
 /// Messages the answer subscriptions buffer.
 const ANSWER_BUFFER: usize = 1 << 16;
 
@@ -82,15 +85,22 @@ pub fn submit(settings: &Settings, args: &SubmitArgs) -> i32 {
     }
     let mut tally = Tally::new(&lines);
     let started = Instant::now();
-    let publish = match nats.mode {
-        NatsMode::Core => publish_core(&client, &nats.assign_subject, &lines),
-        NatsMode::JetStream => publish_js(&client, &nats.assign_subject, &lines),
-    };
-    if let Err(e) = publish {
-        eprintln!("caf-worker: publishing failed: {e}");
-        return EXIT_FAILED;
-    }
-    let code = tally.collect(&results, &acks, args, started);
+    let answered = AtomicUsize::new(0);
+    let code = std::thread::scope(|scope| {
+        let publisher = scope.spawn(|| match nats.mode {
+            NatsMode::Core => publish_core(&client, &nats.assign_subject, &lines, &answered),
+            NatsMode::JetStream => publish_js(&client, &nats.assign_subject, &lines),
+        });
+        let code = tally.collect(&results, &acks, args, started, &answered);
+        match publisher.join() {
+            Ok(Ok(())) => code,
+            Ok(Err(e)) => {
+                eprintln!("caf-worker: publishing failed: {e}");
+                EXIT_FAILED
+            }
+            Err(_) => EXIT_FAILED,
+        }
+    });
     drop((results, acks));
     client.drain(Duration::from_secs(2));
     code
@@ -131,8 +141,27 @@ fn id_of(line: &[u8]) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn publish_core(client: &Client, subject: &str, lines: &[Vec<u8>]) -> Result<(), String> {
-    for line in lines {
+/// Core mode has no flow control: at most [`CORE_WINDOW`] assignments are
+/// published ahead of their answers, so a busy worker's subscription does
+/// not overflow (core NATS drops what a slow subscriber cannot take).
+fn publish_core(
+    client: &Client,
+    subject: &str,
+    lines: &[Vec<u8>],
+    answered: &AtomicUsize,
+) -> Result<(), String> {
+    let mut stalled_since = None;
+    for (i, line) in lines.iter().enumerate() {
+        while i >= answered.load(Ordering::Acquire) + CORE_WINDOW {
+            let since = *stalled_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(30) {
+                return Err(format!(
+                    "no answers for 30 s with {CORE_WINDOW} outstanding"
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        stalled_since = None;
         client.publish(subject, line).map_err(|e| e.to_string())?;
     }
     client
@@ -188,6 +217,15 @@ fn publish_js(client: &Client, subject: &str, lines: &[Vec<u8>]) -> Result<(), S
     Ok(())
 }
 
+/// The fields of a result or Ack that `submit` looks at (the rest is skipped).
+#[derive(serde::Deserialize)]
+struct Answer<'a> {
+    #[serde(borrow)]
+    assignment_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    status: Option<std::borrow::Cow<'a, str>>,
+}
+
 /// What is still unanswered.
 struct Tally {
     open: HashSet<String>,
@@ -226,15 +264,15 @@ impl Tally {
     }
 
     fn on_result(&mut self, m: &Message, out: &mut impl Write, quiet: bool) {
-        let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
+        let Ok(v) = serde_json::from_slice::<Answer<'_>>(&m.payload) else {
             return;
         };
-        let Some(id) = v["assignment_id"].as_str() else {
+        let Some(id) = v.assignment_id else {
             return;
         };
-        if self.open.remove(id) {
+        if self.open.remove(id.as_ref()) {
             self.results += 1;
-            if v["status"] == "success" {
+            if v.status.as_deref() == Some("success") {
                 self.ok += 1;
             }
             if !quiet {
@@ -245,14 +283,14 @@ impl Tally {
     }
 
     fn on_ack(&mut self, m: &Message, out: &mut impl Write, quiet: bool) {
-        let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
+        let Ok(v) = serde_json::from_slice::<Answer<'_>>(&m.payload) else {
             return;
         };
-        if v["status"] != "rejected" {
+        if v.status.as_deref() != Some("rejected") {
             return;
         }
-        let counted = match v["assignment_id"].as_str() {
-            Some(id) => self.open.remove(id),
+        let counted = match v.assignment_id {
+            Some(id) => self.open.remove(id.as_ref()),
             None if self.anonymous > 0 => {
                 self.anonymous -= 1;
                 true
@@ -274,6 +312,7 @@ impl Tally {
         acks: &Subscription,
         args: &SubmitArgs,
         started: Instant,
+        answered: &AtomicUsize,
     ) -> i32 {
         let stdout = std::io::stdout();
         let mut out = std::io::BufWriter::new(stdout.lock());
@@ -282,10 +321,12 @@ impl Tally {
             crossbeam_channel::select! {
                 recv(results.receiver()) -> m => if let Ok(m) = m {
                     self.on_result(&m, &mut out, args.quiet);
+                    answered.store(self.results + self.rejected, Ordering::Release);
                     last = Instant::now();
                 },
                 recv(acks.receiver()) -> m => if let Ok(m) = m {
                     self.on_ack(&m, &mut out, args.quiet);
+                    answered.store(self.results + self.rejected, Ordering::Release);
                     last = Instant::now();
                 },
                 default(Duration::from_millis(100)) => {
