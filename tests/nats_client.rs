@@ -812,9 +812,11 @@ fn tls_with_a_ca_file_and_tls_required_by_the_server() {
 fn lame_duck_mode_is_reported() {
     let server = NatsServer::start();
     let c = connected(&server.url());
-    let pid = server.pid().unwrap().to_string();
-    let ok = std::process::Command::new("kill")
-        .args(["-USR2", &pid])
+    // nats-server signals its own kind: no procps needed.
+    let pid = server.pid().unwrap();
+    let ok = std::process::Command::new(support::nats::binary())
+        .args(["--signal", &format!("ldm={pid}")])
+        .stdout(std::process::Stdio::null())
         .status()
         .unwrap();
     assert!(ok.success());

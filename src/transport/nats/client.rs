@@ -291,6 +291,11 @@ impl Subscription {
         &self.rx
     }
 
+    /// The subscription id on the wire.
+    pub fn sid(&self) -> u64 {
+        self.sid
+    }
+
     /// The subscribed subject.
     pub fn subject(&self) -> &str {
         &self.subject
