@@ -514,13 +514,14 @@ nats_rows = [
      f"1 worker {f('NATS_SLEEP_1_SECS'):.2f} s, 2 workers {f('NATS_SLEEP_2_SECS'):.2f} s = {speedup:.2f}×", "", None),
 ]
 nats_detail = (f"- NATS: a local `{res['NATS_SERVER_VERSION']}` with `-js` (file store in a temp dir). Raw: "
-               f"`examples/nats_raw_bench URL {n(f('NATS_CORE_N'))} {res['NATS_ASSIGN_BYTES']} echo` — one client "
+               f"`examples/nats_raw_bench URL {res['NATS_CORE_N']} {res['NATS_ASSIGN_BYTES']} echo` — one client "
                f"publishes, a second re-publishes every message to a reply subject, a third counts them (the shape "
                f"of core mode, no engine). End to end: `caf-worker serve` with `WORKER_INGRESS_ADDR=off` and "
                f"`caf-worker submit --quiet` publishing {res['NATS_ASSIGN_BYTES']}-byte debug.echo assignments and "
                f"counting results and Acks on its own subscriptions; the rate is answers per second from the first "
-               f"publish to the last answer (JetStream: publishes with `Nats-Msg-Id` and PubAck, results PubAcked "
-               f"before the ACK). Load sharing: the same JetStream flow with `WORKER_MAX_QUEUE_SIZE=4` and the "
+               f"publish to the last answer (core: `submit` keeps at most 8,192 assignments ahead of their answers, as "
+               f"core NATS drops what a busy subscriber cannot hold; JetStream: publishes with `Nats-Msg-Id` and "
+               f"PubAck, results PubAcked before the ACK). Load sharing: the same JetStream flow with `WORKER_MAX_QUEUE_SIZE=4` and the "
                f"default cpu pool (4 threads) on one worker, then on two.")
 if "ENGINE_PLAIN" not in res:
     # BENCH_ONLY=nats: replace the NATS rows and detail of the existing report.
