@@ -35,6 +35,13 @@ pub(super) fn intake_loop(s: &Shared) {
             }
         }
     };
+    // Ready once the server has the subscription (PONG after SUB).
+    while s.client.flush(Duration::from_secs(2)).is_err() {
+        if wait_or_stop(s, Duration::from_millis(100)) {
+            return;
+        }
+    }
+    s.intake_ready.store(true, Ordering::Release);
     let rx = sub.receiver().clone();
     std::thread::scope(|scope| {
         for _ in 1..INTAKE_THREADS {

@@ -171,6 +171,7 @@ pub(super) fn pull_loop(s: &Shared) {
             std::thread::sleep(SLICE);
         }
     };
+    s.intake_ready.store(true, Ordering::Release);
     let mut outstanding = 0usize;
     let mut request_until = Instant::now();
     while !s.draining.load(Ordering::Acquire) {

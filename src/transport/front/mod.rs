@@ -90,6 +90,9 @@ pub(crate) struct Shared {
     grace_over: AtomicBool,
     /// Every thread ends.
     stop: AtomicBool,
+    /// The intake is in place on the server (core: SUB confirmed by a
+    /// PING/PONG; JetStream: streams, consumer and pull inbox set up).
+    intake_ready: AtomicBool,
     started: Instant,
     /// JetStream publishes waiting for their PubAck, by reply token.
     pubacks: Mutex<HashMap<u64, jetstream::PubWait>>,
@@ -153,6 +156,7 @@ impl Front {
             draining: AtomicBool::new(false),
             grace_over: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            intake_ready: AtomicBool::new(false),
             started: Instant::now(),
             pubacks: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
@@ -205,21 +209,25 @@ impl Front {
         Ok(front)
     }
 
-    /// The `nats` health check: connected (SPEC §13.5).
+    /// The `nats` health check (SPEC §13.5): connected, and the intake in
+    /// place, so a ready worker does not miss a core message published at once.
     pub fn health_check(&self) -> ExtraCheck {
         let shared = self.shared.clone();
         Arc::new(move || {
-            let ok = shared.client.is_connected();
+            let connected = shared.client.is_connected();
+            let intake = shared.intake_ready.load(Ordering::Acquire);
             HealthCheck {
                 name: "nats",
-                ok,
-                detail: if ok {
-                    "ok".into()
-                } else {
+                ok: connected && intake,
+                detail: if !connected {
                     format!(
                         "not connected to {}",
                         crate::config::redact_url_list(&shared.nats.url)
                     )
+                } else if !intake {
+                    "connected; setting up the intake".into()
+                } else {
+                    "ok".into()
                 },
             }
         })
