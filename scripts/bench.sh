@@ -519,7 +519,7 @@ nats_detail = (f"- NATS: a local `{res['NATS_SERVER_VERSION']}` with `-js` (file
                f"of core mode, no engine). End to end: `caf-worker serve` with `WORKER_INGRESS_ADDR=off` and "
                f"`caf-worker submit --quiet` publishing {res['NATS_ASSIGN_BYTES']}-byte debug.echo assignments and "
                f"counting results and Acks on its own subscriptions; the rate is answers per second from the first "
-               f"publish to the last answer (core: `submit` keeps at most 8,192 assignments ahead of their answers, as "
+               f"publish to the last answer (core: `submit` keeps at most 4,096 assignments ahead of their answers, as "
                f"core NATS drops what a busy subscriber cannot hold; JetStream: publishes with `Nats-Msg-Id` and "
                f"PubAck, results PubAcked before the ACK). Load sharing: the same JetStream flow with `WORKER_MAX_QUEUE_SIZE=4` and the "
                f"default cpu pool (4 threads) on one worker, then on two.")

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 /// Publishes waiting for their PubAck at once (JetStream).
 const WINDOW: usize = 1024;
 /// Core mode: assignments published ahead of their answers.
-const CORE_WINDOW: usize = 8192;
+const CORE_WINDOW: usize = 4096;
 /// Messages the answer subscriptions buffer.
 const ANSWER_BUFFER: usize = 1 << 16;
 

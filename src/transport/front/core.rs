@@ -13,8 +13,10 @@ use std::time::Duration;
 pub(super) const INTAKE_THREADS: usize = 2;
 
 /// Messages the assign subscription buffers (beyond it the client drops
-/// and counts them, as NATS does for slow consumers).
-const SUBSCRIPTION_BUFFER: usize = 1 << 16;
+/// and counts them, as NATS does for slow consumers). A count, not bytes:
+/// with the server's default 1 MiB `max_payload` the worst case is 8 GiB,
+/// so keep `max_payload` (and `WORKER_MAX_BODY_BYTES`) sized to the host.
+const SUBSCRIPTION_BUFFER: usize = 8192;
 
 /// The intake: owns the subscription and shares its receiver with
 /// `INTAKE_THREADS - 1` scoped helpers. At drain the subscription is closed

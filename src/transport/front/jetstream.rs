@@ -251,7 +251,7 @@ fn take(s: &Shared, msg: Message) {
         let mut hand = s.hand();
         if let Some(held) = hand.get_mut(&id).and_then(|e| e.js.as_mut()) {
             // A redelivery of one this worker still holds: never a second run.
-            held.msg = msg.clone();
+            held.msg = ack_handle(&msg);
             held.progress = Instant::now();
             let publishing = held.publishing;
             drop(hand);
@@ -265,7 +265,7 @@ fn take(s: &Shared, msg: Message) {
             InHand {
                 traceparent: traceparent.clone(),
                 js: Some(JsHold {
-                    msg: msg.clone(),
+                    msg: ack_handle(&msg),
                     progress: Instant::now(),
                     publishing: false,
                 }),
@@ -299,6 +299,17 @@ fn take(s: &Shared, msg: Message) {
         },
     };
     s.publish_ack(&ack, traceparent.as_deref(), None);
+}
+
+/// What acknowledging a delivery needs: its reply subject. The payload is
+/// not kept (up to 10,000 held messages of up to `max_payload` each).
+fn ack_handle(msg: &Message) -> Message {
+    Message {
+        subject: msg.subject.clone(),
+        reply: msg.reply.clone(),
+        headers: None,
+        payload: Vec::new(),
+    }
 }
 
 /// Publishes a retained result again for a held delivery.
