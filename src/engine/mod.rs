@@ -430,21 +430,19 @@ impl Engine {
         self.shared.tracker.remove_pending(&h)
     }
 
-    /// Room for new work: free queue slots plus idle threads, over every pool.
-    /// Unbounded queues (queue management off) count `WORKER_MAX_QUEUE_SIZE`
-    /// as their bound, so a puller still holds no more than that.
-    pub fn room(&self) -> usize {
+    /// Room for new work per pool (indexed by [`PoolKind::index`]): free
+    /// queue slots plus idle threads. Unbounded queues (queue management off)
+    /// count `WORKER_MAX_QUEUE_SIZE` as their bound, so a puller still holds
+    /// no more than that.
+    pub fn room(&self) -> [usize; 3] {
         if self.is_draining() {
-            return 0;
+            return [0; 3];
         }
         let bound = self.shared.settings.max_queue_size;
-        self.pool_stats()
-            .iter()
-            .map(|p| {
-                let idle = p.threads.saturating_sub(p.active);
-                idle + p.capacity.unwrap_or(bound).saturating_sub(p.queued)
-            })
-            .sum()
+        self.pool_stats().map(|p| {
+            let idle = p.threads.saturating_sub(p.active);
+            idle + p.capacity.unwrap_or(bound).saturating_sub(p.queued)
+        })
     }
 
     /// Live per-pool numbers.

@@ -247,6 +247,7 @@ fn take(s: &Shared, msg: Message) {
         }
     };
     let id = a.assignment_id.clone();
+    s.note_pool(a.pool);
     {
         let mut hand = s.hand();
         if let Some(held) = hand.get_mut(&id).and_then(|e| e.js.as_mut()) {

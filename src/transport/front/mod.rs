@@ -37,6 +37,8 @@ use std::time::{Duration, Instant};
 pub const RESULT_BUFFER: usize = 10_000;
 /// How long the drain waits for buffered results, PubAcks and ACKs.
 const FINISH_LIMIT: Duration = Duration::from_secs(5);
+/// Assignments the pool mix remembers (halved beyond it).
+const POOL_MIX_WINDOW: u32 = 256;
 /// Poll slice of the front's threads (how fast they see a stop).
 const SLICE: Duration = Duration::from_millis(50);
 
@@ -99,6 +101,8 @@ pub(crate) struct Shared {
     next_token: AtomicU64,
     /// Reply prefix of PubAcks (`<inbox>.`).
     puback_prefix: String,
+    /// Recent assignments per pool (decayed), to weigh the pools' room.
+    pool_mix: Mutex<[u32; 3]>,
 }
 
 /// The NATS front: start it after the engine, stop it around the engine's shutdown.
@@ -161,6 +165,7 @@ impl Front {
             pubacks: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
             puback_prefix,
+            pool_mix: Mutex::new([0; 3]),
         });
         Ok(FrontSink(shared))
     }
@@ -277,6 +282,21 @@ impl Front {
         self.shared.client.drain(Duration::from_secs(2));
         self.shared.observer.connected(false);
     }
+}
+
+/// How many more assignments fit if they arrive in the proportions of `mix`:
+/// the scarcest pool, scaled by its share. No history yet: the sum.
+fn weighted_room(room: [usize; 3], mix: [u32; 3]) -> usize {
+    let total: u64 = mix.iter().map(|m| u64::from(*m)).sum();
+    if total == 0 {
+        return room.iter().sum();
+    }
+    room.iter()
+        .zip(mix)
+        .filter(|(_, m)| *m > 0)
+        .map(|(r, m)| (*r as u64 * total / u64::from(m)) as usize)
+        .min()
+        .unwrap_or(0)
 }
 
 /// The stand-in for a result larger than the server's `max_payload`: the
@@ -667,11 +687,42 @@ impl Shared {
     }
 
     /// Free room for more work from NATS, counting what is held unanswered.
+    /// A message's pool is known only once it is read, so the per-pool room
+    /// is weighed by the pools recent assignments went to: with cpu-only
+    /// work, the io pool's idle threads do not invite more of it.
     fn room(&self) -> usize {
         let Some(engine) = self.engine() else {
             return 0;
         };
         let held = self.hand().len();
-        engine.room().min(RESULT_BUFFER.saturating_sub(held))
+        let mix = *self.pool_mix.lock().unwrap_or_else(|p| p.into_inner());
+        weighted_room(engine.room(), mix).min(RESULT_BUFFER.saturating_sub(held))
+    }
+
+    /// Counts an assignment towards the pool mix (recent ones weigh most).
+    fn note_pool(&self, pool: crate::contract::PoolKind) {
+        let mut mix = self.pool_mix.lock().unwrap_or_else(|p| p.into_inner());
+        mix[pool.index()] += 1;
+        if mix.iter().sum::<u32>() > POOL_MIX_WINDOW {
+            for m in mix.iter_mut() {
+                *m /= 2;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::weighted_room;
+
+    #[test]
+    fn room_follows_the_pool_mix() {
+        // No history: every pool's room counts.
+        assert_eq!(weighted_room([0, 12, 5], [0, 0, 0]), 17);
+        // cpu-only work: a full cpu pool means no room, idle io threads or not.
+        assert_eq!(weighted_room([0, 12, 5], [100, 0, 0]), 0);
+        assert_eq!(weighted_room([3, 12, 5], [100, 0, 0]), 3);
+        // Half cpu, half io: twice the scarcer pool's room.
+        assert_eq!(weighted_room([3, 12, 5], [50, 50, 0]), 6);
     }
 }
