@@ -733,3 +733,47 @@ fn submit_prints_every_answer_and_exits_0_or_1_after_the_timeout() {
     );
     assert!(stderr.contains("21 of 21 answered"), "{stderr}");
 }
+
+#[test]
+fn jetstream_redelivered_retained_assignment_is_republished_not_rerun() {
+    let server = NatsServer::start();
+    let c = client(&server.url());
+    let results = sub(&c, RESULTS);
+    let js = JetStream::new(c.clone(), Duration::from_secs(5));
+    let w = worker(&server.url(), "jetstream", &[]);
+    wait_js_setup(&js);
+    let a = echo("again-1");
+    js_publish(&js, std::slice::from_ref(&a));
+    let first = collect(&results, Duration::from_secs(10), |m| !m.is_empty());
+    assert_eq!(first.len(), 1);
+    wait_stream(&js, "CAF_ASSIGN", 0, Duration::from_secs(5));
+    // The router sends it again (another stream message, same assignment_id).
+    js.publish(
+        ASSIGN,
+        &Headers::new(),
+        a.to_string().as_bytes(),
+        Some("again-1-resent"),
+    )
+    .unwrap();
+    let second = collect(&results, Duration::from_secs(10), |m| !m.is_empty());
+    assert_eq!(second.len(), 1, "the retained result is published again");
+    // The same result, not a new run: same timestamp, accepted once.
+    assert_eq!(body(&second[0]), body(&first[0]));
+    assert_eq!(
+        metric(
+            &w,
+            "worker_assignments_total{outcome=\"accepted\",reason=\"\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &w,
+            "worker_nats_messages_total{direction=\"out\",kind=\"result\"}"
+        ),
+        Some(2.0)
+    );
+    // Acknowledged; the result stream still holds one result.
+    wait_stream(&js, "CAF_ASSIGN", 0, Duration::from_secs(5));
+    wait_stream(&js, "CAF_RESULTS", 1, Duration::from_secs(5));
+}
