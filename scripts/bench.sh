@@ -11,6 +11,10 @@
 #   6. parking: echo steps/s under a mixed load (one third fail once and
 #      retry after a backoff) against plain echo; the issue-14 scenario;
 #      RSS per parked human.approval
+#   7. NATS (SPEC §13): the raw round trip of the project's client through a
+#      local nats-server (examples/nats_raw_bench, no engine), core mode and
+#      JetStream mode end to end (`caf-worker submit` publishing debug.echo and
+#      counting results), and one worker against two on debug.sleep steps
 # then writes the figures with machine details into docs/BENCHMARKS.md
 # (between the GENERATED markers; the notes around them are kept) and prints
 # a short table. All traffic stays on 127.0.0.1; every process started here
@@ -22,7 +26,10 @@
 #   BENCH_CP1_BACKLOG (100000), BENCH_WRK_SECS (10), BENCH_ROUNDS (3),
 #   BENCH_SQL_STEPS (100000), BENCH_SQL_ROWS (100000), BENCH_SQL_THREADS (1),
 #   BENCH_MIX_STEPS (90000), BENCH_APPROVALS (10000),
-#   BENCH_DOC (docs/BENCHMARKS.md; "-" to skip writing it).
+#   BENCH_DOC (docs/BENCHMARKS.md; "-" to skip writing it),
+#   BENCH_NATS_CORE (100000), BENCH_NATS_JS (20000), BENCH_NATS_SLEEP (400
+#   debug.sleep steps of 25 ms), BENCH_ONLY (unset: everything; "nats": only
+#   section 6, whose rows then replace the NATS rows of docs/BENCHMARKS.md).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,6 +53,12 @@ SQL_THREADS="${BENCH_SQL_THREADS:-1}"
 MIX_STEPS="${BENCH_MIX_STEPS:-90000}"
 APPROVALS="${BENCH_APPROVALS:-10000}"
 DOC="${BENCH_DOC:-$ROOT/docs/BENCHMARKS.md}"
+NATS_CORE="${BENCH_NATS_CORE:-100000}"
+NATS_JS="${BENCH_NATS_JS:-20000}"
+NATS_SLEEP="${BENCH_NATS_SLEEP:-400}"
+ONLY="${BENCH_ONLY:-}"
+[[ -z "$ONLY" || "$ONLY" == nats ]] || { echo "bench.sh: BENCH_ONLY must be empty or nats" >&2; exit 2; }
+RAW_NATS="$TARGET_DIR/release/examples/nats_raw_bench"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -96,6 +109,7 @@ command -v wrk >/dev/null 2>&1 || need_pkgs+=(wrk)
 [[ -x /usr/bin/time ]] || need_pkgs+=(time)
 command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
+command -v nats-server >/dev/null 2>&1 || need_pkgs+=(nats-server)
 if ((${#need_pkgs[@]})); then
     command -v apt-get >/dev/null 2>&1 || die "missing ${need_pkgs[*]} and no apt-get"
     log "installing ${need_pkgs[*]}"
@@ -106,7 +120,7 @@ fi
 
 # --- build ----------------------------------------------------------------------
 log "building release binary and bench examples (CARGO_TARGET_DIR=$TARGET_DIR)"
-cargo build --release --quiet --bin caf-worker --example bench_upstream --example bench_client --example bench_sql
+cargo build --release --quiet --bin caf-worker --example bench_upstream --example bench_client --example bench_sql --example nats_raw_bench
 [[ -x "$BIN" && -x "$UPSTREAM" && -x "$CLIENT" && -x "$SQLBENCH" ]] || die "build did not produce the binaries"
 
 # --- helpers --------------------------------------------------------------------
@@ -163,8 +177,9 @@ R="$TMP/results.env"
 : >"$R"
 rec() { printf '%s=%s\n' "$1" "$2" >>"$R"; }
 
+if [[ "$ONLY" != nats ]]; then
 # --- 1. engine throughput -------------------------------------------------------
-log "1/7 engine: $ROUNDS× interleaved runs of $ECHO_STEPS debug.echo steps, metrics off/on"
+log "1/8 engine: $ROUNDS× interleaved runs of $ECHO_STEPS debug.echo steps, metrics off/on"
 ECHO_FILE="$TMP/echo.jsonl"
 awk -v n="$ECHO_STEPS" 'BEGIN { for (i = 1; i <= n; i++)
     printf "{\"version\":\"1\",\"assignment_id\":\"echo-%d\",\"request_id\":\"req-%d\",\"tenant_id\":\"bench\",\"job\":{\"type\":\"debug.echo\",\"payload\":{\"n\":%d}}}\n", i, i, i }' >"$ECHO_FILE"
@@ -238,7 +253,7 @@ wrk_run() { # wrk_run URL THREADS CONNS SECS [LUA] -> BENCH line
     }
 }
 
-log "2/7 ingress: wrk ${WRK_SECS}s of POST /api/v1/assignments (CP1, debug.echo)"
+log "2/8 ingress: wrk ${WRK_SECS}s of POST /api/v1/assignments (CP1, debug.echo)"
 start_serve
 line="$(BENCH_KIND=echo wrk_run "http://$INGRESS/api/v1/assignments" 2 32 "$WRK_SECS" "$WRK_LUA")"
 reqs="$(kv requests "$line")"; bad="$(kv status_errors "$line")"; dur="$(kv duration_us "$line")"
@@ -247,7 +262,7 @@ rec INGRESS_NON2XX "$bad"
 rec INGRESS_P99_US "$(kv p99_us "$line")"
 stop_pid "$SERVE_PID"
 
-log "2/7 ingress: queue_full rejection latency (CP2 queue of 1, one cpu thread busy)"
+log "2/8 ingress: queue_full rejection latency (CP2 queue of 1, one cpu thread busy)"
 start_serve CP2_QUEUE_MANAGEMENT_ENABLED=1 WORKER_MAX_QUEUE_SIZE=1 WORKER_CPU_POOL_SIZE=1
 [[ "$(post "$INGRESS" "$(blocker block-run cpu)")" == 202 ]] || die "blocker not accepted"
 sleep 0.2
@@ -267,7 +282,7 @@ rec REJECT_SEQ_P99_US "$(kv p99_us "$line")"
 stop_pid "$SERVE_PID"
 
 # --- 3. http.request steps vs the raw upstream ----------------------------------
-log "3/7 http: $HTTP_STEPS http.request steps with WORKER_IO_POOL_SIZE=$IO_POOL vs wrk -c$IO_POOL"
+log "3/8 http: $HTTP_STEPS http.request steps with WORKER_IO_POOL_SIZE=$IO_POOL vs wrk -c$IO_POOL"
 "$UPSTREAM" 127.0.0.1:0 256 600 >"$TMP/upstream.addr" 2>"$TMP/upstream.err" &
 UP_PID=$!
 PIDS+=("$UP_PID")
@@ -320,7 +335,7 @@ else
     rec HTTP_WORKER_HOST 0
 fi
 
-log "4/7 sql: $SQL_STEPS point-query sql.query steps on a $SQL_ROWS-row table (io pool $SQL_THREADS) vs plain rusqlite ($SQL_THREADS threads)"
+log "4/8 sql: $SQL_STEPS point-query sql.query steps on a $SQL_ROWS-row table (io pool $SQL_THREADS) vs plain rusqlite ($SQL_THREADS threads)"
 mkdir -p "$TMP/sql"
 "$SQLBENCH" make "$TMP/sql/bench.db" "$SQL_ROWS"
 "$SQLBENCH" steps bench "$SQL_ROWS" "$SQL_STEPS" >"$TMP/sql.jsonl"
@@ -347,7 +362,7 @@ rec SQL_PLAIN_ALL "$(IFS=,; echo "${sql_plain_rates[*]}")"
 rec SQL_WORKER_ALL "$(IFS=,; echo "${sql_worker_rates[*]}")"
 
 # --- 4. memory under backlog ----------------------------------------------------
-log "5/7 memory: CP2 queues full at 1000 per pool, then CP1 with $CP1_BACKLOG queued"
+log "5/8 memory: CP2 queues full at 1000 per pool, then CP1 with $CP1_BACKLOG queued"
 warm_up() { "$CLIENT" submit "$INGRESS" 2000 16 invalid - warm 60 >/dev/null || true; }
 # fill COUNT CONNS KIND CLASSES PREFIX SECS: warms the ingress up, then submits
 # with bench_client; sets FILL_N (accepted), FILL_LINE and the RSS around it.
@@ -387,14 +402,14 @@ rec CP1_SUBMIT_PER_S "$(kv rate "$line")"
 stop_pid "$SERVE_PID"
 
 # --- 5. start-up and size -------------------------------------------------------
-log "6/7 start-up to /readyz 200 (9 runs) and binary size"
+log "6/8 start-up to /readyz 200 (9 runs) and binary size"
 line="$("${WENV[@]}" "$CLIENT" startup "$BIN" 9)"
 rec STARTUP_MS "$(kv median_ms "$line")"
 rec STARTUP_ALL_MS "$(kv runs_ms "$line")"
 rec BINARY_BYTES "$(stat -c %s "$BIN")"
 
 # --- 6. parking -----------------------------------------------------------------
-log "7/7 parking: $ROUNDS× mixed load (1/3 fail once, 100 ms backoff) vs plain echo; 400 × 1 s backoffs + 20,000 echoes; RSS per parked approval"
+log "7/8 parking: $ROUNDS× mixed load (1/3 fail once, 100 ms backoff) vs plain echo; 400 × 1 s backoffs + 20,000 echoes; RSS per parked approval"
 MIX_FILE="$TMP/mix.jsonl"
 MIX_PLAIN_FILE="$TMP/mix-plain.jsonl"
 # The same echo steps in both files; the mix adds one fail-once step per two echoes.
@@ -478,6 +493,94 @@ rec APPROVALS_RSS_AFTER_KB "$after"
 rec APPROVALS_THREADS "$(awk '/^Threads:/ {print $2}' "/proc/$SERVE_PID/status")"
 rec BYTES_PER_APPROVAL "$(((after - before) * 1024 / parked))"
 stop_pid "$SERVE_PID"
+fi
+
+# --- 6. NATS --------------------------------------------------------------------
+log "8/8 NATS: raw client round trip, core ($NATS_CORE) and JetStream ($NATS_JS) end to end, 1 vs 2 workers"
+NATS_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+NATS_URL="nats://127.0.0.1:$NATS_PORT"
+nats-server -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$TMP/nats-store" >"$TMP/nats-server.log" 2>&1 &
+NATS_PID=$!
+PIDS+=("$NATS_PID")
+for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break
+    sleep 0.05
+done
+(exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null || { cat "$TMP/nats-server.log" >&2; die "nats-server did not start"; }
+nats_lines() { # nats_lines PREFIX N JOB PAYLOAD -> JSON Lines file path
+    local f="$TMP/nats-$1.jsonl"
+    awk -v n="$2" -v p="$1" -v job="$3" -v payload="$4" 'BEGIN { for (i = 1; i <= n; i++)
+        printf "{\"version\":\"1\",\"assignment_id\":\"%s-%d\",\"request_id\":\"req-%d\",\"tenant_id\":\"bench\",\"job\":{\"type\":\"%s\",\"payload\":%s}}\n", p, i, i, job, payload }' >"$f"
+    echo "$f"
+}
+# Starts a NATS worker (ingress off); waits until it says it is connected.
+NATS_WORKERS=()
+start_nats_worker() {
+    local errlog="$TMP/nats-worker.$RANDOM.err"
+    "${WENV[@]}" WORKER_INGRESS_ADDR=off WORKER_NATS_URL="$NATS_URL" "$@" "$BIN" serve >/dev/null 2>"$errlog" &
+    local pid=$!
+    PIDS+=("$pid")
+    NATS_WORKERS+=("$pid")
+    for _ in $(seq 1 200); do
+        grep -q 'nats: connected' "$errlog" 2>/dev/null && grep -q 'listening' "$errlog" && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    grep -q 'nats: connected' "$errlog" || { cat "$errlog" >&2; die "NATS worker did not connect"; }
+}
+stop_nats_workers() {
+    local p
+    for p in "${NATS_WORKERS[@]}"; do stop_pid "$p"; done
+    NATS_WORKERS=()
+}
+# submit MODE FILE -> "answered secs rate" (from its summary line)
+nats_submit() {
+    local out
+    out="$(timeout 300 "$BIN" submit --nats "$NATS_URL" --mode "$1" --quiet --timeout-ms 20000 "$2" 2>&1 >/dev/null)" ||
+        { echo "$out" >&2; die "submit ($1) did not get every answer"; }
+    sed -n 's/.*submit: \([0-9]*\) of [0-9]* answered in \([0-9.]*\) s (\([0-9]*\)\/s).*/\1 \2 \3/p' <<<"$out"
+}
+
+ASSIGN_BYTES="$(head -c 4000 "$(nats_lines size 1 debug.echo '{"n":1}')" | wc -c)"
+if [[ -x "$RAW_NATS" ]]; then
+    line="$("$RAW_NATS" "$NATS_URL" "$NATS_CORE" "$ASSIGN_BYTES" echo)"
+    rec NATS_RAW "$(kv rate "$line")"
+    log "  raw client echo round trip: $(kv rate "$line") msg/s"
+else
+    rec NATS_RAW 0
+    log "  examples/nats_raw_bench.rs missing: no raw baseline"
+fi
+
+start_nats_worker WORKER_NATS_MODE=core
+read -r answered secs rate < <(nats_submit core "$(nats_lines core "$NATS_CORE" debug.echo '{"n":1}')")
+rec NATS_CORE_RATE "$rate"
+log "  core: $answered answered in $secs s = $rate/s"
+stop_nats_workers
+
+start_nats_worker WORKER_NATS_MODE=jetstream
+read -r answered secs rate < <(nats_submit jetstream "$(nats_lines js "$NATS_JS" debug.echo '{"n":1}')")
+rec NATS_JS_RATE "$rate"
+log "  jetstream: $answered answered in $secs s = $rate/s"
+stop_nats_workers
+
+# Load sharing: debug.sleep on the cpu pool (4 threads), small queues so a
+# worker holds little; distinct ids per run (the stream de-duplicates ids).
+for workers in 1 2; do
+    for _ in $(seq 1 "$workers"); do
+        start_nats_worker WORKER_NATS_MODE=jetstream WORKER_MAX_QUEUE_SIZE=4
+    done
+    read -r answered secs rate < <(nats_submit jetstream "$(nats_lines "sleep$workers" "$NATS_SLEEP" debug.sleep '{"ms":25}')")
+    rec "NATS_SLEEP_${workers}_SECS" "$secs"
+    log "  $workers worker(s), $NATS_SLEEP × debug.sleep 25 ms: $secs s"
+    stop_nats_workers
+done
+stop_pid "$NATS_PID"
+rec NATS_CORE_N "$NATS_CORE"
+rec NATS_JS_N "$NATS_JS"
+rec NATS_SLEEP_N "$NATS_SLEEP"
+rec NATS_ASSIGN_BYTES "$ASSIGN_BYTES"
+rec NATS_SERVER_VERSION "$(nats-server --version 2>&1 | head -n 1)"
+rec ONLY "$ONLY"
 
 # --- report ---------------------------------------------------------------------
 # CPU that other processes used while we measured: machine busy time minus ours.
@@ -520,6 +623,45 @@ doc = sys.argv[2]
 
 f = lambda k: float(res[k])
 n = lambda x: f"{x:,.0f}"
+raw = f("NATS_RAW")
+ratio = lambda k: f" = {f(k) / raw * 100:.0f} % of raw" if raw > 0 else " (no raw baseline)"
+speedup = f("NATS_SLEEP_1_SECS") / max(f("NATS_SLEEP_2_SECS"), 1e-9)
+nats_rows = [
+    ("NATS raw round trip (own client, echo through nats-server, no engine)",
+     f"{n(raw)} msg/s" if raw > 0 else "not measured (examples/nats_raw_bench.rs missing)", "", None),
+    (f"NATS core end to end ({n(f('NATS_CORE_N'))} debug.echo)", f"{n(f('NATS_CORE_RATE'))} /s{ratio('NATS_CORE_RATE')}",
+     "≥ 50,000 /s and ≥ 50 % of raw",
+     f("NATS_CORE_RATE") >= 50_000 and raw > 0 and f("NATS_CORE_RATE") / raw >= 0.5),
+    (f"NATS JetStream end to end ({n(f('NATS_JS_N'))} debug.echo)", f"{n(f('NATS_JS_RATE'))} /s{ratio('NATS_JS_RATE')}",
+     "≥ 10,000 /s", f("NATS_JS_RATE") >= 10_000),
+    (f"NATS load sharing ({n(f('NATS_SLEEP_N'))} × debug.sleep 25 ms, JetStream)",
+     f"1 worker {f('NATS_SLEEP_1_SECS'):.2f} s, 2 workers {f('NATS_SLEEP_2_SECS'):.2f} s = {speedup:.2f}×", "", None),
+]
+nats_detail = (f"- NATS: a local `{res['NATS_SERVER_VERSION']}` with `-js` (file store in a temp dir). Raw: "
+               f"`examples/nats_raw_bench URL {res['NATS_CORE_N']} {res['NATS_ASSIGN_BYTES']} echo` — one client "
+               f"publishes, a second re-publishes every message to a reply subject, a third counts them (the shape "
+               f"of core mode, no engine). End to end: `caf-worker serve` with `WORKER_INGRESS_ADDR=off` and "
+               f"`caf-worker submit --quiet` publishing {res['NATS_ASSIGN_BYTES']}-byte debug.echo assignments and "
+               f"counting results and Acks on its own subscriptions; the rate is answers per second from the first "
+               f"publish to the last answer (core: `submit` keeps at most 4,096 assignments ahead of their answers, as "
+               f"core NATS drops what a busy subscriber cannot hold; JetStream: publishes with `Nats-Msg-Id` and "
+               f"PubAck, results PubAcked before the ACK). Load sharing: the same JetStream flow with `WORKER_MAX_QUEUE_SIZE=4` and the "
+               f"default cpu pool (4 threads) on one worker, then on two.")
+if "ENGINE_PLAIN" not in res:
+    # BENCH_ONLY=nats: replace the NATS rows and detail of the existing report.
+    verdict = lambda ok: "—" if ok is None else ("met" if ok else "MISSED")
+    for name, value, target, ok in nats_rows:
+        print(f"{name}  {value}  {target}  {verdict(ok)}")
+    if doc == "-":
+        sys.exit(0)
+    lines = [l for l in open(doc).read().split("\n") if not l.startswith("| NATS ") and not l.startswith("- NATS:")]
+    at = max(i for i, l in enumerate(lines) if l.startswith("| ") and "|---" not in l and i < lines.index("### Details")) + 1
+    lines[at:at] = [f"| {a} | {b} | {c or '—'} | {verdict(d)} |" for a, b, c, d in nats_rows]
+    end = lines.index("<!-- END GENERATED -->")
+    lines[end:end] = [nats_detail + f" (measured on its own with `BENCH_ONLY=nats` at commit {res['COMMIT']}, {res['DATE']})"]
+    open(doc, "w").write("\n".join(lines))
+    print(f"updated the NATS rows of {doc}")
+    sys.exit(0)
 overhead = f("ENGINE_PLAIN") / f("ENGINE_METRICS") - 1
 cpu_overhead = f("ENGINE_METRICS_CPU_US") / f("ENGINE_PLAIN_CPU_US") - 1
 http_ratio = f("HTTP_WORKER") / f("HTTP_RAW")
@@ -566,7 +708,7 @@ rows = [
     ("Start-up to /readyz 200 (median of 9)", f"{f('STARTUP_MS'):.1f} ms", "≤ 50 ms", f("STARTUP_MS") <= 50),
     ("Release binary size", f"{f('BINARY_BYTES') / 1048576:.2f} MiB ({n(f('BINARY_BYTES'))} B)", "≤ 8 MiB",
      f("BINARY_BYTES") <= 8 * 1048576),
-]
+] + nats_rows
 verdict = lambda ok: "—" if ok is None else ("met" if ok else "MISSED")
 
 # Terminal table.
@@ -653,6 +795,7 @@ md.append(f"- Parking: `caf-worker run` with CP2 retry and timeouts on, 4 cpu th
 md.append(f"- Start-up: `bench_client startup` spawns `caf-worker serve` and polls GET `/readyz` every "
           f"0.1 ms until 200; runs (ms): {res['STARTUP_ALL_MS']}.")
 md.append("- Binary: `$CARGO_TARGET_DIR/release/caf-worker` (release profile: thin LTO, symbols stripped).")
+md.append(nats_detail)
 block = "\n".join(md) + "\n"
 
 BEGIN, END = "<!-- BEGIN GENERATED: scripts/bench.sh -->", "<!-- END GENERATED -->"

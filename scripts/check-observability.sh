@@ -7,7 +7,7 @@
 #                                         $instance filters, $__rate_interval,
 #                                         histogram_quantile form, PromQL syntax
 #   docs/runbooks.md                      a heading for every runbook_url anchor
-# and that both files use only the metric names SPEC §9 lists (plus `up` in alerts).
+# and that both files use only the metric names SPEC §9 and §13.5 list (plus `up` in alerts).
 #
 # Usage: scripts/check-observability.sh [--names-out FILE]
 #   --names-out FILE  write the metric names used by dashboard and alerts, one per
@@ -87,13 +87,17 @@ def err(msg):
 COUNTERS = ["worker_step_executions_total", "worker_step_errors_total",
             "worker_assignments_total", "worker_step_retries_total",
             "worker_retry_budget_denied_total", "worker_timeouts_total",
-            "worker_approval_decisions_total"]
+            "worker_approval_decisions_total",
+            # SPEC §13.5 (NATS transport)
+            "worker_nats_reconnects_total", "worker_nats_messages_total",
+            "worker_jetstream_acks_total"]
 HISTOGRAMS = ["worker_step_execution_duration_seconds",
               "worker_flow_execution_duration_seconds", "worker_queue_wait_seconds"]
 GAUGES = ["worker_queue_depth", "worker_active_tasks", "worker_health_status",
           "worker_queue_capacity", "worker_pool_threads",
           "worker_fs_abandoned_operations", "worker_build_info",
-          "worker_retries_waiting", "worker_approvals_pending"]
+          "worker_retries_waiting", "worker_approvals_pending",
+          "worker_nats_connected", "worker_nats_publish_buffered"]
 # Ours, beyond SPEC §9 (docs/SPEC.md §12.14).
 COUNTERS += ["worker_step_http_errors_total"]
 ALLOWED = set(COUNTERS) | set(GAUGES) | {

@@ -24,6 +24,8 @@ command -v mkfifo >/dev/null 2>&1 || apt_install coreutils
 # script(1) gives `run` a pseudo-terminal for its progress line.
 command -v curl >/dev/null 2>&1 || apt_install curl ca-certificates
 command -v script >/dev/null 2>&1 || apt_install bsdutils
+command -v nats-server >/dev/null 2>&1 || apt_install nats-server
+command -v openssl >/dev/null 2>&1 || apt_install openssl
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

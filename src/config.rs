@@ -77,6 +77,21 @@ keys! {
     "metrics_max_tenants", "WORKER_METRICS_MAX_TENANTS", Some("100"), "tenant_id label values before _other";
     "log", "RUST_LOG", Some("info"), "log filter (env_logger syntax)";
     "log_format", "WORKER_LOG_FORMAT", Some("json"), "json or text";
+    "nats_url", "WORKER_NATS_URL", None, "NATS server URL(s), comma-separated; enables the NATS front (SPEC §13)";
+    "nats_mode", "WORKER_NATS_MODE", Some("jetstream"), "jetstream (at-least-once) or core (at-most-once)";
+    "nats_assign_subject", "WORKER_NATS_ASSIGN_SUBJECT", Some("caf.exec.assign.v1"), "assignments in";
+    "nats_ack_subject", "WORKER_NATS_ACK_SUBJECT", Some("caf.exec.assign.v1.ack"), "Acks out";
+    "nats_result_subject", "WORKER_NATS_RESULT_SUBJECT", Some("caf.exec.result.v1"), "ExecResults out";
+    "nats_heartbeat_subject", "WORKER_NATS_HEARTBEAT_SUBJECT", Some("caf.worker.heartbeat.v1"), "heartbeats out";
+    "nats_dlq_subject", "WORKER_NATS_DLQ_SUBJECT", Some("caf.exec.dlq.v1"), "undecodable/invalid assignments";
+    "nats_queue_group", "WORKER_NATS_QUEUE_GROUP", Some("caf-workers"), "core mode queue group";
+    "nats_stream", "WORKER_NATS_STREAM", Some("CAF_ASSIGN"), "JetStream stream of assignments";
+    "nats_result_stream", "WORKER_NATS_RESULT_STREAM", Some("CAF_RESULTS"), "JetStream stream of results";
+    "nats_consumer", "WORKER_NATS_CONSUMER", Some("caf-workers"), "durable pull consumer shared by all workers";
+    "nats_ack_wait_ms", "WORKER_NATS_ACK_WAIT_MS", Some("30000"), "consumer ack_wait when the worker creates it";
+    "nats_max_deliver", "WORKER_NATS_MAX_DELIVER", Some("5"), "consumer max_deliver when the worker creates it";
+    "nats_ca_file", "WORKER_NATS_CA_FILE", None, "extra root certificate (PEM) for tls:// NATS servers";
+    "heartbeat_interval_ms", "WORKER_HEARTBEAT_INTERVAL_MS", Some("5000"), "NATS heartbeat period";
 }
 
 /// The CP2 feature flags (SPEC §2), read once at start-up.
@@ -132,8 +147,8 @@ pub struct Settings {
     pub pool_sizes: [usize; 3],
     /// Per-pool queue bound with queue management on.
     pub max_queue_size: usize,
-    /// Assignment API.
-    pub ingress_addr: SocketAddr,
+    /// Assignment API; `None` with `WORKER_INGRESS_ADDR=off` (SPEC §13).
+    pub ingress_addr: Option<SocketAddr>,
     /// Health port.
     pub health_addr: SocketAddr,
     /// Metrics port.
@@ -202,6 +217,10 @@ pub struct Settings {
     pub metrics_detailed_labels: bool,
     /// Distinct tenant label values before `_other`.
     pub metrics_max_tenants: usize,
+    /// The NATS front (SPEC §13); `None` when `WORKER_NATS_URL` is unset.
+    pub nats: Option<NatsSettings>,
+    /// `WORKER_HEARTBEAT_INTERVAL_MS`.
+    pub heartbeat_interval: Duration,
     /// env_logger filter.
     pub log_filter: String,
     /// Log line format.
@@ -213,6 +232,78 @@ pub struct Settings {
     pub warnings: Vec<String>,
     /// The effective value and origin of every key, for the start-up log.
     pub effective: BTreeMap<&'static str, (String, Origin)>,
+}
+
+/// `WORKER_NATS_MODE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatsMode {
+    /// Durable pull consumer, at-least-once (the default).
+    JetStream,
+    /// Queue-group subscription, at-most-once.
+    Core,
+}
+
+impl NatsMode {
+    /// The setting's spelling (also the heartbeat's `mode`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NatsMode::JetStream => "jetstream",
+            NatsMode::Core => "core",
+        }
+    }
+}
+
+/// The NATS settings of SPEC §13.1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsSettings {
+    /// `WORKER_NATS_URL` as given (may hold credentials: never log it).
+    pub url: String,
+    /// Delivery mode.
+    pub mode: NatsMode,
+    /// Assignments in.
+    pub assign_subject: String,
+    /// Acks out.
+    pub ack_subject: String,
+    /// Results out.
+    pub result_subject: String,
+    /// Heartbeats out.
+    pub heartbeat_subject: String,
+    /// Invalid assignments out.
+    pub dlq_subject: String,
+    /// Core mode queue group.
+    pub queue_group: String,
+    /// JetStream stream of assignments.
+    pub stream: String,
+    /// JetStream stream of results.
+    pub result_stream: String,
+    /// Durable pull consumer.
+    pub consumer: String,
+    /// Consumer `ack_wait` when the worker creates it.
+    pub ack_wait: Duration,
+    /// Consumer `max_deliver` when the worker creates it.
+    pub max_deliver: i64,
+    /// Extra PEM root for TLS.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `url` with any `user:pass@`/`token@` part replaced by `[REDACTED]@`, for logs.
+pub fn redact_url_list(list: &str) -> String {
+    list.split(',')
+        .map(|u| {
+            let u = u.trim();
+            let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
+            let rest = match rest.rsplit_once('@') {
+                Some((_, host)) => format!("{}@{host}", crate::telemetry::REDACTED),
+                None => rest.to_owned(),
+            };
+            if scheme.is_empty() {
+                rest
+            } else {
+                format!("{scheme}://{rest}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Where a setting's value came from.
@@ -627,6 +718,80 @@ impl Reader {
         })
     }
 
+    /// A NATS subject to publish on: non-empty tokens, no spaces or wildcards.
+    fn subject(&self, name: &str) -> Result<String, ConfigError> {
+        let v = self.raw(name).unwrap_or("").trim();
+        let ok = !v.is_empty()
+            && v.len() <= 256
+            && v.split('.').all(|t| {
+                !t.is_empty() && t != "*" && t != ">" && !t.chars().any(|c| c.is_whitespace())
+            });
+        if ok {
+            Ok(v.to_owned())
+        } else {
+            Err(self.invalid(
+                name,
+                v,
+                "a NATS subject such as caf.exec.assign.v1 (dot-separated tokens, no spaces or wildcards)",
+            ))
+        }
+    }
+
+    /// A JetStream stream, consumer or queue-group name.
+    fn js_name(&self, name: &str) -> Result<String, ConfigError> {
+        let v = self.raw(name).unwrap_or("").trim();
+        let ok = !v.is_empty()
+            && v.len() <= 128
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if ok {
+            Ok(v.to_owned())
+        } else {
+            Err(self.invalid(name, v, "a name of 1..=128 letters, digits, '_' or '-'"))
+        }
+    }
+
+    fn nats(&self) -> Result<Option<NatsSettings>, ConfigError> {
+        let Some(url) = self.optional("nats_url") else {
+            return Ok(None);
+        };
+        let bad_url = url.split(',').map(str::trim).find(|u| {
+            let Some((scheme, rest)) = u.split_once("://") else {
+                return true;
+            };
+            let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+            !matches!(scheme, "nats" | "tls") || host.is_empty() || host.contains('/')
+        });
+        if let Some(u) = bad_url {
+            return Err(self.invalid(
+                "nats_url",
+                &redact_url_list(u),
+                "nats://[user:pass@ or token@]host:port (or tls://), comma-separated",
+            ));
+        }
+        let mode = match self.raw("nats_mode").unwrap_or("").trim() {
+            "jetstream" => NatsMode::JetStream,
+            "core" => NatsMode::Core,
+            other => return Err(self.invalid("nats_mode", other, "jetstream or core")),
+        };
+        Ok(Some(NatsSettings {
+            url,
+            mode,
+            assign_subject: self.subject("nats_assign_subject")?,
+            ack_subject: self.subject("nats_ack_subject")?,
+            result_subject: self.subject("nats_result_subject")?,
+            heartbeat_subject: self.subject("nats_heartbeat_subject")?,
+            dlq_subject: self.subject("nats_dlq_subject")?,
+            queue_group: self.js_name("nats_queue_group")?,
+            stream: self.js_name("nats_stream")?,
+            result_stream: self.js_name("nats_result_stream")?,
+            consumer: self.js_name("nats_consumer")?,
+            ack_wait: self.millis("nats_ack_wait_ms", 3_600_000)?,
+            max_deliver: self.int("nats_max_deliver", 1, 10_000)? as i64,
+            ca_file: self.optional("nats_ca_file").map(PathBuf::from),
+        }))
+    }
+
     fn optional(&self, name: &str) -> Option<String> {
         self.raw(name).filter(|v| !v.is_empty()).map(str::to_owned)
     }
@@ -689,7 +854,10 @@ impl Reader {
                 self.int("gpu_pool_size", 1, 1024)? as usize,
             ],
             max_queue_size: self.int("max_queue_size", 1, 10_000_000)? as usize,
-            ingress_addr: self.addr("ingress_addr")?,
+            ingress_addr: match self.raw("ingress_addr").map(str::trim) {
+                Some("off") => None,
+                _ => Some(self.addr("ingress_addr")?),
+            },
             health_addr: self.addr("health_addr")?,
             metrics_addr: self.addr("metrics_addr")?,
             max_long_polls: self.int("max_long_polls", 0, 14)? as usize,
@@ -726,6 +894,8 @@ impl Reader {
             strict_ids: self.boolean("strict_ids")?,
             metrics_detailed_labels: self.boolean("metrics_detailed_labels")?,
             metrics_max_tenants: self.int("metrics_max_tenants", 1, 1_000_000)? as usize,
+            nats: self.nats()?,
+            heartbeat_interval: self.millis("heartbeat_interval_ms", 3_600_000)?,
             log_filter,
             log_format,
             fs_root_on_demand: false,
@@ -747,6 +917,11 @@ impl Settings {
     pub fn effective_json(&self) -> serde_json::Value {
         let mut map = serde_json::Map::new();
         for (k, (v, origin)) in &self.effective {
+            let v = if *k == "nats_url" {
+                &redact_url_list(v)
+            } else {
+                v
+            };
             map.insert(
                 (*k).to_owned(),
                 serde_json::json!({"value": v, "origin": origin.as_str()}),
@@ -787,7 +962,12 @@ mod tests {
         assert_eq!(s.default_deadline, Duration::from_millis(30_000));
         assert_eq!(s.default_max_attempts, 4);
         assert_eq!(s.flags, Flags::default());
-        assert_eq!(s.ingress_addr.to_string(), "127.0.0.1:9090");
+        assert_eq!(
+            s.ingress_addr.map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1:9090")
+        );
+        assert_eq!(s.nats, None);
+        assert_eq!(s.heartbeat_interval, Duration::from_millis(5000));
         assert_eq!(s.fs_read_timeout, Duration::from_millis(5000));
         assert_eq!(s.result_retention_bytes, 268_435_456);
         assert_eq!(s.sql_root, PathBuf::from("./data/sql"));
@@ -877,6 +1057,51 @@ mod tests {
         assert_eq!(s.max_connections, 64);
         let e = load(&env(&[("WORKER_MAX_CONNECTIONS", "0")])).unwrap_err();
         assert!(e.to_string().contains("WORKER_MAX_CONNECTIONS"), "{e}");
+    }
+
+    #[test]
+    fn nats_settings_default_validate_and_redact() {
+        let s = load(&env(&[
+            (
+                "WORKER_NATS_URL",
+                "nats://u:pw@127.0.0.1:4222, tls://tok@h:4443",
+            ),
+            ("WORKER_INGRESS_ADDR", "off"),
+        ]))
+        .unwrap();
+        assert_eq!(s.ingress_addr, None);
+        let n = s.nats.clone().unwrap();
+        assert_eq!(n.mode, NatsMode::JetStream);
+        assert_eq!(n.assign_subject, "caf.exec.assign.v1");
+        assert_eq!(n.ack_subject, "caf.exec.assign.v1.ack");
+        assert_eq!(
+            (n.stream.as_str(), n.result_stream.as_str()),
+            ("CAF_ASSIGN", "CAF_RESULTS")
+        );
+        assert_eq!(
+            (n.ack_wait, n.max_deliver),
+            (Duration::from_millis(30_000), 5)
+        );
+        let text = s.effective_json().to_string();
+        assert!(!text.contains("pw") && !text.contains("tok@"), "{text}");
+        assert!(text.contains("127.0.0.1:4222"), "{text}");
+        for (k, v) in [
+            ("WORKER_NATS_URL", "http://x:1"),
+            ("WORKER_NATS_MODE", "push"),
+            ("WORKER_NATS_RESULT_SUBJECT", "a..b"),
+            ("WORKER_NATS_ASSIGN_SUBJECT", "a.*"),
+            ("WORKER_NATS_STREAM", "A.B"),
+            ("WORKER_NATS_ACK_WAIT_MS", "0"),
+            ("WORKER_NATS_MAX_DELIVER", "0"),
+            ("WORKER_HEARTBEAT_INTERVAL_MS", "x"),
+        ] {
+            let mut pairs = vec![("WORKER_NATS_URL", "nats://127.0.0.1:4222")];
+            pairs.push((k, v));
+            let e = load(&env(&pairs)).unwrap_err();
+            assert!(e.to_string().contains(k), "{e}");
+        }
+        let e = load(&env(&[("WORKER_NATS_URL", "nats://s3cret@")])).unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod server;
 pub mod sinks;
 pub mod telemetry;
 pub mod time;
+pub mod transport;
 
 pub use config::{Settings, Sources};
 pub use contract::{Ack, Assignment, ExecResult};

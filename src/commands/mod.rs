@@ -1,10 +1,11 @@
-//! The three commands (SPEC §1) and the command line that selects them.
+//! The commands (SPEC §1, plus `submit` for NATS) and the command line that selects them.
 //! `main.rs` only parses arguments and calls [`main`].
 
 mod input;
 mod progress;
 mod run;
 mod serve;
+mod submit;
 mod validate;
 
 use crate::config::{self, Sources};
@@ -59,6 +60,37 @@ enum Command {
         #[command(flatten)]
         exec: ExecArgs,
         /// Input file, or `-` for standard input.
+        #[arg(value_name = "FILE|-")]
+        input: String,
+    },
+    /// Publish a JSON Lines file of assignments on NATS and print each answer
+    /// (ExecResult, or a rejected Ack) on stdout as it arrives.
+    ///
+    /// Subscribes to the result and ack subjects first, then publishes every
+    /// line on the assign subject (JetStream: with `Nats-Msg-Id` and waiting
+    /// for PubAcks; the streams are created when missing). Exits 0 when every
+    /// line is answered, 1 when `--timeout-ms` passes without any answer.
+    /// Subjects and stream names follow the WORKER_NATS_* settings.
+    #[command(
+        after_help = "Example:\n  nats-server -js &\n  caf-worker serve --set nats_url=nats://127.0.0.1:4222 &\n  \
+caf-worker submit --nats nats://127.0.0.1:4222 examples/quickstart.jsonl"
+    )]
+    Submit {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// NATS server URL(s), comma-separated [env: WORKER_NATS_URL].
+        #[arg(long, value_name = "URL")]
+        nats: Option<String>,
+        /// `core` or `jetstream` [env: WORKER_NATS_MODE; default: jetstream].
+        #[arg(long, value_name = "MODE")]
+        mode: Option<String>,
+        /// Give up after this many milliseconds without any answer.
+        #[arg(long, value_name = "MS", default_value_t = 30_000)]
+        timeout_ms: u64,
+        /// Print only the summary line (stderr), not every answer.
+        #[arg(long)]
+        quiet: bool,
+        /// JSON Lines file of assignments, or `-` for standard input.
         #[arg(value_name = "FILE|-")]
         input: String,
     },
@@ -218,6 +250,9 @@ pub fn main(cli: Cli) -> i32 {
             config.sources(extra)
         }
         Command::Validate { config, .. } => config.sources(Vec::new()),
+        Command::Submit {
+            config, nats, mode, ..
+        } => config.sources(vec![("nats_url", nats), ("nats_mode", mode)]),
     };
     let command = &cli.command;
     let settings = match sources.and_then(|s| config::load(&s)) {
@@ -227,7 +262,18 @@ pub fn main(cli: Cli) -> i32 {
             return EXIT_USAGE;
         }
     };
-    crate::telemetry::logging::init(&settings.log_filter, settings.log_format);
+    // `submit` is an interactive tool: only warnings unless RUST_LOG says otherwise.
+    let quiet_default = matches!(command, Command::Submit { .. })
+        && settings
+            .effective
+            .get("log")
+            .is_some_and(|(_, origin)| *origin == config::Origin::Default);
+    let filter = if quiet_default {
+        "warn"
+    } else {
+        &settings.log_filter
+    };
+    crate::telemetry::logging::init(filter, settings.log_format);
     crate::telemetry::logging::install_panic_hook();
     for w in &settings.warnings {
         log::warn!("{w}");
@@ -236,5 +282,18 @@ pub fn main(cli: Cli) -> i32 {
         Command::Serve { .. } => serve::serve(settings),
         Command::Run { input, .. } => run::run(settings, input),
         Command::Validate { input, .. } => validate::validate(&settings, input),
+        Command::Submit {
+            input,
+            timeout_ms,
+            quiet,
+            ..
+        } => submit::submit(
+            &settings,
+            &submit::SubmitArgs {
+                input: input.clone(),
+                idle_timeout: std::time::Duration::from_millis(*timeout_ms),
+                quiet: *quiet,
+            },
+        ),
     }
 }

@@ -4,8 +4,12 @@ use super::validate::intake_rules;
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use crate::config::Settings;
 use crate::engine::{Engine, ResultSink, ShutdownReport};
-use crate::server::{Auth, Health, HttpPort, Ingress, MetricsEndpoint, PROBE_RESERVE, PortLimits};
+use crate::server::{
+    Auth, ExtraCheck, Health, HttpPort, Ingress, MetricsEndpoint, PROBE_RESERVE, PortLimits,
+};
 use crate::sinks::JsonLinesFile;
+use crate::telemetry::{NoopTransportObserver, TransportObserver};
+use crate::transport::front::Front;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -121,10 +125,31 @@ pub fn serve(settings: Settings) -> i32 {
         Some(m) => m.clone(),
         None => Arc::new(crate::engine::NoopObserver),
     };
-    let sinks: Vec<Arc<dyn ResultSink>> = results_file
+    let mut sinks: Vec<Arc<dyn ResultSink>> = results_file
         .iter()
         .map(|f| f.clone() as Arc<dyn ResultSink>)
         .collect();
+    // The NATS client connects in the background (an unreachable server is
+    // not fatal); its sink must exist before the engine starts.
+    let front_sink = match &settings.nats {
+        None => None,
+        Some(n) => {
+            let observer: Arc<dyn TransportObserver> = match &metrics {
+                Some(m) => m.clone(),
+                None => Arc::new(NoopTransportObserver),
+            };
+            match Front::connect(&settings, n, observer) {
+                Ok(sink) => Some(Arc::new(sink)),
+                Err(e) => {
+                    eprintln!("caf-worker: invalid WORKER_NATS_URL: {e}");
+                    return EXIT_USAGE;
+                }
+            }
+        }
+    };
+    if let Some(sink) = &front_sink {
+        sinks.push(sink.clone());
+    }
     let engine = match Engine::start(&settings, observer, sinks) {
         Ok(e) => e,
         Err(e) => {
@@ -143,10 +168,25 @@ pub fn serve(settings: Settings) -> i32 {
             return EXIT_USAGE;
         }
     };
-    // The ingress is a decision channel: human.approval steps may park.
-    engine.enable_approvals();
+    // The ingress is the decision channel: with it, human.approval steps may
+    // park (without it they are answered INVALID_INPUT, as in `run`).
+    if settings.ingress_addr.is_some() {
+        engine.enable_approvals();
+    }
+    let mut front = match &front_sink {
+        None => None,
+        Some(sink) => match Front::start(sink, engine.clone()) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("caf-worker: cannot start the NATS front: {e}");
+                engine.shutdown(Duration::ZERO);
+                return EXIT_USAGE;
+            }
+        },
+    };
+    let checks: Vec<ExtraCheck> = front.iter().map(Front::health_check).collect();
     let ready = Arc::new(AtomicBool::new(false));
-    let ports = start_ports(&settings, &engine, auth, metrics, &ready);
+    let ports = start_ports(&settings, &engine, auth, metrics, &ready, &checks);
     let ports = match ports {
         Ok(p) => p,
         Err(e) => {
@@ -161,9 +201,10 @@ pub fn serve(settings: Settings) -> i32 {
     ready.store(true, Ordering::Release);
     log::info!(
         worker_id = settings.worker_id.as_str(),
-        ingress = ports[0].addr().to_string(),
-        health = ports[1].addr().to_string(),
-        metrics = ports.get(2).map(|p| p.addr().to_string());
+        ingress = ports.ingress.as_ref().map_or_else(|| "off".to_owned(), |p| p.addr().to_string()),
+        health = ports.health.addr().to_string(),
+        metrics = ports.metrics.as_ref().map(|p| p.addr().to_string()),
+        nats = settings.nats.as_ref().map(|n| n.mode.as_str());
         "caf-worker {} listening", env!("CARGO_PKG_VERSION")
     );
 
@@ -171,10 +212,22 @@ pub fn serve(settings: Settings) -> i32 {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Stop intake first: /readyz then reports "draining", never "starting".
+    // NATS first of all: JetStream hands unstarted steps back before the
+    // pools could start them.
+    if let Some(f) = &mut front {
+        f.begin_drain();
+    }
     engine.begin_shutdown();
     ready.store(false, Ordering::Release);
     Interrupts::announce_drain(engine.pending_count(), settings.shutdown_grace);
-    let report = engine.shutdown_unless(settings.shutdown_grace, &interrupts.stop_now);
+    let report = engine.shutdown_with(settings.shutdown_grace, &interrupts.stop_now, || {
+        if let Some(f) = &front {
+            f.grace_over();
+        }
+    });
+    if let Some(f) = front {
+        f.finish();
+    }
     let whereto = match &settings.results_file {
         Some(p) => format!("their results are in {}", p.display()),
         None => "their results were only kept in memory and are lost at exit (set WORKER_RESULTS_FILE to keep every result)".to_owned(),
@@ -185,9 +238,7 @@ pub fn serve(settings: Settings) -> i32 {
             log::error!(error = e.to_string(); "cannot sync the results file");
         }
     }
-    for port in ports {
-        port.stop();
-    }
+    ports.stop();
     log::info!(cancelled = report.cancelled, drained = report.drained; "caf-worker stopped");
     if interrupts.stop_now.load(Ordering::Acquire) {
         EXIT_FAILED
@@ -206,52 +257,89 @@ fn probe_limits(settings: &Settings) -> PortLimits {
     }
 }
 
+/// The open ports; the ingress is absent with `WORKER_INGRESS_ADDR=off`.
+struct Ports {
+    ingress: Option<HttpPort>,
+    health: HttpPort,
+    metrics: Option<HttpPort>,
+}
+
+impl Ports {
+    fn stop(self) {
+        for port in [self.ingress, Some(self.health), self.metrics]
+            .into_iter()
+            .flatten()
+        {
+            port.stop();
+        }
+    }
+}
+
 fn start_ports(
     settings: &Settings,
     engine: &Engine,
     auth: Auth,
     metrics: Option<Arc<crate::telemetry::Metrics>>,
     ready: &Arc<AtomicBool>,
-) -> Result<Vec<HttpPort>, crate::server::BindError> {
+    checks: &[ExtraCheck],
+) -> Result<Ports, crate::server::BindError> {
     // Every port is added to the egress policy as soon as it is bound: a
     // step must not call the worker's own API (or probes) through HTTP.
     let deny_own = |port: HttpPort| {
         engine.blocks().deny_own_listener(port.addr());
         port
     };
-    let ingress = Ingress::new(
-        engine.clone(),
-        intake_rules(settings),
-        auth,
-        INGRESS_THREADS,
-    )
-    .with_max_long_polls(settings.max_long_polls);
-    let mut ports = vec![deny_own(HttpPort::start(
-        "WORKER_INGRESS_ADDR",
-        settings.ingress_addr,
-        INGRESS_THREADS,
-        PortLimits {
-            max_connections: settings.max_connections,
-            reserve: 0,
-            max_body: settings.max_body_bytes,
-        },
-        Arc::new(ingress),
-    )?)];
-    ports.push(deny_own(HttpPort::start(
+    let ingress = match settings.ingress_addr {
+        None => None,
+        Some(addr) => {
+            let ingress = Ingress::new(
+                engine.clone(),
+                intake_rules(settings),
+                auth,
+                INGRESS_THREADS,
+            )
+            .with_max_long_polls(settings.max_long_polls);
+            Some(deny_own(HttpPort::start(
+                "WORKER_INGRESS_ADDR",
+                addr,
+                INGRESS_THREADS,
+                PortLimits {
+                    max_connections: settings.max_connections,
+                    reserve: 0,
+                    max_body: settings.max_body_bytes,
+                },
+                Arc::new(ingress),
+            )?))
+        }
+    };
+    let health = deny_own(HttpPort::start(
         "WORKER_HEALTH_ADDR",
         settings.health_addr,
         HEALTH_THREADS,
         probe_limits(settings),
-        Arc::new(Health::new(engine.clone(), ready.clone())),
-    )?));
-    if let Some(m) = metrics {
-        ports.push(deny_own(HttpPort::start(
+        Arc::new(Health::with_checks(
+            engine.clone(),
+            ready.clone(),
+            checks.to_vec(),
+        )),
+    )?);
+    let metrics = match metrics {
+        None => None,
+        Some(m) => Some(deny_own(HttpPort::start(
             "WORKER_METRICS_ADDR",
             settings.metrics_addr,
             METRICS_THREADS,
             probe_limits(settings),
-            Arc::new(MetricsEndpoint::new(engine.clone(), m)),
-        )?));
-    }
-    Ok(ports)
+            Arc::new(MetricsEndpoint::with_checks(
+                engine.clone(),
+                m,
+                checks.to_vec(),
+            )),
+        )?)),
+    };
+    Ok(Ports {
+        ingress,
+        health,
+        metrics,
+    })
 }

@@ -559,6 +559,34 @@ impl Engine {
         CancelOutcome::Requested
     }
 
+    /// Takes back one step that is not running — queued, parked between
+    /// attempts, or an approval waiting for a decision: it will never run
+    /// again here and gets no result (its id is forgotten). For a transport
+    /// that hands the work back to its source instead (JetStream `-NAK` at
+    /// shutdown, SPEC §13.3; parked retries too, issue 14). `false` if it is
+    /// unknown, finished, already cancelled or running.
+    pub fn withdraw_unstarted(&self, id: &str) -> bool {
+        match self.shared.tracker.pending(id) {
+            Some(h) => self.shared.withdraw(&h),
+            None => false,
+        }
+    }
+
+    /// Room for new work per pool (indexed by [`PoolKind::index`]): free
+    /// queue slots plus idle threads. Unbounded queues (queue management off)
+    /// count `WORKER_MAX_QUEUE_SIZE` as their bound, so a puller still holds
+    /// no more than that.
+    pub fn room(&self) -> [usize; 3] {
+        if self.is_draining() {
+            return [0; 3];
+        }
+        let bound = self.shared.settings.max_queue_size;
+        self.pool_stats().map(|p| {
+            let idle = p.threads.saturating_sub(p.active);
+            idle + p.capacity.unwrap_or(bound).saturating_sub(p.queued)
+        })
+    }
+
     /// Live per-pool numbers.
     pub fn pool_stats(&self) -> [PoolStats; 3] {
         self.shared.pools.each_ref().map(|p| PoolStats {
@@ -606,22 +634,7 @@ impl Engine {
         let shared = &self.shared;
         let mut out = Vec::new();
         for h in shared.tracker.all_pending() {
-            if h.approval.is_some() {
-                if !shared.parking.withdraw(&h) {
-                    continue;
-                }
-            } else {
-                if h.running.load(Ordering::SeqCst) || !h.cancel.cancel(CancelReason::Shutdown) {
-                    continue;
-                }
-                // Pairs with the fence in `step::run`, as in `Engine::cancel`.
-                std::sync::atomic::fence(Ordering::SeqCst);
-                if h.running.load(Ordering::SeqCst) {
-                    continue;
-                }
-                shared.withdraw_retry(&h);
-            }
-            if shared.tracker.remove_pending(&h) {
+            if shared.withdraw(&h) {
                 out.push(h.assignment.clone());
             }
         }
@@ -632,12 +645,25 @@ impl Engine {
     /// that come due), then ends every step still pending as `cancelled`
     /// (retryable), so each accepted assignment has one result.
     pub fn shutdown(&self, grace: Duration) -> ShutdownReport {
-        self.shutdown_unless(grace, &AtomicBool::new(false))
+        self.shutdown_with(grace, &AtomicBool::new(false), || {})
     }
 
     /// [`Engine::shutdown`], cut short when `stop_now` turns true (a second
     /// Ctrl-C): the pending steps then end `cancelled` at once.
     pub fn shutdown_unless(&self, grace: Duration, stop_now: &AtomicBool) -> ShutdownReport {
+        self.shutdown_with(grace, stop_now, || {})
+    }
+
+    /// [`Engine::shutdown_unless`], calling `grace_over` when the grace
+    /// period ended (or `stop_now` cut it short) with steps still running,
+    /// just before they are cancelled (a transport that hands such steps
+    /// back rather than answer them marks them here).
+    pub fn shutdown_with(
+        &self,
+        grace: Duration,
+        stop_now: &AtomicBool,
+        grace_over: impl FnOnce(),
+    ) -> ShutdownReport {
         self.begin_shutdown();
         let deadline = Instant::now() + grace;
         let total: usize = self.shared.pools.iter().map(|p| p.threads).sum();
@@ -655,6 +681,7 @@ impl Engine {
         // An approval that raced the start of the drain.
         cancelled += self.shared.cancel_approvals();
         if !drained {
+            grace_over();
             for h in self.shared.tracker.all_pending() {
                 if h.approval.is_some() {
                     continue; // being decided right now: its claimer answers
@@ -700,6 +727,27 @@ fn unwrap_handle(handle: Arc<StepHandle>) -> Assignment {
 }
 
 impl Shared {
+    /// Takes `h` back if it is not running (see [`Engine::withdraw_waiting`]):
+    /// it gets no result from this worker. True if this call removed it.
+    fn withdraw(&self, h: &Arc<StepHandle>) -> bool {
+        if h.approval.is_some() {
+            if !self.parking.withdraw(h) {
+                return false;
+            }
+        } else {
+            if h.running.load(Ordering::SeqCst) || !h.cancel.cancel(CancelReason::Shutdown) {
+                return false;
+            }
+            // Pairs with the fence in `step::run`, as in `Engine::cancel`.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if h.running.load(Ordering::SeqCst) {
+                return false;
+            }
+            self.withdraw_retry(h);
+        }
+        self.tracker.remove_pending(h)
+    }
+
     /// Records a result and hands it to the sinks and the observer, once.
     fn finish(
         &self,

@@ -18,16 +18,37 @@ pub struct HealthCheck {
     pub detail: String,
 }
 
+/// A check contributed by a transport (e.g. `nats`: connected). A failing
+/// one makes `/_health` unhealthy and `/readyz` 503 (SPEC §13.5).
+pub type ExtraCheck = Arc<dyn Fn() -> HealthCheck + Send + Sync>;
+
 /// The health handler; also evaluates checks for the metrics gauges.
 pub struct Health {
     engine: Engine,
     ready: Arc<AtomicBool>,
+    extra: Vec<ExtraCheck>,
 }
 
 impl Health {
     /// A health handler; `ready` is false while starting and draining.
     pub fn new(engine: Engine, ready: Arc<AtomicBool>) -> Health {
-        Health { engine, ready }
+        Health::with_checks(engine, ready, Vec::new())
+    }
+
+    /// A health handler with transport checks besides the engine's own.
+    pub fn with_checks(engine: Engine, ready: Arc<AtomicBool>, extra: Vec<ExtraCheck>) -> Health {
+        Health {
+            engine,
+            ready,
+            extra,
+        }
+    }
+
+    /// The engine's checks followed by `extra`.
+    pub fn checks_with(engine: &Engine, extra: &[ExtraCheck]) -> Vec<HealthCheck> {
+        let mut checks = Health::checks(engine);
+        checks.extend(extra.iter().map(|c| c()));
+        checks
     }
 
     /// Pools with a dead thread, described. Threads leaving during a drain
@@ -109,7 +130,7 @@ impl Health {
         let timestamp = crate::time::rfc3339_micros(std::time::SystemTime::now());
         match path {
             "/_health" => {
-                let checks = Health::checks(&self.engine);
+                let checks = Health::checks_with(&self.engine, &self.extra);
                 if checks.iter().all(|c| c.ok) {
                     json(200, &json!({"status": "healthy", "timestamp": timestamp}))
                 } else {
@@ -131,13 +152,19 @@ impl Health {
                 }
             }
             _ => {
-                if self.ready.load(Ordering::Acquire) && !self.engine.is_draining() {
+                let failing = self.extra.iter().map(|c| c()).find(|c| !c.ok);
+                if self.ready.load(Ordering::Acquire)
+                    && !self.engine.is_draining()
+                    && failing.is_none()
+                {
                     json(200, &json!({"status": "ready", "timestamp": timestamp}))
                 } else {
                     let why = if self.engine.is_draining() {
-                        "draining"
+                        "draining".to_owned()
+                    } else if !self.ready.load(Ordering::Acquire) {
+                        "starting".to_owned()
                     } else {
-                        "starting"
+                        failing.map_or_else(String::new, |c| format!("{}: {}", c.name, c.detail))
                     };
                     json(
                         503,

@@ -1,6 +1,6 @@
 //! Metrics port (SPEC §8.3): `GET /metrics` in Prometheus text format.
 
-use super::health::Health;
+use super::health::{ExtraCheck, Health};
 use super::{Handler, Reply, method_not_allowed, not_found, respond};
 use crate::engine::Engine;
 use crate::telemetry::Metrics;
@@ -11,12 +11,26 @@ use tiny_http::{Header, Method, Request, Response};
 pub struct MetricsEndpoint {
     engine: Engine,
     metrics: Arc<Metrics>,
+    extra: Vec<ExtraCheck>,
 }
 
 impl MetricsEndpoint {
     /// An endpoint over `metrics`.
     pub fn new(engine: Engine, metrics: Arc<Metrics>) -> MetricsEndpoint {
-        MetricsEndpoint { engine, metrics }
+        MetricsEndpoint::with_checks(engine, metrics, Vec::new())
+    }
+
+    /// An endpoint whose `worker_health_status` also covers transport checks.
+    pub fn with_checks(
+        engine: Engine,
+        metrics: Arc<Metrics>,
+        extra: Vec<ExtraCheck>,
+    ) -> MetricsEndpoint {
+        MetricsEndpoint {
+            engine,
+            metrics,
+            extra,
+        }
     }
 
     fn route(&self, request: &Request) -> Reply {
@@ -27,7 +41,7 @@ impl MetricsEndpoint {
         if !matches!(request.method(), Method::Get | Method::Head) {
             return method_not_allowed("GET, HEAD");
         }
-        let checks = Health::checks(&self.engine);
+        let checks = Health::checks_with(&self.engine, &self.extra);
         let health: Vec<(&str, bool)> = checks.iter().map(|c| (c.name, c.ok)).collect();
         self.metrics.refresh(
             &self.engine.pool_stats(),

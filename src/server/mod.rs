@@ -13,7 +13,7 @@ mod metrics;
 
 pub use approvals::parse_decision;
 pub use auth::{Auth, Principal};
-pub use health::{Health, HealthCheck};
+pub use health::{ExtraCheck, Health, HealthCheck};
 pub use ingress::Ingress;
 pub use metrics::MetricsEndpoint;
 

@@ -7,6 +7,7 @@ use crate::blocks::TimeoutPhase;
 use crate::config::Settings;
 use crate::contract::{ErrorCode, JobType, PoolKind, RejectReason, Status};
 use crate::engine::{ApprovalOutcome, Observer, PoolStats, StepReport};
+use crate::telemetry::transport::{Direction, JsAckKind, MessageKind, TransportObserver};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -64,6 +65,12 @@ pub struct Metrics {
     accepted: IntCounter,
     duplicates: IntCounter,
     rejections: Vec<IntCounter>,
+    nats_connected: IntGauge,
+    nats_reconnects: IntCounter,
+    nats_buffered: IntGauge,
+    /// `[direction][kind]`, resolved once.
+    nats_messages: [[IntCounter; 5]; 2],
+    js_acks: [IntCounter; 4],
     detailed_labels: bool,
     max_tenants: usize,
     tenants: RwLock<HashSet<String>>,
@@ -251,8 +258,39 @@ impl Metrics {
             ),
             &["version"],
         )?;
+        let nats_connected = IntGauge::new(
+            "worker_nats_connected",
+            "1 while the NATS connection is up, 0 while it is down or not configured.",
+        )?;
+        let nats_reconnects = IntCounter::new(
+            "worker_nats_reconnects_total",
+            "NATS connections re-established after a loss.",
+        )?;
+        let nats_buffered = IntGauge::new(
+            "worker_nats_publish_buffered",
+            "Results waiting for the NATS connection to be published.",
+        )?;
+        let nats_messages_vec = IntCounterVec::new(
+            Opts::new(
+                "worker_nats_messages_total",
+                "NATS messages by direction (in, out) and kind (assign, ack, result, heartbeat, dlq).",
+            ),
+            &["direction", "kind"],
+        )?;
+        let js_acks_vec = IntCounterVec::new(
+            Opts::new(
+                "worker_jetstream_acks_total",
+                "JetStream acknowledgements sent, by kind (ack, nak, term, in_progress).",
+            ),
+            &["kind"],
+        )?;
         for c in [
-            Box::new(step_executions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(nats_connected.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(nats_reconnects.clone()),
+            Box::new(nats_buffered.clone()),
+            Box::new(nats_messages_vec.clone()),
+            Box::new(js_acks_vec.clone()),
+            Box::new(step_executions.clone()),
             Box::new(step_duration.clone()),
             Box::new(step_errors.clone()),
             Box::new(flow_duration.clone()),
@@ -297,11 +335,20 @@ impl Metrics {
         for class in ["4xx", "5xx"] {
             http_errors_vec.with_label_values(&[JobType::HttpRequest.as_str(), class]);
         }
+        let nats_messages = Direction::ALL.map(|d| {
+            MessageKind::ALL.map(|k| nats_messages_vec.with_label_values(&[d.as_str(), k.as_str()]))
+        });
+        let js_acks = JsAckKind::ALL.map(|k| js_acks_vec.with_label_values(&[k.as_str()]));
         Ok(Metrics {
             retries_waiting,
             approvals_pending,
             approval_decisions,
             http_errors: http_errors_vec,
+            nats_connected,
+            nats_reconnects,
+            nats_buffered,
+            nats_messages,
+            js_acks,
             accepted: assignments.with_label_values(&["accepted", ""]),
             duplicates: assignments.with_label_values(&["accepted", "duplicate"]),
             rejections,
@@ -451,6 +498,37 @@ impl CollectLen for IntCounterVec {
     fn collect_len(&self) -> usize {
         use prometheus::core::Collector;
         self.collect().iter().map(|f| f.get_metric().len()).sum()
+    }
+}
+
+impl TransportObserver for Metrics {
+    fn connected(&self, up: bool) {
+        self.nats_connected.set(i64::from(up));
+    }
+
+    fn reconnected(&self) {
+        self.nats_reconnects.inc();
+    }
+
+    fn message(&self, direction: Direction, kind: MessageKind) {
+        let d = Direction::ALL
+            .iter()
+            .position(|x| *x == direction)
+            .unwrap_or(0);
+        let k = MessageKind::ALL
+            .iter()
+            .position(|x| *x == kind)
+            .unwrap_or(0);
+        self.nats_messages[d][k].inc();
+    }
+
+    fn js_ack(&self, kind: JsAckKind) {
+        let k = JsAckKind::ALL.iter().position(|x| *x == kind).unwrap_or(0);
+        self.js_acks[k].inc();
+    }
+
+    fn buffered(&self, results: usize) {
+        self.nats_buffered.set(results as i64);
     }
 }
 

@@ -1,0 +1,779 @@
+//! The NATS front (SPEC §13) against a real `nats-server` on loopback: the
+//! real `caf-worker serve` binary, the project's own client on the test side.
+//! Core mode: results, Acks, DLQ, heartbeats, a queue group of two workers.
+//! JetStream mode: `kill -9` and SIGTERM of one of two workers, a step
+//! longer than `ack_wait`, a server restart, wrong credentials.
+
+mod support;
+
+use caf_worker::transport::nats::{
+    Client, ConsumerConfig, Headers, JetStream, Message, Options, PullItem, Subscription,
+};
+use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+use support::nats::NatsServer;
+use support::serve::{health, metric};
+use support::{Worker, assignment, wait_for};
+
+const ASSIGN: &str = "caf.exec.assign.v1";
+const RESULTS: &str = "caf.exec.result.v1";
+
+/// A connected test-side client.
+fn client(url: &str) -> Client {
+    let mut o = Options::from_url_list(url).unwrap();
+    o.name = "nats-front-test".into();
+    let c = Client::start(o);
+    assert!(
+        wait_for(Duration::from_secs(5), || c.is_connected().then_some(())).is_some(),
+        "test client cannot connect to {url}"
+    );
+    c
+}
+
+/// Subscribes and makes sure the server has the subscription.
+fn sub(c: &Client, subject: &str) -> Subscription {
+    let s = c.subscribe_with_capacity(subject, None, 1 << 16).unwrap();
+    c.flush(Duration::from_secs(5)).unwrap();
+    s
+}
+
+/// `serve` with the NATS front on `url`, metrics on, small queues (so a
+/// JetStream worker holds little and two share the work).
+fn worker(url: &str, mode: &str, extra: &[(&str, &str)]) -> Worker {
+    let mut env = vec![
+        ("WORKER_NATS_URL", url),
+        ("WORKER_NATS_MODE", mode),
+        ("CP2_OBSERVABILITY_METRICS_ENABLED", "1"),
+        ("WORKER_MAX_QUEUE_SIZE", "8"),
+        ("WORKER_SHUTDOWN_GRACE_MS", "3000"),
+    ];
+    env.extend_from_slice(extra);
+    Worker::start(&env)
+}
+
+fn ready(w: &Worker) -> u16 {
+    health(w, "/readyz").status
+}
+
+/// Waits until the worker's NATS connection is up (readiness 200).
+fn wait_ready(w: &Worker) {
+    assert!(
+        wait_for(Duration::from_secs(10), || (ready(w) == 200).then_some(())).is_some(),
+        "worker never became ready: {:?}",
+        w.stderr.lock().unwrap()
+    );
+}
+
+/// Collects messages of `s` until `done` says so or `limit` passes.
+fn collect(
+    s: &Subscription,
+    limit: Duration,
+    mut done: impl FnMut(&[Message]) -> bool,
+) -> Vec<Message> {
+    let until = Instant::now() + limit;
+    let mut out = Vec::new();
+    while !done(&out) && Instant::now() < until {
+        if let Ok(m) = s.receiver().recv_timeout(Duration::from_millis(20)) {
+            out.push(m);
+        }
+    }
+    out
+}
+
+fn body(m: &Message) -> Value {
+    serde_json::from_slice(&m.payload).unwrap_or(Value::Null)
+}
+
+/// Results by assignment id (every copy kept, to count duplicates).
+fn by_id(msgs: &[Message]) -> HashMap<String, Vec<Value>> {
+    let mut map: HashMap<String, Vec<Value>> = HashMap::new();
+    for m in msgs {
+        let v = body(m);
+        map.entry(v["assignment_id"].as_str().unwrap_or("").to_owned())
+            .or_default()
+            .push(v);
+    }
+    map
+}
+
+/// Distinct ids seen so far.
+fn distinct(msgs: &[Message]) -> usize {
+    msgs.iter()
+        .map(|m| body(m)["assignment_id"].as_str().unwrap_or("").to_owned())
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+/// Publishes assignments into the JetStream stream (the worker created it).
+fn js_publish(js: &JetStream, items: &[Value]) {
+    for a in items {
+        let id = a["assignment_id"].as_str().unwrap();
+        js.publish(ASSIGN, &Headers::new(), a.to_string().as_bytes(), Some(id))
+            .unwrap_or_else(|e| panic!("publish {id}: {e}"));
+    }
+}
+
+/// Waits until the worker created the streams and the consumer.
+fn wait_js_setup(js: &JetStream) {
+    let found = wait_for(Duration::from_secs(10), || {
+        js.consumer_info("CAF_ASSIGN", "caf-workers").ok().flatten()
+    });
+    assert!(found.is_some(), "the worker did not create the consumer");
+}
+
+/// Every message of the result stream, read with a fresh durable consumer.
+fn stored_results(js: &JetStream) -> Vec<Value> {
+    let name = format!("reader{}", reader_id());
+    js.add_consumer(
+        "CAF_RESULTS",
+        &ConsumerConfig {
+            durable_name: name.clone(),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: -1,
+            filter_subject: None,
+            max_ack_pending: None,
+        },
+    )
+    .unwrap();
+    let pull = js.pull_subscription("CAF_RESULTS", &name).unwrap();
+    let mut out = Vec::new();
+    loop {
+        pull.request_no_wait(1000).unwrap();
+        let mut got = 0;
+        loop {
+            match pull.next(Duration::from_secs(5)) {
+                Some(PullItem::Message(m, _)) => {
+                    got += 1;
+                    out.push(body(&m));
+                }
+                Some(PullItem::Heartbeat) => {}
+                _ => break,
+            }
+        }
+        if got == 0 {
+            return out;
+        }
+    }
+}
+
+/// A consumer name unique within this test process.
+fn reader_id() -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .to_string()
+}
+
+/// Waits until `stream` holds exactly `n` messages.
+fn wait_stream(js: &JetStream, stream: &str, n: u64, limit: Duration) {
+    let reached = wait_for(limit, || (stream_messages(js, stream) == n).then_some(()));
+    assert!(
+        reached.is_some(),
+        "stream {stream} holds {} messages, expected {n}",
+        stream_messages(js, stream)
+    );
+}
+
+fn stream_messages(js: &JetStream, stream: &str) -> u64 {
+    js.stream_info(stream).unwrap().unwrap()["state"]["messages"]
+        .as_u64()
+        .unwrap()
+}
+
+fn echo(id: &str) -> Value {
+    assignment(id, "debug.echo", json!({"i": id}))
+}
+
+fn sleep(id: &str, ms: u64) -> Value {
+    assignment(id, "debug.sleep", json!({ "ms": ms }))
+}
+
+#[test]
+fn core_mode_answers_each_assignment_once_with_acks_dlq_and_heartbeats() {
+    let server = NatsServer::start();
+    let c = client(&server.url());
+    let (results, acks, dlq, beats) = (
+        sub(&c, RESULTS),
+        sub(&c, "caf.exec.assign.v1.ack"),
+        sub(&c, "caf.exec.dlq.v1"),
+        sub(&c, "caf.worker.heartbeat.v1"),
+    );
+    let w = worker(
+        &server.url(),
+        "core",
+        &[
+            ("WORKER_HEARTBEAT_INTERVAL_MS", "300"),
+            ("WORKER_INGRESS_ADDR", "127.0.0.1:0"),
+        ],
+    );
+    wait_ready(&w);
+    // The heartbeat period, measured before the load.
+    let hb = collect(&beats, Duration::from_secs(5), |m| m.len() >= 5);
+    assert!(hb.len() >= 5, "heartbeats: {}", hb.len());
+    let times: Vec<u64> = hb
+        .iter()
+        .map(|m| body(m)["timestamp"].as_u64().unwrap())
+        .collect();
+    for gap in times.windows(2).map(|w| w[1] - w[0]) {
+        assert!(
+            (200..=600).contains(&gap),
+            "heartbeat gap {gap} ms: {times:?}"
+        );
+    }
+    let b = body(&hb[0]);
+    assert_eq!(
+        (
+            b["version"].as_str(),
+            b["status"].as_str(),
+            b["mode"].as_str()
+        ),
+        (Some("1"), Some("ready"), Some("core"))
+    );
+    assert_eq!(b["pools"]["cpu"]["threads"], 4, "{b}");
+    for k in ["worker_id", "in_flight", "uptime_s", "build"] {
+        assert!(!b[k].is_null(), "heartbeat lacks {k}: {b}");
+    }
+
+    let n = 300;
+    for i in 0..n {
+        c.publish(ASSIGN, echo(&format!("core-{i}")).to_string().as_bytes())
+            .unwrap();
+    }
+    // Headers fill what the body lacks; results and Acks carry them back.
+    let mut h = Headers::new();
+    h.insert("tenant_id", "hdr-tenant");
+    h.insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    );
+    let mut no_tenant = echo("core-hdr");
+    no_tenant.as_object_mut().unwrap().remove("tenant_id");
+    c.publish_with_headers(ASSIGN, None, &h, no_tenant.to_string().as_bytes())
+        .unwrap();
+    // Invalid ones: rejected Ack + DLQ record, never executed.
+    let secret = b"{not json, secret-payload".to_vec();
+    c.publish(ASSIGN, &secret).unwrap();
+    c.publish(
+        ASSIGN,
+        assignment("core-bad-type", "no.such", json!({}))
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    // Request/reply: the Ack also goes to the reply subject.
+    let reply = c
+        .request(
+            ASSIGN,
+            None,
+            echo("core-req").to_string().as_bytes(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert_eq!(body(&reply)["status"], "accepted");
+    let total = n + 2;
+
+    let got = collect(&results, Duration::from_secs(20), |m| m.len() >= total);
+    let extra = collect(&results, Duration::from_millis(300), |_| false);
+    let map = by_id(&got);
+    assert_eq!(
+        got.len(),
+        total,
+        "results: {} (distinct {})",
+        got.len(),
+        map.len()
+    );
+    assert!(
+        extra.is_empty(),
+        "more results than assignments: {}",
+        extra.len()
+    );
+    assert!(map.values().all(|v| v.len() == 1));
+    assert!(!map.contains_key("core-bad-type"));
+    let lines: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    support::check_results(&lines);
+    let hdr = got
+        .iter()
+        .find(|m| body(m)["assignment_id"] == "core-hdr")
+        .unwrap();
+    assert_eq!(body(hdr)["tenant_id"], "hdr-tenant");
+    let hh = hdr.headers.as_ref().expect("result headers");
+    assert_eq!(hh.get("version"), Some("1"));
+    assert_eq!(hh.get("tenant_id"), Some("hdr-tenant"));
+    assert_eq!(hh.get("Nats-Msg-Id"), Some("core-hdr"));
+    assert_eq!(hh.get("traceparent"), h.get("traceparent"));
+
+    let acked = collect(&acks, Duration::from_secs(10), |m| m.len() >= total + 2);
+    let statuses = |s: &str| acked.iter().filter(|m| body(m)["status"] == s).count();
+    assert_eq!(
+        (statuses("accepted"), statuses("rejected")),
+        (total, 2),
+        "acks"
+    );
+    let reasons: HashSet<String> = acked
+        .iter()
+        .filter(|m| body(m)["status"] == "rejected")
+        .map(|m| body(m)["reason"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        reasons,
+        HashSet::from(["invalid_json".into(), "unsupported_job_type".into()])
+    );
+
+    let dead = collect(&dlq, Duration::from_secs(5), |m| m.len() >= 2);
+    assert_eq!(dead.len(), 2);
+    let rec = dead
+        .iter()
+        .map(body)
+        .find(|v| v["reason"] == "invalid_json")
+        .unwrap();
+    assert_eq!(rec["payload_bytes"], secret.len());
+    assert_eq!(rec["payload_sha256"].as_str().map(str::len), Some(64));
+    assert_eq!(rec["original_subject"], ASSIGN);
+    assert!(!String::from_utf8_lossy(&dead[0].payload).contains("secret-payload"));
+    assert!(!String::from_utf8_lossy(&dead[1].payload).contains("secret-payload"));
+    assert_eq!(
+        metric(
+            &w,
+            "worker_nats_messages_total{direction=\"out\",kind=\"dlq\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(metric(&w, "worker_nats_connected"), Some(1.0));
+}
+
+#[test]
+fn core_mode_two_workers_in_one_queue_group_share_the_work() {
+    let server = NatsServer::start();
+    let c = client(&server.url());
+    let results = sub(&c, RESULTS);
+    let a = worker(&server.url(), "core", &[("WORKER_ID", "wa")]);
+    let b = worker(&server.url(), "core", &[("WORKER_ID", "wb")]);
+    wait_ready(&a);
+    wait_ready(&b);
+    let n = 200;
+    for i in 0..n {
+        c.publish(ASSIGN, sleep(&format!("qg-{i}"), 5).to_string().as_bytes())
+            .unwrap();
+    }
+    let got = collect(&results, Duration::from_secs(20), |m| m.len() >= n);
+    let map = by_id(&got);
+    assert_eq!(
+        (got.len(), map.len()),
+        (n, n),
+        "each assignment answered once"
+    );
+    let per: HashMap<String, usize> = got.iter().fold(HashMap::new(), |mut acc, m| {
+        *acc.entry(body(m)["worker_id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+        acc
+    });
+    assert!(
+        per.get("wa").copied().unwrap_or(0) > 0 && per.get("wb").copied().unwrap_or(0) > 0,
+        "{per:?}"
+    );
+}
+
+#[test]
+fn jetstream_kill_9_of_one_worker_loses_nothing_and_stores_one_result_each() {
+    let server = NatsServer::start();
+    let c = client(&server.url());
+    let results = sub(&c, RESULTS);
+    let js = JetStream::new(c.clone(), Duration::from_secs(5));
+    let mut a = worker(
+        &server.url(),
+        "jetstream",
+        &[("WORKER_NATS_ACK_WAIT_MS", "2000"), ("WORKER_ID", "wa")],
+    );
+    let b = worker(
+        &server.url(),
+        "jetstream",
+        &[("WORKER_NATS_ACK_WAIT_MS", "2000"), ("WORKER_ID", "wb")],
+    );
+    wait_js_setup(&js);
+    let n = 600;
+    let items: Vec<Value> = (0..n).map(|i| sleep(&format!("k9-{i}"), 5)).collect();
+    js_publish(&js, &items);
+    // Kill A in the middle: after some results, while it holds others.
+    let first = collect(&results, Duration::from_secs(20), |m| distinct(m) >= n / 4);
+    assert!(distinct(&first) >= n / 4);
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    let seen_first: HashSet<String> = first
+        .iter()
+        .map(|m| body(m)["assignment_id"].as_str().unwrap().to_owned())
+        .collect();
+    let rest = collect(&results, Duration::from_secs(30), |m| {
+        let more = m
+            .iter()
+            .map(|x| body(x)["assignment_id"].as_str().unwrap_or("").to_owned())
+            .filter(|id| !seen_first.contains(id))
+            .collect::<HashSet<_>>();
+        seen_first.len() + more.len() >= n
+    });
+    let all: HashSet<String> = first
+        .iter()
+        .chain(&rest)
+        .map(|m| body(m)["assignment_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(all.len(), n, "every assignment answered");
+    let b_answered = first
+        .iter()
+        .chain(&rest)
+        .filter(|m| body(m)["worker_id"] == "wb")
+        .count();
+    assert!(b_answered > 0);
+    // The stream holds exactly one result per assignment.
+    wait_stream(&js, "CAF_RESULTS", n as u64, Duration::from_secs(5));
+    let stored = stored_results(&js);
+    let ids: HashSet<&str> = stored
+        .iter()
+        .filter_map(|v| v["assignment_id"].as_str())
+        .collect();
+    assert_eq!((stored.len(), ids.len()), (n, n));
+    // Nothing is left unacknowledged (the work queue is empty).
+    wait_stream(&js, "CAF_ASSIGN", 0, Duration::from_secs(5));
+    drop(b);
+}
+
+#[test]
+fn jetstream_sigterm_hands_back_queued_and_unfinished_steps_and_exits_0() {
+    let server = NatsServer::start();
+    let c = client(&server.url());
+    let results = sub(&c, RESULTS);
+    let beats = sub(&c, "caf.worker.heartbeat.v1");
+    let js = JetStream::new(c.clone(), Duration::from_secs(5));
+    // A: one cpu thread, so a long step keeps the rest queued behind it.
+    let mut a = worker(
+        &server.url(),
+        "jetstream",
+        &[
+            ("WORKER_ID", "wa"),
+            ("WORKER_CPU_POOL_SIZE", "1"),
+            ("WORKER_SHUTDOWN_GRACE_MS", "500"),
+            ("WORKER_NATS_ACK_WAIT_MS", "30000"),
+        ],
+    );
+    wait_js_setup(&js);
+    let mut items = vec![sleep("st-long", 3000)];
+    items.extend((0..5).map(|i| sleep(&format!("st-{i}"), 50)));
+    js_publish(&js, &items);
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            (metric(&a, "worker_active_tasks{resource_pool=\"cpu\"}") == Some(1.0)
+                && metric(&a, "worker_queue_depth{resource_pool=\"cpu\"}") == Some(5.0))
+            .then_some(())
+        })
+        .is_some(),
+        "A never held the long step and the five queued behind it"
+    );
+    let sent = Instant::now();
+    a.sigterm();
+    assert_eq!(a.wait_exit(Duration::from_secs(10)), 0);
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "exit took {:?}",
+        sent.elapsed()
+    );
+    let draining = collect(&beats, Duration::from_secs(2), |m| {
+        m.iter().any(|x| body(x)["status"] == "draining")
+    });
+    assert!(
+        draining.iter().any(|x| body(x)["status"] == "draining"),
+        "no draining heartbeat"
+    );
+    // A answered nothing: the queued steps were NAKed at once, the long one
+    // NAKed when the grace ended.
+    let from_a = collect(&results, Duration::from_millis(300), |_| false);
+    assert!(
+        from_a.is_empty(),
+        "A published {:?}",
+        from_a.iter().map(body).collect::<Vec<_>>()
+    );
+    // B takes them all at once (NAK: no ack_wait to sit out), each once.
+    let b = worker(&server.url(), "jetstream", &[("WORKER_ID", "wb")]);
+    let got = collect(&results, Duration::from_secs(15), |m| {
+        m.len() >= items.len()
+    });
+    let map = by_id(&got);
+    assert_eq!(map.len(), items.len(), "{:?}", map.keys());
+    assert!(
+        got.iter()
+            .all(|m| body(m)["worker_id"] == "wb" && body(m)["status"] == "success")
+    );
+    wait_stream(
+        &js,
+        "CAF_RESULTS",
+        items.len() as u64,
+        Duration::from_secs(5),
+    );
+    drop(b);
+}
+
+#[test]
+fn jetstream_step_longer_than_ack_wait_is_not_redelivered() {
+    let server = NatsServer::start();
+    let c = client(&server.url());
+    let results = sub(&c, RESULTS);
+    let js = JetStream::new(c.clone(), Duration::from_secs(5));
+    let w = worker(
+        &server.url(),
+        "jetstream",
+        &[("WORKER_NATS_ACK_WAIT_MS", "1000")],
+    );
+    wait_js_setup(&js);
+    js_publish(&js, &[sleep("long-1", 3500)]);
+    let got = collect(&results, Duration::from_secs(15), |m| !m.is_empty());
+    let extra = collect(&results, Duration::from_millis(1500), |_| false);
+    assert_eq!(got.len() + extra.len(), 1, "one result");
+    assert_eq!(body(&got[0])["attempts"], 1);
+    let info = js
+        .consumer_info("CAF_ASSIGN", "caf-workers")
+        .unwrap()
+        .unwrap();
+    // One delivery in all (a redelivery takes another consumer sequence).
+    assert_eq!(info["delivered"]["consumer_seq"], 1, "{info}");
+    assert_eq!(info["num_ack_pending"], 0, "{info}");
+    assert_eq!(
+        metric(
+            &w,
+            "worker_nats_messages_total{direction=\"in\",kind=\"assign\"}"
+        ),
+        Some(1.0)
+    );
+    let wpi = metric(&w, "worker_jetstream_acks_total{kind=\"in_progress\"}").unwrap();
+    assert!(
+        wpi >= 3.0,
+        "+WPI sent {wpi} times over 3.5 s with ack_wait 1 s"
+    );
+}
+
+#[test]
+fn server_restart_buffers_results_and_reconnects() {
+    let mut server = NatsServer::start();
+    let c = client(&server.url());
+    let js = JetStream::new(c.clone(), Duration::from_secs(5));
+    let w = worker(&server.url(), "jetstream", &[("WORKER_IO_POOL_SIZE", "8")]);
+    wait_js_setup(&js);
+    wait_ready(&w);
+    // Four steps run across the outage; their results wait in the buffer.
+    let items: Vec<Value> = (0..4).map(|i| sleep(&format!("rs-{i}"), 1500)).collect();
+    js_publish(&js, &items);
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            (metric(&w, "worker_active_tasks{resource_pool=\"cpu\"}") == Some(4.0)).then_some(())
+        })
+        .is_some(),
+        "the steps never started"
+    );
+    server.kill();
+    let down = wait_for(Duration::from_secs(10), || (ready(&w) == 503).then_some(()));
+    assert!(down.is_some(), "/readyz stayed 200 with the server down");
+    assert_eq!(
+        health(&w, "/_health").json["checks"]["nats"]
+            .as_str()
+            .map(|s| s.starts_with("not connected")),
+        Some(true)
+    );
+    assert_eq!(metric(&w, "worker_nats_connected"), Some(0.0));
+    let buffered = wait_for(Duration::from_secs(5), || {
+        metric(&w, "worker_nats_publish_buffered").filter(|n| *n >= 4.0)
+    });
+    assert!(buffered.is_some(), "results not buffered while down");
+    server.restart();
+    wait_ready(&w);
+    let c = client(&server.url());
+    let js = JetStream::new(c.clone(), Duration::from_secs(5));
+    let results = sub(&c, RESULTS);
+    wait_stream(&js, "CAF_RESULTS", 4, Duration::from_secs(10));
+    assert_eq!(metric(&w, "worker_nats_reconnects_total"), Some(1.0));
+    // New work is taken.
+    js_publish(&js, &[echo("rs-after")]);
+    let got = collect(&results, Duration::from_secs(10), |m| {
+        m.iter().any(|x| body(x)["assignment_id"] == "rs-after")
+    });
+    assert!(got.iter().any(|x| body(x)["assignment_id"] == "rs-after"));
+    wait_stream(&js, "CAF_ASSIGN", 0, Duration::from_secs(5));
+}
+
+#[test]
+fn wrong_credentials_log_each_attempt_back_off_and_stay_unready() {
+    let server = NatsServer::start_with(&["--user", "caf", "--pass", "right"]);
+    let mut w = worker(&server.url_with("caf:wrong"), "jetstream", &[]);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(ready(&w), 503);
+    let h = health(&w, "/_health");
+    assert_eq!(h.status, 503);
+    assert!(h.text.contains("nats"), "{}", h.text);
+    assert!(!h.text.contains("wrong"), "the password leaked: {}", h.text);
+    assert!(w.child.try_wait().unwrap().is_none(), "the worker died");
+    let logs = w.stderr.lock().unwrap().clone();
+    let auth: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("Authorization Violation"))
+        .collect();
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(auth.len() >= 2, "attempts logged: {auth:?}");
+    assert!(
+        (auth.len() as f64) < 12.0 * secs,
+        "no backoff: {} attempts in {secs:.1} s",
+        auth.len()
+    );
+    assert!(
+        logs.iter().all(|l| !l.contains("caf:wrong")),
+        "credentials in the log"
+    );
+    w.sigterm();
+    assert_eq!(w.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn a_result_above_max_payload_is_replaced_by_a_quota_exceeded_result() {
+    let dir = support::temp_dir();
+    let conf = dir.path().join("small.conf");
+    std::fs::write(&conf, "max_payload: 4096\n").unwrap();
+    let server = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
+    let c = client(&server.url());
+    let results = sub(&c, RESULTS);
+    let w = worker(&server.url(), "core", &[]);
+    wait_ready(&w);
+    // The assignment fits; its echo result (the payload plus the envelope) does not.
+    let a = assignment("big-1", "debug.echo", json!({"blob": "x".repeat(3880)}));
+    assert!(a.to_string().len() < 4096);
+    c.publish(ASSIGN, a.to_string().as_bytes()).unwrap();
+    let got = collect(&results, Duration::from_secs(10), |m| !m.is_empty());
+    assert_eq!(got.len(), 1, "one (stand-in) result");
+    let r = body(&got[0]);
+    assert_eq!(
+        (r["status"].as_str(), r["error_code"].as_str()),
+        (Some("error"), Some("QUOTA_EXCEEDED")),
+        "{} bytes",
+        got[0].payload.len()
+    );
+    assert!(r["outputs"].is_null());
+    assert_eq!(r["assignment_id"], "big-1");
+    // The full result stays retained for the HTTP lookup.
+    let full = support::serve::result(&w, "big-1", 0);
+    assert_eq!(full.json["status"], "success");
+}
+
+#[test]
+fn jetstream_invalid_message_is_rejected_dead_lettered_and_terminated() {
+    let server = NatsServer::start();
+    let c = client(&server.url());
+    let (acks, dlq) = (
+        sub(&c, "caf.exec.assign.v1.ack"),
+        sub(&c, "caf.exec.dlq.v1"),
+    );
+    let js = JetStream::new(c.clone(), Duration::from_secs(5));
+    let w = worker(&server.url(), "jetstream", &[]);
+    wait_js_setup(&js);
+    js.publish(ASSIGN, &Headers::new(), b"[1, 2", Some("garbage-1"))
+        .unwrap();
+    let dead = collect(&dlq, Duration::from_secs(10), |m| !m.is_empty());
+    assert_eq!(dead.len(), 1);
+    assert_eq!(body(&dead[0])["reason"], "invalid_json");
+    let rejected = collect(&acks, Duration::from_secs(5), |m| !m.is_empty());
+    assert_eq!(body(&rejected[0])["status"], "rejected");
+    // +TERM: removed from the work queue at once, never redelivered.
+    wait_stream(&js, "CAF_ASSIGN", 0, Duration::from_secs(5));
+    assert_eq!(
+        metric(&w, "worker_jetstream_acks_total{kind=\"term\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn submit_prints_every_answer_and_exits_0_or_1_after_the_timeout() {
+    let server = NatsServer::start();
+    let dir = support::temp_dir();
+    let file = dir.path().join("in.jsonl");
+    let mut text: String = (0..20)
+        .map(|i| format!("{}\n", echo(&format!("sub-{i}"))))
+        .collect();
+    text.push_str("{broken\n\n");
+    std::fs::write(&file, text).unwrap();
+    let submit = |mode: &str, timeout: &str| {
+        support::command(&[])
+            .args(["submit", "--nats", &server.url(), "--mode", mode])
+            .args(["--timeout-ms", timeout, file.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    // No worker yet: nothing answers, exit 1 after the idle timeout.
+    let t0 = Instant::now();
+    let out = submit("core", "500");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("21 unanswered"));
+
+    let w = worker(&server.url(), "core", &[]);
+    wait_ready(&w);
+    let out = submit("core", "10000");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 21, "20 results and one rejected Ack");
+    assert_eq!(
+        lines.iter().filter(|v| v["status"] == "success").count(),
+        20
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|v| v["reason"] == "invalid_json")
+            .count(),
+        1
+    );
+    assert!(stderr.contains("21 of 21 answered"), "{stderr}");
+}
+
+#[test]
+fn jetstream_redelivered_retained_assignment_is_republished_not_rerun() {
+    let server = NatsServer::start();
+    let c = client(&server.url());
+    let results = sub(&c, RESULTS);
+    let js = JetStream::new(c.clone(), Duration::from_secs(5));
+    let w = worker(&server.url(), "jetstream", &[]);
+    wait_js_setup(&js);
+    let a = echo("again-1");
+    js_publish(&js, std::slice::from_ref(&a));
+    let first = collect(&results, Duration::from_secs(10), |m| !m.is_empty());
+    assert_eq!(first.len(), 1);
+    wait_stream(&js, "CAF_ASSIGN", 0, Duration::from_secs(5));
+    // The router sends it again (another stream message, same assignment_id).
+    js.publish(
+        ASSIGN,
+        &Headers::new(),
+        a.to_string().as_bytes(),
+        Some("again-1-resent"),
+    )
+    .unwrap();
+    let second = collect(&results, Duration::from_secs(10), |m| !m.is_empty());
+    assert_eq!(second.len(), 1, "the retained result is published again");
+    // The same result, not a new run: same timestamp, accepted once.
+    assert_eq!(body(&second[0]), body(&first[0]));
+    assert_eq!(
+        metric(
+            &w,
+            "worker_assignments_total{outcome=\"accepted\",reason=\"\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &w,
+            "worker_nats_messages_total{direction=\"out\",kind=\"result\"}"
+        ),
+        Some(2.0)
+    );
+    // Acknowledged; the result stream still holds one result.
+    wait_stream(&js, "CAF_ASSIGN", 0, Duration::from_secs(5));
+    wait_stream(&js, "CAF_RESULTS", 1, Duration::from_secs(5));
+}
