@@ -24,6 +24,9 @@ command -v mkfifo >/dev/null 2>&1 || apt_install coreutils
 # script(1) gives `run` a pseudo-terminal for its progress line.
 command -v curl >/dev/null 2>&1 || apt_install curl ca-certificates
 command -v script >/dev/null 2>&1 || apt_install bsdutils
+# The tests signal processes with kill(1) (procps; `command -v` would find
+# the shell builtin), and run a real nats-server (SPEC §13).
+type -P kill >/dev/null 2>&1 || apt_install procps
 command -v nats-server >/dev/null 2>&1 || apt_install nats-server
 command -v openssl >/dev/null 2>&1 || apt_install openssl
 

@@ -417,6 +417,36 @@ fn run_creates_the_fs_root_only_when_an_fs_step_needs_it() {
     assert_eq!(std::fs::read_to_string(root.join("a.txt")).unwrap(), "x");
 }
 
+#[test]
+fn run_with_default_roots_creates_no_directory_for_steps_that_need_none() {
+    // Defaults ./data and ./data/sql, in an empty working directory.
+    let dir = support::temp_dir();
+    let mut child = support::command(&[])
+        .args(["run", "-"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn run");
+    let missing_db = support::assignment(
+        "q-1",
+        "sql.query",
+        json!({"database": "nope", "sql": "SELECT 1"}),
+    );
+    let input = lines(&[echo("e-1"), missing_db]);
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
+    drop(child.stdin.take());
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the query of a missing database fails"
+    );
+    let made: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(made.is_empty(), "run created {made:?}");
+}
+
 /// A `run` child whose stdout and stderr lines arrive as they are written.
 struct LiveRun {
     child: std::process::Child,

@@ -107,8 +107,15 @@ thread_local! {
 
 impl SqlBlock {
     pub(super) fn new(s: &BlockSettings) -> Result<SqlBlock, SetupError> {
+        // `run` (roots on demand) leaves a missing root alone: a read of a
+        // missing database needs no directory, and a write creates it.
+        let root = if s.fs_root_on_demand && !s.sql_root.exists() {
+            s.sql_root.clone()
+        } else {
+            super::fs::prepare_root(&s.sql_root, "WORKER_SQL_ROOT")?
+        };
         Ok(SqlBlock {
-            root: super::fs::prepare_root(&s.sql_root, "WORKER_SQL_ROOT")?,
+            root,
             max_rows: s.sql_max_rows,
             allow_write: s.sql_allow_write,
             attempt_timeout: s.sql_attempt_timeout,
@@ -170,25 +177,7 @@ impl SqlBlock {
                 format!("payload.database {:?} {why}", clip(name)),
             )
         };
-        if name.is_empty() || name.len() > MAX_NAME_LEN {
-            return Err(bad(&format!("must be 1 to {MAX_NAME_LEN} bytes")));
-        }
-        let mut rel = PathBuf::new();
-        for part in name.split('/') {
-            if part == ".." {
-                return Err(BlockError::input(
-                    ErrorCode::PermissionDenied,
-                    "payload.database must not contain '..' components",
-                ));
-            }
-            let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
-            if part.is_empty() || part.starts_with('.') || !part.chars().all(ok_char) {
-                return Err(bad(
-                    "must be names of letters, digits, '_', '-' and '.' (not first) joined by '/'",
-                ));
-            }
-            rel.push(part);
-        }
+        let rel = database_path(name)?;
         let mut file = rel.into_os_string();
         file.push(".db");
         let rel = PathBuf::from(file);
@@ -212,18 +201,23 @@ impl SqlBlock {
             ConfineError::Escape => escape(),
             ConfineError::Io(e) => io_err(e),
         };
+        if create && !self.root.exists() {
+            std::fs::create_dir_all(&self.root).map_err(io_err)?;
+        }
         let root = confine::open_root(&self.root).map_err(io_err)?;
         let parent = rel.parent().unwrap_or(Path::new(""));
         let how = if create { How::CreateDir } else { How::Dir };
         let dir = confine::open_beneath(&root, parent, how).map_err(confine_err)?;
         let leaf = rel.file_name().unwrap_or_default();
-        confine::check_leaf(&dir, leaf).map_err(confine_err)?;
         match rustix::fs::statat(&dir, leaf, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_file() => Ok(DbFile {
-                abs,
-                id: Some((st.st_dev, st.st_ino)),
-            }),
-            Ok(_) => Err(bad("is not a database file")),
+            Ok(st) => match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+                rustix::fs::FileType::RegularFile => Ok(DbFile {
+                    abs,
+                    id: Some((st.st_dev, st.st_ino)),
+                }),
+                rustix::fs::FileType::Symlink => Err(escape()),
+                _ => Err(bad("is not a database file")),
+            },
             Err(rustix::io::Errno::NOENT) if create => Ok(DbFile { abs, id: None }),
             Err(e) => Err(io_err(e.into())),
         }
@@ -556,7 +550,7 @@ fn checkout(db: &DbFile, write: bool, max_value: usize) -> Result<Cached, BlockE
     // A write may just have created the file: identify what was opened.
     let id = match db.id {
         Some(id) => id,
-        None => std::fs::metadata(&db.abs)
+        None => std::fs::symlink_metadata(&db.abs)
             .map(|m| (m.dev(), m.ino()))
             .map_err(|e| super::fs::io_error(&db.abs.display().to_string(), e))?,
     };
@@ -771,10 +765,43 @@ fn timer_loop(shared: &TimerShared) {
     }
 }
 
+/// `payload.database` as a relative path (without `.db`): segments of
+/// letters, digits, `_`, `-` and `.` (not first) joined by `/`; `..` is
+/// `PERMISSION_DENIED`. No I/O: `validate` runs it too.
+fn database_path(name: &str) -> Result<PathBuf, BlockError> {
+    let bad = |why: &str| {
+        BlockError::input(
+            ErrorCode::InvalidInput,
+            format!("payload.database {:?} {why}", clip(name)),
+        )
+    };
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(bad(&format!("must be 1 to {MAX_NAME_LEN} bytes")));
+    }
+    let mut rel = PathBuf::new();
+    for part in name.split('/') {
+        if part == ".." {
+            return Err(BlockError::input(
+                ErrorCode::PermissionDenied,
+                "payload.database must not contain '..' components",
+            ));
+        }
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+        if part.is_empty() || part.starts_with('.') || !part.chars().all(ok_char) {
+            return Err(bad(
+                "must be names of letters, digits, '_', '-' and '.' (not first) joined by '/'",
+            ));
+        }
+        rel.push(part);
+    }
+    Ok(rel)
+}
+
 /// Validates a `sql.query` payload (no I/O); `max_rows` is lowered to `cap`.
 /// `validate` runs it too, so the two cannot disagree.
 pub(super) fn parse_request(p: &Map<String, Value>, cap: usize) -> Result<Request<'_>, BlockError> {
     let database = required_str(p, "database")?;
+    database_path(database)?;
     let sql = required_str(p, "sql")?;
     if sql.trim().is_empty() {
         return Err(BlockError::input(

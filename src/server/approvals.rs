@@ -79,8 +79,10 @@ pub(super) fn decide(engine: &Engine, id: &str, body: &[u8]) -> Reply {
 
 /// Reads a decision body; the error is a sentence naming the field.
 pub fn parse_decision(body: &[u8]) -> Result<Decision, String> {
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    // Duplicate keys are refused, as at intake: `"decision"` given twice must
+    // not mean whatever the last one says.
+    let v: Value = crate::contract::from_slice_unique(body)
+        .map_err(|e| format!("the body is not JSON: {e}"))?;
     let verdict = match v.get("decision").and_then(Value::as_str) {
         Some("approve") => Verdict::Approve,
         Some("reject") => Verdict::Reject,
@@ -119,5 +121,8 @@ mod tests {
         assert!(parse_decision(br#"{"decision":"approve"}"#).is_err());
         assert!(parse_decision(br#"{"decision":"approve","by":"a","comment":1}"#).is_err());
         assert!(parse_decision(b"nope").is_err());
+        let twice = br#"{"decision":"reject","by":"ann","decision":"approve"}"#;
+        let e = parse_decision(twice).unwrap_err();
+        assert!(e.contains("duplicate"), "{e}");
     }
 }
