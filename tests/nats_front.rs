@@ -1,8 +1,9 @@
 //! The NATS front (SPEC §13) against a real `nats-server` on loopback: the
 //! real `caf-worker serve` binary, the project's own client on the test side.
 //! Core mode: results, Acks, DLQ, heartbeats, a queue group of two workers.
-//! JetStream mode: `kill -9` and SIGTERM of one of two workers, a step
-//! longer than `ack_wait`, a server restart, wrong credentials.
+//! JetStream mode: `kill -9` and SIGTERM of one of two workers, SIGTERM
+//! with a retry parked in its backoff, a step longer than `ack_wait`, a
+//! server restart, wrong credentials.
 
 mod support;
 
@@ -14,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use support::nats::NatsServer;
 use support::serve::{health, metric};
-use support::{Worker, assignment, wait_for};
+use support::{Worker, assignment, fail_once, wait_for};
 
 const ASSIGN: &str = "caf.exec.assign.v1";
 const RESULTS: &str = "caf.exec.result.v1";
@@ -509,6 +510,77 @@ fn jetstream_sigterm_hands_back_queued_and_unfinished_steps_and_exits_0() {
         items.len() as u64,
         Duration::from_secs(5),
     );
+    drop(b);
+}
+
+#[test]
+fn jetstream_sigterm_naks_a_retry_parked_in_its_backoff_and_exits_0() {
+    let server = NatsServer::start();
+    let c = client(&server.url());
+    let results = sub(&c, RESULTS);
+    let js = JetStream::new(c.clone(), Duration::from_secs(5));
+    // The grace (30 s) outlasts the backoff (8 s): a worker that kept the
+    // parked retry would run it within the grace and answer it itself.
+    let mut a = worker(
+        &server.url(),
+        "jetstream",
+        &[
+            ("WORKER_ID", "wa"),
+            ("CP2_ADVANCED_RETRY_ENABLED", "1"),
+            ("WORKER_SHUTDOWN_GRACE_MS", "30000"),
+            ("WORKER_NATS_ACK_WAIT_MS", "30000"),
+        ],
+    );
+    wait_js_setup(&js);
+    js_publish(&js, &[fail_once("parked-1", 8000)]);
+    let waiting = "worker_retries_waiting{resource_pool=\"cpu\"}";
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            (metric(&a, waiting) == Some(1.0)).then_some(())
+        })
+        .is_some(),
+        "the retry never parked: {:?}",
+        a.stderr.lock().unwrap()
+    );
+    let sent = Instant::now();
+    a.sigterm();
+    assert_eq!(a.wait_exit(Duration::from_secs(40)), 0);
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "exit took {:?}: the parked retry was not handed back at once",
+        sent.elapsed()
+    );
+    let from_a = collect(&results, Duration::from_millis(300), |_| false);
+    assert!(
+        from_a.is_empty(),
+        "A published {:?}",
+        from_a.iter().map(body).collect::<Vec<_>>()
+    );
+    // B (CP1 retry: 100 ms) gets the redelivery at once, well within
+    // `ack_wait` (30 s): A NAKed it. B runs it from its first attempt and
+    // answers it exactly once.
+    let b = worker(&server.url(), "jetstream", &[("WORKER_ID", "wb")]);
+    let got = collect(&results, Duration::from_secs(15), |m| !m.is_empty());
+    let extra = collect(&results, Duration::from_millis(500), |_| false);
+    assert_eq!(got.len() + extra.len(), 1, "one result");
+    let r = body(&got[0]);
+    assert_eq!(
+        (&r["assignment_id"], &r["worker_id"], &r["status"]),
+        (&json!("parked-1"), &json!("wb"), &json!("success")),
+        "{r}"
+    );
+    assert_eq!(r["attempts"], 2, "{r}");
+    wait_stream(&js, "CAF_RESULTS", 1, Duration::from_secs(5));
+    let stored = stored_results(&js);
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0]["assignment_id"], "parked-1");
+    wait_stream(&js, "CAF_ASSIGN", 0, Duration::from_secs(5));
+    let info = js
+        .consumer_info("CAF_ASSIGN", "caf-workers")
+        .unwrap()
+        .unwrap();
+    // Two deliveries in all: A's, then B's after the NAK.
+    assert_eq!(info["delivered"]["consumer_seq"], 2, "{info}");
     drop(b);
 }
 

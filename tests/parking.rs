@@ -8,21 +8,7 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use support::serve::{self, engine_threads, on_pool, sleep_step, thread_count};
-use support::{Worker, assignment};
-
-/// A `debug.fail` step failing its first attempt with a retryable error.
-fn fail_once(id: &str, backoff_ms: u64) -> Value {
-    let mut a = assignment(
-        id,
-        "debug.fail",
-        json!({"error_code": "NETWORK_ERROR", "fail_attempts": 1}),
-    );
-    a["options"] = json!({
-        "deadline_ms": 600_000,
-        "retry": {"max_attempts": 2, "backoff_ms": backoff_ms, "max_backoff_ms": backoff_ms},
-    });
-    a
-}
+use support::{Worker, assignment, fail_once};
 
 /// Submits every body from `clients` threads with keep-alive agents.
 fn submit_all(w: &Worker, bodies: Vec<String>, clients: usize) {

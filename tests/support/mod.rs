@@ -166,6 +166,21 @@ pub fn assignment(id: &str, job_type: &str, payload: Value) -> Value {
     })
 }
 
+/// A `debug.fail` step failing its first attempt with a retryable error,
+/// then retrying once after `backoff_ms` (CP2 advanced retry; CP1 waits 100 ms).
+pub fn fail_once(id: &str, backoff_ms: u64) -> Value {
+    let mut a = assignment(
+        id,
+        "debug.fail",
+        serde_json::json!({"error_code": "NETWORK_ERROR", "fail_attempts": 1}),
+    );
+    a["options"] = serde_json::json!({
+        "deadline_ms": 600_000,
+        "retry": {"max_attempts": 2, "backoff_ms": backoff_ms, "max_backoff_ms": backoff_ms},
+    });
+    a
+}
+
 /// Runs the shared checker (`check_result.py --strict-ids`) over JSON lines.
 pub fn check_results(lines: &[String]) {
     let script = vector_file("check_result.py");
