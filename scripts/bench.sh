@@ -74,7 +74,7 @@ cleanup() {
     for p in "${PIDS[@]:-}"; do
         [[ -n "$p" ]] || continue
         for _ in 1 2 3 4 5 6 7 8 9 10; do
-            kill -0 "$p" 2>/dev/null || break
+            kill -0 "$p" 2>/dev/null || continue 2
             sleep 0.1
         done
         kill -KILL "$p" 2>/dev/null || true
@@ -89,11 +89,14 @@ trap 'exit 143' TERM
 stop_pid() {
     local p="$1"
     kill -TERM "$p" 2>/dev/null || true
+    # KILL only a process still there after 3 s: once it has exited (bash
+    # reaps its children at once), its pid may already be another process's.
+    local gone=0
     for _ in $(seq 1 30); do
-        kill -0 "$p" 2>/dev/null || break
+        kill -0 "$p" 2>/dev/null || { gone=1; break; }
         sleep 0.1
     done
-    kill -KILL "$p" 2>/dev/null || true
+    ((gone)) || kill -KILL "$p" 2>/dev/null || true
     wait "$p" 2>/dev/null || true
     # Forget it, so clean-up never signals a pid the system has since reused.
     local keep=() q

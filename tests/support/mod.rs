@@ -382,6 +382,8 @@ pub struct Worker {
     pub metrics: Option<SocketAddr>,
     pub stderr: Arc<Mutex<Vec<String>>>,
     pub dir: tempfile::TempDir,
+    /// The thread collecting `stderr` (ends when the process closes it).
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Worker {
@@ -412,7 +414,7 @@ impl Worker {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = lines.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
                     if v["message"]
@@ -440,7 +442,52 @@ impl Worker {
             child,
             stderr: lines,
             dir,
+            reader: Some(reader),
         }
+    }
+
+    /// What a failing test needs to know about the process: whether it is
+    /// still running (and which threads it has: fewer `caf-http-poll-…`
+    /// than ports means a port's poller ended) or how it ended (a signal
+    /// such as SIGKILL or SIGABRT, or an exit code), and the last lines of
+    /// its stderr.
+    fn post_mortem(&mut self) -> String {
+        let pid = self.child.id();
+        let state = match self.child.try_wait() {
+            Ok(Some(status)) => {
+                // The pipe is closed: let the reader take the last lines.
+                if let Some(r) = self.reader.take() {
+                    let until = Instant::now() + Duration::from_secs(2);
+                    while !r.is_finished() && Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                format!("serve (pid {pid}) had exited: {status}")
+            }
+            Ok(None) => {
+                // Thread names as the kernel keeps them (15 bytes), counted.
+                let mut threads = std::collections::BTreeMap::<String, usize>::new();
+                for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    if let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) {
+                        *threads.entry(comm.trim().to_owned()).or_default() += 1;
+                    }
+                }
+                format!("serve (pid {pid}) is still running; threads: {threads:?}")
+            }
+            Err(e) => format!("serve (pid {pid}): cannot tell its state: {e}"),
+        };
+        let lines = self.stderr.lock().map(|l| l.clone()).unwrap_or_default();
+        let tail = &lines[lines.len().saturating_sub(40)..];
+        format!(
+            "{state}; last {} of {} stderr lines:\n{}",
+            tail.len(),
+            lines.len(),
+            tail.join("\n")
+        )
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -477,6 +524,11 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        // A test failing mid-way (e.g. a refused connection) says why the
+        // worker stopped answering.
+        if std::thread::panicking() {
+            eprintln!("{}", self.post_mortem());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
