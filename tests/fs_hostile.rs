@@ -139,8 +139,12 @@ fn a_symlink_swap_race_never_escapes_the_root() {
     }
 
     let done = Arc::new(AtomicBool::new(false));
+    // Swaps so far: the batch starts only once the swapper is running, so a
+    // starved swapper on a busy machine cannot make the race a no-op.
+    let counted = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    const WARM_UP: u32 = 20;
     let swapper = {
-        let (root, done) = (root.clone(), done.clone());
+        let (root, done, counted) = (root.clone(), done.clone(), counted.clone());
         std::os::unix::fs::symlink(&outside, root.join("d-link")).unwrap();
         std::thread::spawn(move || {
             // RENAME_EXCHANGE: `d` is always there, a directory or a symlink
@@ -163,11 +167,16 @@ fn a_symlink_swap_race_never_escapes_the_root() {
                 std::thread::yield_now();
                 exchange(); // `d` is the directory again
                 swaps += 1;
+                counted.store(swaps, Ordering::Release);
                 std::thread::yield_now();
             }
             swaps
         })
     };
+    let warm = std::time::Instant::now() + Duration::from_secs(30);
+    while counted.load(Ordering::Acquire) < WARM_UP && std::time::Instant::now() < warm {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let env = [
         ("WORKER_FS_ROOT", root.to_str().unwrap()),
         ("WORKER_IO_POOL_SIZE", "8"),
@@ -175,7 +184,8 @@ fn a_symlink_swap_race_never_escapes_the_root() {
     let out = support::run_lines(&steps, &env, Duration::from_secs(240));
     done.store(true, Ordering::Release);
     let swaps = swapper.join().unwrap();
-    assert!(swaps > 100, "the race barely ran: {swaps} swaps");
+    // At least one swap while the batch ran, beyond the warm-up.
+    assert!(swaps > WARM_UP, "the race barely ran: {swaps} swaps");
 
     let results = out.json_lines();
     assert_eq!(results.len(), steps.len(), "stderr {:?}", out.stderr);
