@@ -204,20 +204,44 @@ impl SqlBlock {
         if create && !self.root.exists() {
             std::fs::create_dir_all(&self.root).map_err(io_err)?;
         }
+        let classify = |is_file: bool, is_symlink: bool, id: (u64, u64)| {
+            if is_file {
+                Ok(DbFile {
+                    abs: abs.clone(),
+                    id: Some(id),
+                })
+            } else if is_symlink {
+                Err(escape())
+            } else {
+                Err(bad("is not a database file"))
+            }
+        };
+        if rel.parent().is_none_or(|p| p.as_os_str().is_empty()) {
+            // A database directly in the root: no directory between them to
+            // swap, so one lstat is as safe as the handle walk (the root is
+            // opened by name either way, and SQLite refuses a symlink leaf).
+            return match std::fs::symlink_metadata(&abs) {
+                Ok(m) => classify(m.is_file(), m.file_type().is_symlink(), (m.dev(), m.ino())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                    Ok(DbFile { abs, id: None })
+                }
+                Err(e) => Err(io_err(e)),
+            };
+        }
         let root = confine::open_root(&self.root).map_err(io_err)?;
         let parent = rel.parent().unwrap_or(Path::new(""));
         let how = if create { How::CreateDir } else { How::Dir };
         let dir = confine::open_beneath(&root, parent, how).map_err(confine_err)?;
         let leaf = rel.file_name().unwrap_or_default();
         match rustix::fs::statat(&dir, leaf, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => match rustix::fs::FileType::from_raw_mode(st.st_mode) {
-                rustix::fs::FileType::RegularFile => Ok(DbFile {
-                    abs,
-                    id: Some((st.st_dev, st.st_ino)),
-                }),
-                rustix::fs::FileType::Symlink => Err(escape()),
-                _ => Err(bad("is not a database file")),
-            },
+            Ok(st) => {
+                let kind = rustix::fs::FileType::from_raw_mode(st.st_mode);
+                classify(
+                    kind == rustix::fs::FileType::RegularFile,
+                    kind == rustix::fs::FileType::Symlink,
+                    (st.st_dev, st.st_ino),
+                )
+            }
             Err(rustix::io::Errno::NOENT) if create => Ok(DbFile { abs, id: None }),
             Err(e) => Err(io_err(e.into())),
         }
