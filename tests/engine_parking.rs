@@ -1,6 +1,6 @@
 //! The engine's hooks for fronts other than the ingress, driven through the
-//! library (the NATS transport will call them): `withdraw_waiting` hands
-//! back every step no thread runs, for a JetStream `+NAK`, and
+//! library (the NATS transport calls them): `withdraw_unstarted` hands
+//! back a step no thread runs, for a JetStream `+NAK`, and
 //! `decide_approval` answers an approval.
 
 use caf_worker::config::{Sources, load};
@@ -66,7 +66,7 @@ fn until(limit: Duration, mut f: impl FnMut() -> bool) {
 }
 
 #[test]
-fn withdraw_waiting_returns_queued_parked_and_pending_work_and_leaves_running_steps() {
+fn withdraw_unstarted_takes_queued_parked_and_pending_work_and_leaves_running_steps() {
     let dir = tempfile::tempdir().unwrap();
     let (e, sink) = engine(dir.path());
     e.enable_approvals();
@@ -91,10 +91,10 @@ fn withdraw_waiting_returns_queued_parked_and_pending_work_and_leaves_running_st
     );
     assert_eq!(e.approvals_pending(), 1);
 
-    let withdrawn: BTreeSet<String> = e
-        .withdraw_waiting()
+    let withdrawn: BTreeSet<String> = ["running", "parked", "queued", "ask", "never-seen"]
         .into_iter()
-        .map(|a| a.assignment_id)
+        .filter(|id| e.withdraw_unstarted(id))
+        .map(str::to_owned)
         .collect();
     assert_eq!(
         withdrawn,

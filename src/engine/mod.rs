@@ -621,26 +621,6 @@ impl Engine {
         self.shared.cancel_approvals();
     }
 
-    /// The hook for a front that can hand unstarted work back to its broker
-    /// (NATS JetStream: `+NAK` at SIGTERM, SPEC §13). Claims every pending
-    /// step no pool thread is running — queued, parked in a retry backoff, or
-    /// an approval waiting for a decision — so this worker gives it no
-    /// result, and returns their assignments to NAK. Call it after
-    /// [`Engine::begin_shutdown`] and before [`Engine::shutdown`]; running
-    /// steps keep their grace. A pool thread that later reaches a withdrawn
-    /// step skips it. (A step a pool thread picks up at this very moment may
-    /// still end `cancelled` with a result instead: one answer either way.)
-    pub fn withdraw_waiting(&self) -> Vec<Assignment> {
-        let shared = &self.shared;
-        let mut out = Vec::new();
-        for h in shared.tracker.all_pending() {
-            if shared.withdraw(&h) {
-                out.push(h.assignment.clone());
-            }
-        }
-        out
-    }
-
     /// Drains for up to `grace` (queued steps run, and so do parked retries
     /// that come due), then ends every step still pending as `cancelled`
     /// (retryable), so each accepted assignment has one result.
@@ -727,7 +707,7 @@ fn unwrap_handle(handle: Arc<StepHandle>) -> Assignment {
 }
 
 impl Shared {
-    /// Takes `h` back if it is not running (see [`Engine::withdraw_waiting`]):
+    /// Takes `h` back if it is not running (see [`Engine::withdraw_unstarted`]):
     /// it gets no result from this worker. True if this call removed it.
     fn withdraw(&self, h: &Arc<StepHandle>) -> bool {
         if h.approval.is_some() {
