@@ -40,6 +40,16 @@ fn sub(c: &Client, subject: &str) -> Subscription {
 }
 
 /// `serve` with the NATS front on `url`, metrics on, small queues (so a
+/// A server with JetStream, a client's subscription to the result subject,
+/// and the JetStream API on that client: how the JetStream tests begin.
+fn jetstream_setup() -> (NatsServer, Subscription, JetStream) {
+    let server = NatsServer::start();
+    let c = client(&server.url());
+    let results = sub(&c, RESULTS);
+    let js = JetStream::new(c, Duration::from_secs(5));
+    (server, results, js)
+}
+
 /// JetStream worker holds little and two share the work).
 fn worker(url: &str, mode: &str, extra: &[(&str, &str)]) -> Worker {
     let mut env = vec![
@@ -379,10 +389,7 @@ fn core_mode_two_workers_in_one_queue_group_share_the_work() {
 
 #[test]
 fn jetstream_kill_9_of_one_worker_loses_nothing_and_stores_one_result_each() {
-    let server = NatsServer::start();
-    let c = client(&server.url());
-    let results = sub(&c, RESULTS);
-    let js = JetStream::new(c.clone(), Duration::from_secs(5));
+    let (server, results, js) = jetstream_setup();
     let mut a = worker(
         &server.url(),
         "jetstream",
@@ -515,10 +522,7 @@ fn jetstream_sigterm_hands_back_queued_and_unfinished_steps_and_exits_0() {
 
 #[test]
 fn jetstream_sigterm_naks_a_retry_parked_in_its_backoff_and_exits_0() {
-    let server = NatsServer::start();
-    let c = client(&server.url());
-    let results = sub(&c, RESULTS);
-    let js = JetStream::new(c.clone(), Duration::from_secs(5));
+    let (server, results, js) = jetstream_setup();
     // The grace (30 s) outlasts the backoff (8 s): a worker that kept the
     // parked retry would run it within the grace and answer it itself.
     let mut a = worker(
@@ -586,10 +590,7 @@ fn jetstream_sigterm_naks_a_retry_parked_in_its_backoff_and_exits_0() {
 
 #[test]
 fn jetstream_step_longer_than_ack_wait_is_not_redelivered() {
-    let server = NatsServer::start();
-    let c = client(&server.url());
-    let results = sub(&c, RESULTS);
-    let js = JetStream::new(c.clone(), Duration::from_secs(5));
+    let (server, results, js) = jetstream_setup();
     let w = worker(
         &server.url(),
         "jetstream",
@@ -808,10 +809,7 @@ fn submit_prints_every_answer_and_exits_0_or_1_after_the_timeout() {
 
 #[test]
 fn jetstream_redelivered_retained_assignment_is_republished_not_rerun() {
-    let server = NatsServer::start();
-    let c = client(&server.url());
-    let results = sub(&c, RESULTS);
-    let js = JetStream::new(c.clone(), Duration::from_secs(5));
+    let (server, results, js) = jetstream_setup();
     let w = worker(&server.url(), "jetstream", &[]);
     wait_js_setup(&js);
     let a = echo("again-1");
