@@ -39,10 +39,15 @@ impl JsonLinesFile {
 
 impl ResultSink for JsonLinesFile {
     fn deliver(&self, result: &Arc<ExecResult>) {
-        let mut line = result.to_json_line();
-        line.push('\n');
+        self.deliver_line(result, &result.to_json_line());
+    }
+
+    fn deliver_line(&self, _result: &Arc<ExecResult>, line: &str) {
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = f.write_all(line.as_bytes()).and_then(|()| f.flush()) {
+        let written = f
+            .write_all(line.as_bytes())
+            .and_then(|()| f.write_all(b"\n"));
+        if let Err(e) = written.and_then(|()| f.flush()) {
             log::error!(path = self.path.display().to_string(), error = e.to_string(); "cannot append a result to the results file");
         }
     }
@@ -70,8 +75,12 @@ pub struct ChannelSink(pub Sender<BatchLine>);
 
 impl ResultSink for ChannelSink {
     fn deliver(&self, result: &Arc<ExecResult>) {
+        self.deliver_line(result, &result.to_json_line());
+    }
+
+    fn deliver_line(&self, result: &Arc<ExecResult>, line: &str) {
         let _ = self.0.send(BatchLine::Result {
-            line: result.to_json_line(),
+            line: line.to_owned(),
             status: result.status,
         });
     }

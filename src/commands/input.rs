@@ -10,9 +10,24 @@ use crate::contract::{
     Assignment, Checked, IntakeRules, RejectReason, Rejection, parse_assignment,
     validate_assignment,
 };
+use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
+
+/// The reader under a batch input: a file or stdin, buffered.
+type Reader = BufReader<Box<dyn Read + Send>>;
+
+/// Read buffer of the input (file or stdin).
+const READ_BUFFER: usize = 256 * 1024;
+/// At most this many items are parsed together (in parallel)...
+const BATCH_ITEMS: usize = 1024;
+/// ...and at most about this many bytes of them, so a batch of large
+/// assignments stays small in memory.
+const BATCH_BYTES: usize = 4 << 20;
+/// Below this many items a batch is parsed on the reading thread: handing a
+/// few lines to other threads costs more than it saves.
+const PARALLEL_FROM: usize = 32;
 
 /// One input item: its line and what intake made of it.
 pub struct Item {
@@ -27,9 +42,16 @@ pub struct Item {
 pub struct InputError(pub String);
 
 /// Iterator over the items of a batch input.
+///
+/// A streamed input is cut into values on the reading thread, then parsed and
+/// validated in batches: every value already in the read buffer (up to
+/// [`BATCH_ITEMS`] / [`BATCH_BYTES`]) is parsed in parallel with rayon and
+/// handed out in input order. A batch never waits for more input, so a
+/// slow pipe still gets each line answered as it arrives.
 pub struct Items {
     source: Source,
     rules: IntakeRules,
+    parsed: VecDeque<Result<Item, InputError>>,
 }
 
 enum Source {
@@ -39,12 +61,13 @@ enum Source {
 
 /// Opens `FILE` or `-` and detects its shape from the first non-blank byte.
 pub fn open(path: &str, rules: IntakeRules) -> Result<Items, InputError> {
-    let mut reader: Box<dyn BufRead> = if path == "-" {
-        Box::new(BufReader::new(io::stdin()))
+    let inner: Box<dyn Read + Send> = if path == "-" {
+        Box::new(io::stdin())
     } else {
         let f = File::open(path).map_err(|e| InputError(format!("cannot read {path}: {e}")))?;
-        Box::new(BufReader::with_capacity(256 * 1024, f))
+        Box::new(f)
     };
+    let mut reader: Reader = BufReader::with_capacity(READ_BUFFER, inner);
     // Skip leading whitespace, however the reads are chunked, to find the
     // shape; line numbers still count the newlines skipped.
     let mut skipped = 0;
@@ -81,11 +104,13 @@ pub fn open(path: &str, rules: IntakeRules) -> Result<Items, InputError> {
         return Ok(Items {
             source: Source::Array(numbered.into_iter()),
             rules,
+            parsed: VecDeque::new(),
         });
     }
     Ok(Items {
         source: Source::Stream(Box::new(Stream::new(reader, rules.max_body_bytes, skipped))),
         rules,
+        parsed: VecDeque::new(),
     })
 }
 
@@ -119,21 +144,54 @@ impl Iterator for Items {
                 Some(Ok(Item { number, parsed }))
             }
             Source::Stream(stream) => {
-                let raw = match stream.next_value()? {
+                if let Some(item) = self.parsed.pop_front() {
+                    return Some(item);
+                }
+                // The first value may wait for input; the rest of the batch
+                // is what is already buffered.
+                let first = match stream.next_value()? {
                     Ok(raw) => raw,
                     Err(e) => return Some(Err(e)),
                 };
-                let parsed = match raw.oversized {
-                    Some(size) => Err(too_large(size, self.rules.max_body_bytes)),
-                    None => parse_assignment(&raw.bytes, &self.rules),
-                };
-                Some(Ok(Item {
-                    number: raw.line,
-                    parsed,
-                }))
+                let mut bytes = first.bytes.len();
+                let mut batch = vec![first];
+                while batch.len() < BATCH_ITEMS && bytes < BATCH_BYTES {
+                    match stream.next_buffered_value() {
+                        Some(Ok(raw)) => {
+                            bytes += raw.bytes.len();
+                            batch.push(raw);
+                        }
+                        Some(Err(e)) => {
+                            self.parsed.extend(parse_batch(batch, &self.rules).map(Ok));
+                            self.parsed.push_back(Err(e));
+                            return self.parsed.pop_front();
+                        }
+                        None => break,
+                    }
+                }
+                self.parsed.extend(parse_batch(batch, &self.rules).map(Ok));
+                self.parsed.pop_front()
             }
         }
     }
+}
+
+/// Parses and validates a batch of raw values, in parallel when it is big
+/// enough; the items come out in input order.
+fn parse_batch(batch: Vec<RawValue>, rules: &IntakeRules) -> impl Iterator<Item = Item> {
+    let parse = |raw: RawValue| Item {
+        number: raw.line,
+        parsed: match raw.oversized {
+            Some(size) => Err(too_large(size, rules.max_body_bytes)),
+            None => parse_assignment(&raw.bytes, rules),
+        },
+    };
+    let items: Vec<Item> = if batch.len() >= PARALLEL_FROM {
+        batch.into_par_iter().map(parse).collect()
+    } else {
+        batch.into_iter().map(parse).collect()
+    };
+    items.into_iter()
 }
 
 fn too_large(size: usize, max: usize) -> Rejection {
@@ -190,7 +248,9 @@ struct RawValue {
 
 /// Splits a byte stream into top-level JSON values, line by line.
 struct Stream {
-    reader: Box<dyn BufRead>,
+    reader: Reader,
+    /// The line being scanned (reused).
+    text: Vec<u8>,
     line: usize,
     max: usize,
     ready: VecDeque<RawValue>,
@@ -220,9 +280,10 @@ impl Open {
 
 impl Stream {
     /// `line`: lines already consumed before the reader's position.
-    fn new(reader: Box<dyn BufRead>, max: usize, line: usize) -> Stream {
+    fn new(reader: Reader, max: usize, line: usize) -> Stream {
         Stream {
             reader,
+            text: Vec::new(),
             line,
             max,
             ready: VecDeque::new(),
@@ -240,21 +301,51 @@ impl Stream {
                 // An object still open at the end is cut off: its parse error says so.
                 return self.open.take().map(|o| Ok(o.finish(self.max)));
             }
-            let mut line = Vec::new();
-            match self.reader.read_until(b'\n', &mut line) {
-                Ok(0) => self.eof = true,
-                Ok(_) => {
-                    self.line += 1;
-                    self.scan_line(&line);
-                }
-                Err(e) => {
-                    return Some(Err(InputError(format!(
-                        "read error after line {}: {e}",
-                        self.line
-                    ))));
-                }
+            if let Err(e) = self.read_line() {
+                return Some(Err(e));
             }
         }
+    }
+
+    /// The next value if it can be had without reading (it ends in a line
+    /// already in the buffer); `None` when a read would be needed.
+    fn next_buffered_value(&mut self) -> Option<Result<RawValue, InputError>> {
+        loop {
+            if let Some(v) = self.ready.pop_front() {
+                return Some(Ok(v));
+            }
+            if self.eof || !self.reader.buffer().contains(&b'\n') {
+                return None;
+            }
+            // A whole line is buffered: this read does not touch the input.
+            if let Err(e) = self.read_line() {
+                return Some(Err(e));
+            }
+        }
+    }
+
+    /// Reads and scans one line (at the end of input, sets `eof`).
+    fn read_line(&mut self) -> Result<(), InputError> {
+        let mut text = std::mem::take(&mut self.text);
+        text.clear();
+        let read = self.reader.read_until(b'\n', &mut text);
+        let outcome = match read {
+            Ok(0) => {
+                self.eof = true;
+                Ok(())
+            }
+            Ok(_) => {
+                self.line += 1;
+                self.scan_line(&text);
+                Ok(())
+            }
+            Err(e) => Err(InputError(format!(
+                "read error after line {}: {e}",
+                self.line
+            ))),
+        };
+        self.text = text;
+        outcome
     }
 
     fn scan_line(&mut self, text: &[u8]) {
@@ -337,11 +428,8 @@ mod tests {
     use serde_json::Value;
 
     fn items(text: &str) -> Vec<(usize, String)> {
-        let mut s = Stream::new(
-            Box::new(io::Cursor::new(text.as_bytes().to_vec())),
-            1 << 20,
-            0,
-        );
+        let cursor: Box<dyn Read + Send> = Box::new(io::Cursor::new(text.as_bytes().to_vec()));
+        let mut s = Stream::new(BufReader::new(cursor), 1 << 20, 0);
         std::iter::from_fn(|| s.next_value())
             .map(|v| {
                 let v = v.unwrap();

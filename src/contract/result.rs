@@ -152,7 +152,15 @@ impl ExecResult {
 
     /// The result as one JSON line (no trailing newline).
     pub fn to_json_line(&self) -> String {
-        // Serialising plain data with string keys cannot fail.
-        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"serialize_error\":\"{e}\"}}"))
+        // Sized for a typical result, so the buffer rarely grows (a growth
+        // copies everything written so far).
+        let mut buf = Vec::with_capacity(512);
+        // Serialising plain data with string keys cannot fail, and the
+        // serializer writes UTF-8 only.
+        match serde_json::to_writer(&mut buf, self).map(|()| String::from_utf8(buf)) {
+            Ok(Ok(line)) => line,
+            Ok(Err(e)) => format!("{{\"serialize_error\":\"{e}\"}}"),
+            Err(e) => format!("{{\"serialize_error\":\"{e}\"}}"),
+        }
     }
 }

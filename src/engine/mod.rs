@@ -43,6 +43,15 @@ use tracker::Tracker;
 pub trait ResultSink: Send + Sync {
     /// Called on a pool thread (or the shutdown thread); keep it short.
     fn deliver(&self, result: &Arc<ExecResult>);
+
+    /// [`ResultSink::deliver`] with the result already serialized as one
+    /// JSON line (the engine serializes each result once, to size it for
+    /// retention); a sink that writes JSON uses `line` instead of
+    /// serializing again.
+    fn deliver_line(&self, result: &Arc<ExecResult>, line: &str) {
+        let _ = line;
+        self.deliver(result);
+    }
 }
 
 /// A finished step, as reported to the [`Observer`].
@@ -175,6 +184,12 @@ impl StepHandle {
             park_key: Mutex::new(None),
             approval,
         }
+    }
+}
+
+impl logging::Correlated for StepHandle {
+    fn assignment(&self) -> &Assignment {
+        &self.assignment
     }
 }
 
@@ -742,11 +757,15 @@ impl Shared {
             &self.settings.worker_id,
         ));
         let _in_flight = InFlight::enter(&self.finishing);
-        if !self.tracker.complete(h, &result) {
+        // Serialized once, outside the table lock: its length sizes the
+        // retained result and JSON sinks write it as it is.
+        let line = result.to_json_line();
+        let size = tracker::retained_size(&result, line.len());
+        if !self.tracker.complete(h, &result, size) {
             return None;
         }
         for sink in &self.sinks {
-            sink.deliver(&result);
+            sink.deliver_line(&result, &line);
         }
         self.observer.finished(&StepReport {
             assignment: &h.assignment,
@@ -1006,7 +1025,7 @@ fn worker_loop(shared: &Shared, kind: PoolKind, exit: Sender<()>) {
             Work::Retry(h, last) => (h, Some(*last)),
         };
         pool.active.fetch_add(1, Ordering::AcqRel);
-        let _ctx = logging::enter(logging::LogContext::of(&handle.assignment));
+        let _ctx = logging::enter(logging::LogContext::shared(handle.clone()));
         // The step loop already catches block panics; this catch covers the
         // engine's own code so a bug cannot kill the thread or lose the result.
         let ran = catch_unwind(AssertUnwindSafe(|| step::run(shared, &handle, resume)));

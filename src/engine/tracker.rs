@@ -45,27 +45,11 @@ pub(super) struct Tracker {
 /// and order), the map slot, the `Arc` and the result's own fields.
 const ENTRY_OVERHEAD: usize = 256;
 
-/// What a retained result costs, closely: its serialized JSON size (big
-/// outputs are strings, held at about their serialized size) plus
-/// [`ENTRY_OVERHEAD`] and the id.
-fn retained_size(result: &ExecResult) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut n = Count(0);
-    // Serializing into a counter allocates nothing and cannot fail for a
-    // result (string keys only); were it to, the outputs alone are counted.
-    if serde_json::to_writer(&mut n, result).is_err() {
-        n.0 = result.outputs.as_ref().map_or(0, |o| o.to_string().len());
-    }
-    n.0 + 2 * result.assignment_id.len() + ENTRY_OVERHEAD
+/// What a retained result costs, closely: its serialized JSON size
+/// (`json_len`: big outputs are strings, held at about their serialized
+/// size) plus [`ENTRY_OVERHEAD`] and the id.
+pub(super) fn retained_size(result: &ExecResult, json_len: usize) -> usize {
+    json_len + 2 * result.assignment_id.len() + ENTRY_OVERHEAD
 }
 
 impl Tracker {
@@ -134,35 +118,41 @@ impl Tracker {
         false
     }
 
-    /// Records the result of `handle`; `true` only for the first completion,
-    /// and only while `handle` is still the pending step of its id. A stale
-    /// handle (cancelled while queued, its id since aged out and re-sent)
-    /// must not complete the newer assignment that reuses the id.
-    pub fn complete(&self, handle: &StepHandle, result: &Arc<ExecResult>) -> bool {
-        // Measured before taking the lock: a large result takes a while.
-        let size = retained_size(result);
-        let mut t = self.lock();
-        match t.slots.get_mut(&result.assignment_id) {
-            Some(slot @ Slot::Pending(_)) => {
-                if !matches!(slot, Slot::Pending(h) if std::ptr::eq(h.as_ref(), handle)) {
-                    return false;
-                }
-                *slot = Slot::Done(result.clone());
-            }
-            _ => return false,
-        }
-        t.done_order.push_back((result.assignment_id.clone(), size));
-        t.done_bytes += size;
-        while t.done_order.len() > 1
-            && (t.done_order.len() > self.retention || t.done_bytes > self.retention_bytes)
+    /// Records the result of `handle` (`size`: its [`retained_size`]);
+    /// `true` only for the first completion, and only while `handle` is
+    /// still the pending step of its id. A stale handle (cancelled while
+    /// queued, its id since aged out and re-sent) must not complete the newer
+    /// assignment that reuses the id.
+    pub fn complete(&self, handle: &StepHandle, result: &Arc<ExecResult>, size: usize) -> bool {
+        // What leaves the table is dropped after the lock is released: the
+        // step's handle and evicted results free many small allocations, and
+        // every submission and completion waits on this lock.
+        let replaced;
+        let mut evicted = Vec::new();
         {
-            if let Some((old, size)) = t.done_order.pop_front() {
-                t.slots.remove(&old);
-                t.done_bytes -= size;
+            let mut t = self.lock();
+            match t.slots.get_mut(&result.assignment_id) {
+                Some(slot @ Slot::Pending(_)) => {
+                    if !matches!(slot, Slot::Pending(h) if std::ptr::eq(h.as_ref(), handle)) {
+                        return false;
+                    }
+                    replaced = std::mem::replace(slot, Slot::Done(result.clone()));
+                }
+                _ => return false,
+            }
+            t.done_order.push_back((result.assignment_id.clone(), size));
+            t.done_bytes += size;
+            while t.done_order.len() > 1
+                && (t.done_order.len() > self.retention || t.done_bytes > self.retention_bytes)
+            {
+                if let Some((old, size)) = t.done_order.pop_front() {
+                    evicted.push(t.slots.remove(&old));
+                    t.done_bytes -= size;
+                }
             }
         }
-        drop(t);
         self.finished.notify_all();
+        drop((replaced, evicted));
         true
     }
 

@@ -12,30 +12,79 @@ use std::cell::RefCell;
 use std::io::Write;
 
 /// Correlation fields attached to log lines of the current thread.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct LogContext {
-    fields: Vec<(&'static str, String)>,
+    fields: Fields,
+}
+
+#[derive(Clone, Default)]
+enum Fields {
+    #[default]
+    None,
+    /// Copied out of an assignment.
+    Owned(Vec<(&'static str, String)>),
+    /// Read from a shared step only when a line is written: entering this
+    /// context costs a reference count, not a copy of every id (pool
+    /// threads enter one per step; few steps log anything).
+    Shared(std::sync::Arc<dyn Correlated>),
+}
+
+impl std::fmt::Debug for LogContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut list = f.debug_list();
+        self.each(&mut |k, v| {
+            list.entry(&(k, v));
+        });
+        list.finish()
+    }
+}
+
+/// Something that carries an assignment's correlation fields (a step).
+pub trait Correlated: Send + Sync {
+    /// The assignment whose ids the log lines carry.
+    fn assignment(&self) -> &Assignment;
+}
+
+/// Calls `f` with each correlation field of `a` that is present.
+fn assignment_fields(a: &Assignment, f: &mut dyn FnMut(&'static str, &str)) {
+    let c = &a.correlation;
+    f("assignment_id", &a.assignment_id);
+    f("tenant_id", &a.tenant_id);
+    for (k, v) in [
+        ("run_id", &c.run_id),
+        ("flow_id", &c.flow_id),
+        ("step_id", &c.step_id),
+        ("trace_id", &c.trace_id),
+    ] {
+        if let Some(v) = v {
+            f(k, v);
+        }
+    }
 }
 
 impl LogContext {
-    /// The correlation fields of an assignment.
+    /// The correlation fields of an assignment (copied).
     pub fn of(a: &Assignment) -> LogContext {
-        let c = &a.correlation;
-        let mut fields = vec![
-            ("assignment_id", a.assignment_id.clone()),
-            ("tenant_id", a.tenant_id.clone()),
-        ];
-        for (k, v) in [
-            ("run_id", &c.run_id),
-            ("flow_id", &c.flow_id),
-            ("step_id", &c.step_id),
-            ("trace_id", &c.trace_id),
-        ] {
-            if let Some(v) = v {
-                fields.push((k, v.clone()));
-            }
+        let mut fields = Vec::new();
+        assignment_fields(a, &mut |k, v| fields.push((k, v.to_owned())));
+        LogContext {
+            fields: Fields::Owned(fields),
         }
-        LogContext { fields }
+    }
+
+    /// The correlation fields of a shared step, read when a line is written.
+    pub fn shared(step: std::sync::Arc<dyn Correlated>) -> LogContext {
+        LogContext {
+            fields: Fields::Shared(step),
+        }
+    }
+
+    fn each(&self, f: &mut dyn FnMut(&'static str, &str)) {
+        match &self.fields {
+            Fields::None => {}
+            Fields::Owned(fields) => fields.iter().for_each(|(k, v)| f(k, v)),
+            Fields::Shared(step) => assignment_fields(step.assignment(), f),
+        }
     }
 }
 
@@ -85,9 +134,9 @@ pub fn json_line(record: &log::Record<'_>) -> String {
     obj.insert("message".into(), record.args().to_string().into());
     CURRENT.with(|c| {
         if let Some(ctx) = &*c.borrow() {
-            for (k, v) in &ctx.fields {
-                obj.insert((*k).into(), v.clone().into());
-            }
+            ctx.each(&mut |k, v| {
+                obj.insert(k.into(), v.into());
+            });
         }
     });
     let mut kv = KvCollector(Map::new());
