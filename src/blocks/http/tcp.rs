@@ -81,10 +81,11 @@ impl<In: Transport> Connector<In> for TcpConnector {
     }
 }
 
-/// The deadline of a timeout that starts now (`None`: no timeout).
+/// The deadline of a timeout that starts now (`None`: no timeout, or one
+/// too far away to represent).
 fn deadline(timeout: &NextTimeout) -> Option<Instant> {
     match timeout.after {
-        UreqDuration::Exact(d) => Some(Instant::now() + d),
+        UreqDuration::Exact(d) => Instant::now().checked_add(d),
         UreqDuration::NotHappening => None,
     }
 }
@@ -112,7 +113,8 @@ fn connect_any(
             // ureq's `not_zero`: an exhausted budget still gets one second.
             UreqDuration::Exact(t) if t.is_zero() => Some(Duration::from_secs(1)),
             UreqDuration::Exact(t) => Some(
-                Duration::from_secs_f64(t.as_secs_f64() * weight / total_weight)
+                Duration::try_from_secs_f64(t.as_secs_f64() * weight / total_weight)
+                    .unwrap_or(t)
                     .max(MIN_PER_ADDRESS),
             ),
         };
@@ -338,5 +340,20 @@ mod tests {
         // No deadline: no socket timeout.
         assert_eq!(timeout_to_set(Some(ms(700)), None), Some(None));
         assert_eq!(timeout_to_set(None, None), None);
+    }
+
+    #[test]
+    fn a_timeout_too_far_away_is_no_deadline() {
+        let far = NextTimeout {
+            after: UreqDuration::Exact(Duration::MAX),
+            ..NextTimeout::default()
+        };
+        assert_eq!(deadline(&far), None);
+        assert_eq!(deadline(&NextTimeout::default()), None);
+        let soon = NextTimeout {
+            after: UreqDuration::Exact(Duration::from_secs(1)),
+            ..NextTimeout::default()
+        };
+        assert!(deadline(&soon).is_some());
     }
 }
