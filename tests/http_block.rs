@@ -335,3 +335,107 @@ fn a_refused_connection_is_network_error() {
     assert_eq!(r["error_code"], "NETWORK_ERROR", "{r}");
     assert_eq!(r["retryable"], true);
 }
+
+/// A keep-alive upstream on a raw listener that counts its connections and
+/// answers `/slow` after `slow`, everything else at once.
+fn counting_upstream(slow: Duration) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufReader, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let conns = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = conns.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(20)));
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                while let Some(first) = support::read_request_head(&mut reader) {
+                    if first.contains(" /slow ") {
+                        std::thread::sleep(slow);
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if conn.write_all(answer).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (base, conns)
+}
+
+/// A pooled connection keeps the socket timeout its last request set while
+/// that is still within the next request's time (SPEC §12.15): a step with a
+/// long deadline followed, on the same connection, by one with a short
+/// deadline must still end at the short one.
+#[test]
+fn a_pooled_connection_ends_a_short_step_at_its_own_deadline() {
+    let (base, conns) = counting_upstream(Duration::from_secs(4));
+    let with = |id: &str, path: &str, deadline: u64| {
+        support::with_options(
+            request(id, json!({"url": format!("{base}{path}")})),
+            json!({"deadline_ms": deadline, "retry": {"max_attempts": 1}}),
+        )
+    };
+    let steps = [
+        with("long", "/fast", 60_000),
+        with("short", "/slow", 300),
+        with("after", "/fast", 60_000),
+    ];
+    let started = Instant::now();
+    // One io thread: the steps run in order over one pooled connection.
+    let r = support::run_in_order(&steps, &[("WORKER_IO_POOL_SIZE", "1")], LIMIT);
+    assert_eq!(r[0]["status"], "success", "{}", r[0]);
+    assert_eq!(r[1]["status"], "timeout", "{}", r[1]);
+    assert_eq!(r[1]["error_code"], "CANCELLED_BY_TIMEOUT");
+    let latency = r[1]["latency_ms"].as_u64().unwrap();
+    assert!(
+        (250..2000).contains(&latency),
+        "latency {latency} ms for a 300 ms deadline on a pooled connection"
+    );
+    assert_eq!(r[2]["status"], "success", "{}", r[2]);
+    assert!(started.elapsed() < Duration::from_millis(3500));
+    // The first two steps shared a connection; the timed-out one was dropped.
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// An upstream that never reads a large request body: the blocked write
+/// ends at the step's deadline (the socket write timeout is only set once
+/// a non-blocking first write could not send everything).
+#[test]
+fn a_body_the_upstream_never_reads_ends_at_the_deadline() {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    // A small receive window (inherited by the accepted socket) and no
+    // reads: the worker's send buffer fills and its write blocks.
+    listener.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    listener.bind(&any.into()).expect("bind");
+    listener.listen(8).expect("listen");
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok((conn, _)) = listener.accept() {
+            // Held unread until the test ends.
+            let _ = rx.recv();
+            drop(conn);
+        }
+    });
+    let body = "x".repeat(8 << 20);
+    let a = support::with_options(
+        request(
+            "unread",
+            json!({"url": format!("http://{addr}/up"), "method": "POST", "body": body}),
+        ),
+        json!({"deadline_ms": 500, "retry": {"max_attempts": 1}}),
+    );
+    let r = support::run_one(&a, &[("WORKER_MAX_BODY_BYTES", "16777216")], LIMIT);
+    let _ = tx.send(());
+    assert_eq!(r["status"], "timeout", "{r}");
+    assert_eq!(r["error_code"], "CANCELLED_BY_TIMEOUT");
+    let latency = r["latency_ms"].as_u64().unwrap();
+    assert!((450..2500).contains(&latency), "latency {latency} ms");
+}

@@ -11,7 +11,7 @@
 mod support;
 
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -279,14 +279,8 @@ fn closing_upstream() -> ClosingUpstream {
             std::thread::spawn(move || {
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
                 let mut reader = BufReader::new(conn.try_clone().expect("clone"));
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if line.trim().is_empty() {
-                        break;
-                    }
+                if support::read_request_head(&mut reader).is_none() {
+                    return;
                 }
                 count.fetch_add(1, Ordering::SeqCst);
                 let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");

@@ -51,6 +51,9 @@ impl Progress {
     pub fn stop(mut self) {
         self.counters.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            // Wakes it at once: `run` ends (and is timed) without waiting
+            // out the rest of a draw period.
+            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -59,8 +62,16 @@ impl Progress {
 fn report(c: &Counters, tty: bool) {
     let start = Instant::now();
     let mut last_log = start;
+    let mut next = start + DRAW_EVERY;
     while !c.stop.load(Ordering::Acquire) {
-        std::thread::sleep(DRAW_EVERY);
+        // Parked, not asleep, so `stop` can wake it (a wake-up before the
+        // draw time, spurious or not, only loops).
+        let now = Instant::now();
+        if now < next {
+            std::thread::park_timeout(next - now);
+            continue;
+        }
+        next = now + DRAW_EVERY;
         let snap = Snapshot::take(c, start.elapsed());
         if tty {
             PROGRESS_LINE.store(true, Ordering::Relaxed);

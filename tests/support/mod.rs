@@ -1212,3 +1212,22 @@ pub fn assert_ms_in(what: &str, v: u64, lo: u64, hi: u64) {
         "{what} = {v} ms, expected [{lo}, {hi}]"
     );
 }
+
+/// Reads one request head (request line and header lines, up to the blank
+/// line) from a raw HTTP connection; its request line, or `None` at EOF or
+/// on a read error.
+pub fn read_request_head(reader: &mut impl BufRead) -> Option<String> {
+    let mut first = String::new();
+    if reader.read_line(&mut first).unwrap_or(0) == 0 {
+        return None;
+    }
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        if line.trim().is_empty() {
+            return Some(first);
+        }
+    }
+}
