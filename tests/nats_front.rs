@@ -932,7 +932,7 @@ fn core_mode_decisions_over_nats_are_answered_like_the_ingress() {
     let server = NatsServer::start();
     let c = client(&server.url());
     let results = sub(&c, RESULTS);
-    let w = worker(&server.url(), "core", &[]);
+    let w = worker(&server.url(), "core", &[("WORKER_MAX_BODY_BYTES", "4096")]);
     wait_ready(&w);
     for a in [
         approval("na-1", "acme", &["ann"]),
@@ -1012,6 +1012,14 @@ fn core_mode_decisions_over_nats_are_answered_like_the_ingress() {
     refused(&ask(&c, None, no_by.as_bytes()), 400, "invalid_request");
     let no_id = json!({"decision": "approve", "by": "ann"}).to_string();
     refused(&ask(&c, None, no_id.as_bytes()), 400, "invalid_request");
+    // Larger than WORKER_MAX_BODY_BYTES: 413, as at the ingress.
+    let mut big = decision("na-3", "approve", "ann");
+    big["comment"] = json!("x".repeat(4096));
+    refused(
+        &ask(&c, None, big.to_string().as_bytes()),
+        413,
+        "payload_too_large",
+    );
     // A refusal nobody hears is counted and logged.
     c.publish(
         APPROVALS,
@@ -1047,7 +1055,7 @@ fn core_mode_decisions_over_nats_are_answered_like_the_ingress() {
             refusals("invalid_request"),
             refusals("payload_too_large"),
         ),
-        (Some(1.0), Some(3.0), Some(4.0), Some(0.0))
+        (Some(1.0), Some(3.0), Some(4.0), Some(1.0))
     );
     // Decisions count as they do from the ingress; na-3 still waits.
     let decided = |d: &str| {
@@ -1067,8 +1075,8 @@ fn core_mode_decisions_over_nats_are_answered_like_the_ingress() {
             &format!("worker_nats_messages_total{{direction=\"{dir}\",kind=\"approval\"}}"),
         )
     };
-    // 13 decisions in; 10 answered (not the two without a reply, nor the unknown id).
-    assert_eq!((messages("in"), messages("out")), (Some(13.0), Some(10.0)));
+    // 14 decisions in; 11 answered (not the two without a reply, nor the unknown id).
+    assert_eq!((messages("in"), messages("out")), (Some(14.0), Some(11.0)));
 }
 
 #[test]
