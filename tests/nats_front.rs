@@ -3,7 +3,9 @@
 //! Core mode: results, Acks, DLQ, heartbeats, a queue group of two workers.
 //! JetStream mode: `kill -9` and SIGTERM of one of two workers, SIGTERM
 //! with a retry parked in its backoff, a step longer than `ack_wait`, a
-//! server restart, wrong credentials.
+//! server restart, wrong credentials. `human.approval` decisions on the
+//! approval subject: every answer the ingress gives, two workers (only the
+//! holder answers), and the ingress off.
 
 mod support;
 
