@@ -1139,14 +1139,20 @@ fn jetstream_two_workers_a_decision_reaches_the_worker_holding_the_approval() {
     wait_stream(&js, "CAF_ASSIGN_B", 0, Duration::from_secs(5));
     for w in [&a, &b] {
         let m = |sample: &str| metric(w, sample);
-        assert_eq!(
+        let counts = || {
             (
                 m("worker_approval_decisions_total{decision=\"approved\"}"),
                 m("worker_nats_messages_total{direction=\"in\",kind=\"approval\"}"),
                 m("worker_nats_messages_total{direction=\"out\",kind=\"approval\"}"),
                 m("worker_nats_approval_refusals_total{reason=\"not_found\"}"),
-            ),
-            (Some(1.0), Some(2.0), Some(1.0), Some(0.0)),
+            )
+        };
+        // The other worker's decision may still be on its way to this one.
+        let want = (Some(1.0), Some(2.0), Some(1.0), Some(0.0));
+        wait_for(Duration::from_secs(5), || (counts() == want).then_some(()));
+        assert_eq!(
+            counts(),
+            want,
             "each saw both decisions, applied and answered its own, ignored the other"
         );
     }
