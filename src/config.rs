@@ -84,6 +84,7 @@ keys! {
     "nats_result_subject", "WORKER_NATS_RESULT_SUBJECT", Some("caf.exec.result.v1"), "ExecResults out";
     "nats_heartbeat_subject", "WORKER_NATS_HEARTBEAT_SUBJECT", Some("caf.worker.heartbeat.v1"), "heartbeats out";
     "nats_dlq_subject", "WORKER_NATS_DLQ_SUBJECT", Some("caf.exec.dlq.v1"), "undecodable/invalid assignments";
+    "nats_approval_subject", "WORKER_NATS_APPROVAL_SUBJECT", Some("caf.exec.approval.v1"), "human.approval decisions in (every worker subscribes)";
     "nats_queue_group", "WORKER_NATS_QUEUE_GROUP", Some("caf-workers"), "core mode queue group";
     "nats_stream", "WORKER_NATS_STREAM", Some("CAF_ASSIGN"), "JetStream stream of assignments";
     "nats_result_stream", "WORKER_NATS_RESULT_STREAM", Some("CAF_RESULTS"), "JetStream stream of results";
@@ -270,6 +271,8 @@ pub struct NatsSettings {
     pub heartbeat_subject: String,
     /// Invalid assignments out.
     pub dlq_subject: String,
+    /// `human.approval` decisions in (a plain subscription on every worker).
+    pub approval_subject: String,
     /// Core mode queue group.
     pub queue_group: String,
     /// JetStream stream of assignments.
@@ -782,6 +785,7 @@ impl Reader {
             result_subject: self.subject("nats_result_subject")?,
             heartbeat_subject: self.subject("nats_heartbeat_subject")?,
             dlq_subject: self.subject("nats_dlq_subject")?,
+            approval_subject: self.subject("nats_approval_subject")?,
             queue_group: self.js_name("nats_queue_group")?,
             stream: self.js_name("nats_stream")?,
             result_stream: self.js_name("nats_result_stream")?,

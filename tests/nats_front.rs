@@ -3,7 +3,9 @@
 //! Core mode: results, Acks, DLQ, heartbeats, a queue group of two workers.
 //! JetStream mode: `kill -9` and SIGTERM of one of two workers, SIGTERM
 //! with a retry parked in its backoff, a step longer than `ack_wait`, a
-//! server restart, wrong credentials.
+//! server restart, wrong credentials. `human.approval` decisions on the
+//! approval subject: every answer the ingress gives, two workers (only the
+//! holder answers), and the ingress off.
 
 mod support;
 
@@ -846,4 +848,356 @@ fn jetstream_redelivered_retained_assignment_is_republished_not_rerun() {
     // Acknowledged; the result stream still holds one result.
     wait_stream(&js, "CAF_ASSIGN", 0, Duration::from_secs(5));
     wait_stream(&js, "CAF_RESULTS", 1, Duration::from_secs(5));
+}
+
+// ---------------------------------------------------------------------------
+// human.approval decisions over NATS (SPEC §14.2, docs/SPEC.md §12.17)
+
+const APPROVALS: &str = "caf.exec.approval.v1";
+
+fn approval(id: &str, tenant: &str, approvers: &[&str]) -> Value {
+    let mut a = assignment(
+        id,
+        "human.approval",
+        json!({"title": format!("Ship {id}?"), "approvers": approvers}),
+    );
+    a["tenant_id"] = json!(tenant);
+    a
+}
+
+fn decision(id: &str, verdict: &str, by: &str) -> Value {
+    json!({"assignment_id": id, "decision": verdict, "by": by})
+}
+
+/// Publishes a decision with a reply subject of its own and returns every
+/// answer: those arriving within 5 s, and 300 ms more after the first (so
+/// a second answer would be seen). An empty list took the whole 5 s.
+fn ask(c: &Client, headers: Option<&Headers>, payload: &[u8]) -> Vec<Value> {
+    ask_within(c, headers, payload, Duration::from_secs(5))
+}
+
+fn ask_within(
+    c: &Client,
+    headers: Option<&Headers>,
+    payload: &[u8],
+    limit: Duration,
+) -> Vec<Value> {
+    let inbox = c.new_inbox();
+    let answers = sub(c, &inbox);
+    let h = headers.cloned().unwrap_or_default();
+    c.publish_with_headers(APPROVALS, Some(&inbox), &h, payload)
+        .unwrap();
+    let mut got = collect(&answers, limit, |m| !m.is_empty());
+    got.extend(collect(&answers, Duration::from_millis(300), |_| false));
+    answers.unsubscribe();
+    got.iter().map(body).collect()
+}
+
+/// The one answer to a decision, which must be a refusal with `status`.
+fn refused(answers: &[Value], status: u16, code: &str) -> String {
+    assert_eq!(answers.len(), 1, "one answer: {answers:?}");
+    let e = &answers[0]["error"];
+    assert_eq!(
+        (e["status"].as_u64(), e["code"].as_str()),
+        (Some(u64::from(status)), Some(code)),
+        "{answers:?}"
+    );
+    e["message"].as_str().unwrap().to_owned()
+}
+
+/// Waits until `w` holds `n` pending approvals.
+fn wait_pending(w: &Worker, n: usize) {
+    let sample = "worker_approvals_pending";
+    let reached = wait_for(Duration::from_secs(10), || {
+        (metric(w, sample) == Some(n as f64)).then_some(())
+    });
+    assert!(
+        reached.is_some(),
+        "{sample} = {:?}, expected {n}",
+        metric(w, sample)
+    );
+}
+
+/// The first result of `id` on the result subscription.
+fn result_of(results: &Subscription, id: &str) -> Value {
+    let got = collect(results, Duration::from_secs(10), |m| {
+        m.iter().any(|x| body(x)["assignment_id"] == id)
+    });
+    got.iter()
+        .map(body)
+        .find(|v| v["assignment_id"] == id)
+        .unwrap_or_else(|| panic!("no result for {id}"))
+}
+
+#[test]
+fn core_mode_decisions_over_nats_are_answered_like_the_ingress() {
+    let server = NatsServer::start();
+    let c = client(&server.url());
+    let results = sub(&c, RESULTS);
+    let w = worker(&server.url(), "core", &[("WORKER_MAX_BODY_BYTES", "4096")]);
+    wait_ready(&w);
+    for a in [
+        approval("na-1", "acme", &["ann"]),
+        approval("na-2", "acme", &["ann"]),
+        approval("na-3", "acme", &["ann"]),
+        echo("na-echo"),
+    ] {
+        c.publish(ASSIGN, a.to_string().as_bytes()).unwrap();
+    }
+    assert_eq!(result_of(&results, "na-echo")["status"], "success");
+    wait_pending(&w, 3);
+
+    // Approve with a reply: the ExecResult, also on the result subject.
+    let mut d = decision("na-1", "approve", "ann");
+    d["comment"] = json!("ship it");
+    let answers = ask(&c, None, d.to_string().as_bytes());
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    let r = &answers[0];
+    assert_eq!(
+        (r["assignment_id"].as_str(), r["status"].as_str()),
+        (Some("na-1"), Some("success"))
+    );
+    assert_eq!(r["outputs"]["decision"], "approved");
+    assert_eq!(r["outputs"]["by"], "ann");
+    assert_eq!(r["outputs"]["comment"], "ship it");
+    assert!(r["outputs"]["decided_at"].as_u64().is_some(), "{r}");
+    assert_eq!(&result_of(&results, "na-1"), r);
+    // A second decision: 409.
+    let again = ask(
+        &c,
+        None,
+        decision("na-1", "reject", "ann").to_string().as_bytes(),
+    );
+    refused(&again, 409, "already_decided");
+    // Not an approver: 403, and it stays pending.
+    let bob = ask(
+        &c,
+        None,
+        decision("na-2", "approve", "bob").to_string().as_bytes(),
+    );
+    assert!(refused(&bob, 403, "forbidden").contains("bob"));
+    wait_pending(&w, 2);
+    // Reject without a reply subject: the result goes out all the same.
+    c.publish(
+        APPROVALS,
+        decision("na-2", "reject", "ann").to_string().as_bytes(),
+    )
+    .unwrap();
+    let rejected = result_of(&results, "na-2");
+    assert_eq!(rejected["status"], "success", "a rejection is an answer");
+    assert_eq!(rejected["outputs"]["decision"], "rejected");
+
+    // Another tenant's approval is unknown (body or header), as at the ingress.
+    let mut other = decision("na-3", "approve", "ann");
+    other["tenant_id"] = json!("other");
+    refused(
+        &ask(&c, None, other.to_string().as_bytes()),
+        404,
+        "not_found",
+    );
+    let mut h = Headers::new();
+    h.insert("tenant_id", "other");
+    let plain = decision("na-3", "approve", "ann").to_string();
+    refused(&ask(&c, Some(&h), plain.as_bytes()), 404, "not_found");
+    // An id this worker holds that is no approval: 404.
+    let echo_id = decision("na-echo", "approve", "ann").to_string();
+    refused(&ask(&c, None, echo_id.as_bytes()), 404, "not_found");
+    // An id it does not hold: silence (another worker may hold it).
+    let nobody = decision("na-nobody", "approve", "ann").to_string();
+    let silent = ask_within(&c, None, nobody.as_bytes(), Duration::from_secs(1));
+    assert!(silent.is_empty(), "{silent:?}");
+    // Bodies the ingress refuses: 400.
+    refused(&ask(&c, None, b"{not json"), 400, "invalid_request");
+    let twice = br#"{"assignment_id":"na-3","decision":"reject","by":"ann","decision":"approve"}"#;
+    assert!(refused(&ask(&c, None, twice), 400, "invalid_request").contains("duplicate"));
+    let no_by = json!({"assignment_id": "na-3", "decision": "approve"}).to_string();
+    refused(&ask(&c, None, no_by.as_bytes()), 400, "invalid_request");
+    let no_id = json!({"decision": "approve", "by": "ann"}).to_string();
+    refused(&ask(&c, None, no_id.as_bytes()), 400, "invalid_request");
+    // Larger than WORKER_MAX_BODY_BYTES: 413, as at the ingress.
+    let mut big = decision("na-3", "approve", "ann");
+    big["comment"] = json!("x".repeat(4096));
+    refused(
+        &ask(&c, None, big.to_string().as_bytes()),
+        413,
+        "payload_too_large",
+    );
+    // A refusal nobody hears is counted and logged.
+    c.publish(
+        APPROVALS,
+        decision("na-3", "approve", "bob").to_string().as_bytes(),
+    )
+    .unwrap();
+    let refusals = |reason: &str| {
+        metric(
+            &w,
+            &format!("worker_nats_approval_refusals_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || (refusals("forbidden")
+            == Some(2.0))
+        .then_some(()))
+        .is_some(),
+        "forbidden refusals: {:?}",
+        refusals("forbidden")
+    );
+    assert!(
+        w.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("no reply subject") && l.contains("na-3")),
+        "no log line for the unanswered refusal"
+    );
+    assert_eq!(
+        (
+            refusals("already_decided"),
+            refusals("not_found"),
+            refusals("invalid_request"),
+            refusals("payload_too_large"),
+        ),
+        (Some(1.0), Some(3.0), Some(4.0), Some(1.0))
+    );
+    // Decisions count as they do from the ingress; na-3 still waits.
+    let decided = |d: &str| {
+        metric(
+            &w,
+            &format!("worker_approval_decisions_total{{decision=\"{d}\"}}"),
+        )
+    };
+    assert_eq!(
+        (decided("approved"), decided("rejected")),
+        (Some(1.0), Some(1.0))
+    );
+    wait_pending(&w, 1);
+    let messages = |dir: &str| {
+        metric(
+            &w,
+            &format!("worker_nats_messages_total{{direction=\"{dir}\",kind=\"approval\"}}"),
+        )
+    };
+    // 14 decisions in; 11 answered (not the two without a reply, nor the unknown id).
+    assert_eq!((messages("in"), messages("out")), (Some(14.0), Some(11.0)));
+}
+
+#[test]
+fn jetstream_two_workers_a_decision_reaches_the_worker_holding_the_approval() {
+    let (server, results, js) = jetstream_setup();
+    let c = client(&server.url());
+    // Each worker takes its own assign subject, so which one holds which
+    // approval is known; both subscribe to the same approval subject.
+    let start = |id: &str, subject: &str, stream: &str| {
+        worker(
+            &server.url(),
+            "jetstream",
+            &[
+                ("WORKER_ID", id),
+                ("WORKER_NATS_ASSIGN_SUBJECT", subject),
+                ("WORKER_NATS_STREAM", stream),
+            ],
+        )
+    };
+    let a = start("wa", "caf.exec.assign.a", "CAF_ASSIGN_A");
+    let b = start("wb", "caf.exec.assign.b", "CAF_ASSIGN_B");
+    wait_ready(&a);
+    wait_ready(&b);
+    for (subject, id) in [
+        ("caf.exec.assign.a", "two-a"),
+        ("caf.exec.assign.b", "two-b"),
+    ] {
+        let body = approval(id, "acme", &["ann"]).to_string();
+        js.publish(subject, &Headers::new(), body.as_bytes(), Some(id))
+            .unwrap();
+    }
+    wait_pending(&a, 1);
+    wait_pending(&b, 1);
+    for (id, holder) in [("two-a", "wa"), ("two-b", "wb")] {
+        let answers = ask(
+            &c,
+            None,
+            decision(id, "approve", "ann").to_string().as_bytes(),
+        );
+        assert_eq!(answers.len(), 1, "only the holder answers: {answers:?}");
+        assert_eq!(
+            (
+                answers[0]["status"].as_str(),
+                answers[0]["worker_id"].as_str()
+            ),
+            (Some("success"), Some(holder)),
+            "{answers:?}"
+        );
+        let r = result_of(&results, id);
+        assert_eq!(
+            (r["worker_id"].as_str(), &r["outputs"]["decision"]),
+            (Some(holder), &json!("approved"))
+        );
+    }
+    // Published once each, PubAcked, and the held messages ACKed.
+    wait_stream(&js, "CAF_RESULTS", 2, Duration::from_secs(5));
+    wait_stream(&js, "CAF_ASSIGN_A", 0, Duration::from_secs(5));
+    wait_stream(&js, "CAF_ASSIGN_B", 0, Duration::from_secs(5));
+    for w in [&a, &b] {
+        let m = |sample: &str| metric(w, sample);
+        let counts = || {
+            (
+                m("worker_approval_decisions_total{decision=\"approved\"}"),
+                m("worker_nats_messages_total{direction=\"in\",kind=\"approval\"}"),
+                m("worker_nats_messages_total{direction=\"out\",kind=\"approval\"}"),
+                m("worker_nats_approval_refusals_total{reason=\"not_found\"}"),
+            )
+        };
+        // The other worker's decision may still be on its way to this one.
+        let want = (Some(1.0), Some(2.0), Some(1.0), Some(0.0));
+        wait_for(Duration::from_secs(5), || (counts() == want).then_some(()));
+        assert_eq!(
+            counts(),
+            want,
+            "each saw both decisions, applied and answered its own, ignored the other"
+        );
+    }
+}
+
+#[test]
+fn with_the_ingress_off_an_approval_parks_and_is_decided_over_nats() {
+    let server = NatsServer::start();
+    let c = client(&server.url());
+    let results = sub(&c, RESULTS);
+    let w = worker(&server.url(), "core", &[("WORKER_INGRESS_ADDR", "off")]);
+    wait_ready(&w);
+    let listening = w
+        .stderr
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("listening") && l.contains(r#""ingress":"off""#));
+    assert!(listening, "the ingress is not off");
+    let a = approval("off-1", "acme", &[]).to_string();
+    let ack = c
+        .request(ASSIGN, None, a.as_bytes(), Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(body(&ack)["status"], "accepted");
+    // It parks (no "needs serve" answer) until the decision.
+    wait_pending(&w, 1);
+    let early = collect(&results, Duration::from_millis(300), |m| !m.is_empty());
+    assert!(
+        early.is_empty(),
+        "answered before any decision: {:?}",
+        early.iter().map(body).collect::<Vec<_>>()
+    );
+    let answers = ask(
+        &c,
+        None,
+        decision("off-1", "approve", "anyone")
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(answers[0]["outputs"]["decision"], "approved");
+    let r = result_of(&results, "off-1");
+    assert_eq!(
+        (r["status"].as_str(), &r["outputs"]["by"]),
+        (Some("success"), &json!("anyone"))
+    );
+    wait_pending(&w, 0);
 }

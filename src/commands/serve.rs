@@ -168,8 +168,9 @@ pub fn serve(settings: Settings) -> i32 {
             return EXIT_USAGE;
         }
     };
-    // The ingress is the decision channel: with it, human.approval steps may
-    // park (without it they are answered INVALID_INPUT, as in `run`).
+    // The ingress is a decision channel: with it, human.approval steps may
+    // park (the NATS front is another: Front::start enables them too;
+    // without either they are answered INVALID_INPUT, as in `run`).
     if settings.ingress_addr.is_some() {
         engine.enable_approvals();
     }

@@ -4,9 +4,9 @@
 //! the timeout, a cancel or shutdown completes it, whichever claims it first.
 //!
 //! Fronts call [`Engine::decide_approval`] and [`Engine::pending_approvals`]:
-//! the ingress routes `GET /api/v1/approvals` and `POST /api/v1/approvals/{id}`
-//! today; a NATS front subscribing to `caf.exec.approval.v1` calls the same
-//! two methods with the message body.
+//! the ingress routes `GET /api/v1/approvals` and `POST /api/v1/approvals/{id}`;
+//! the NATS front's subscriber to `caf.exec.approval.v1` decides with the
+//! same hook.
 
 use super::{Engine, Lookup, Shared, StepHandle, stats_so_far};
 use crate::cancel::CancelReason;

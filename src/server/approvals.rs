@@ -83,6 +83,12 @@ pub fn parse_decision(body: &[u8]) -> Result<Decision, String> {
     // not mean whatever the last one says.
     let v: Value = crate::contract::from_slice_unique(body)
         .map_err(|e| format!("the body is not JSON: {e}"))?;
+    decision_from_value(&v)
+}
+
+/// Reads a decision from an already parsed body (the NATS front parses it
+/// once for its `assignment_id` too); other keys are ignored.
+pub fn decision_from_value(v: &Value) -> Result<Decision, String> {
     let verdict = match v.get("decision").and_then(Value::as_str) {
         Some("approve") => Verdict::Approve,
         Some("reject") => Verdict::Reject,

@@ -11,7 +11,7 @@ mod health;
 mod ingress;
 mod metrics;
 
-pub use approvals::parse_decision;
+pub use approvals::{decision_from_value, parse_decision};
 pub use auth::{Auth, Principal};
 pub use health::{ExtraCheck, Health, HealthCheck};
 pub use ingress::Ingress;

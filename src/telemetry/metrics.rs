@@ -7,7 +7,9 @@ use crate::blocks::TimeoutPhase;
 use crate::config::Settings;
 use crate::contract::{ErrorCode, JobType, PoolKind, RejectReason, Status};
 use crate::engine::{ApprovalOutcome, Observer, PoolStats, StepReport};
-use crate::telemetry::transport::{Direction, JsAckKind, MessageKind, TransportObserver};
+use crate::telemetry::transport::{
+    ApprovalRefusal, Direction, JsAckKind, MessageKind, TransportObserver,
+};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -69,8 +71,9 @@ pub struct Metrics {
     nats_reconnects: IntCounter,
     nats_buffered: IntGauge,
     /// `[direction][kind]`, resolved once.
-    nats_messages: [[IntCounter; 5]; 2],
+    nats_messages: [[IntCounter; 6]; 2],
     js_acks: [IntCounter; 4],
+    nats_approval_refusals: [IntCounter; 5],
     detailed_labels: bool,
     max_tenants: usize,
     tenants: RwLock<HashSet<String>>,
@@ -273,7 +276,7 @@ impl Metrics {
         let nats_messages_vec = IntCounterVec::new(
             Opts::new(
                 "worker_nats_messages_total",
-                "NATS messages by direction (in, out) and kind (assign, ack, result, heartbeat, dlq).",
+                "NATS messages by direction (in, out) and kind (assign, ack, result, heartbeat, dlq, approval).",
             ),
             &["direction", "kind"],
         )?;
@@ -284,8 +287,16 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        let approval_refusals_vec = IntCounterVec::new(
+            Opts::new(
+                "worker_nats_approval_refusals_total",
+                "human.approval decisions from NATS refused, by reason (invalid_request, forbidden, not_found, already_decided, payload_too_large).",
+            ),
+            &["reason"],
+        )?;
         for c in [
             Box::new(nats_connected.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(approval_refusals_vec.clone()),
             Box::new(nats_reconnects.clone()),
             Box::new(nats_buffered.clone()),
             Box::new(nats_messages_vec.clone()),
@@ -339,6 +350,8 @@ impl Metrics {
             MessageKind::ALL.map(|k| nats_messages_vec.with_label_values(&[d.as_str(), k.as_str()]))
         });
         let js_acks = JsAckKind::ALL.map(|k| js_acks_vec.with_label_values(&[k.as_str()]));
+        let nats_approval_refusals =
+            ApprovalRefusal::ALL.map(|r| approval_refusals_vec.with_label_values(&[r.as_str()]));
         Ok(Metrics {
             retries_waiting,
             approvals_pending,
@@ -349,6 +362,7 @@ impl Metrics {
             nats_buffered,
             nats_messages,
             js_acks,
+            nats_approval_refusals,
             accepted: assignments.with_label_values(&["accepted", ""]),
             duplicates: assignments.with_label_values(&["accepted", "duplicate"]),
             rejections,
@@ -529,6 +543,14 @@ impl TransportObserver for Metrics {
 
     fn buffered(&self, results: usize) {
         self.nats_buffered.set(results as i64);
+    }
+
+    fn approval_refused(&self, reason: ApprovalRefusal) {
+        let r = ApprovalRefusal::ALL
+            .iter()
+            .position(|x| *x == reason)
+            .unwrap_or(0);
+        self.nats_approval_refusals[r].inc();
     }
 }
 

@@ -9,7 +9,9 @@ mod transport;
 
 pub use metrics::{FLOW_BUCKETS, Metrics, OTHER_TENANT, QUEUE_WAIT_BUCKETS, STEP_BUCKETS};
 pub use redact::{REDACTED, is_secret_key, redact};
-pub use transport::{Direction, JsAckKind, MessageKind, NoopTransportObserver, TransportObserver};
+pub use transport::{
+    ApprovalRefusal, Direction, JsAckKind, MessageKind, NoopTransportObserver, TransportObserver,
+};
 
 use crate::config::Settings;
 use crate::engine::{NoopObserver, Observer};

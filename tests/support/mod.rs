@@ -377,6 +377,7 @@ impl Drop for Upstream {
 /// A running `caf-worker serve` on port-0 addresses.
 pub struct Worker {
     pub child: Child,
+    /// The ingress address (127.0.0.1:0 when `WORKER_INGRESS_ADDR=off`).
     pub ingress: SocketAddr,
     pub health: SocketAddr,
     pub metrics: Option<SocketAddr>,
@@ -436,7 +437,11 @@ impl Worker {
         };
         let addr = |k: &str| ctx[k].as_str().and_then(|s| s.parse().ok());
         Worker {
-            ingress: addr("ingress").expect("ingress addr"),
+            // WORKER_INGRESS_ADDR=off logs "off": no address to reach.
+            ingress: addr("ingress").unwrap_or_else(|| {
+                assert_eq!(ctx["ingress"], "off", "ingress addr");
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }),
             health: addr("health").expect("health addr"),
             metrics: addr("metrics"),
             child,

@@ -69,7 +69,7 @@ pub(super) fn intake_loop(s: &Shared) {
 }
 
 /// Sleeps `d` in slices; `true` if the front is stopping meanwhile.
-fn wait_or_stop(s: &Shared, d: Duration) -> bool {
+pub(super) fn wait_or_stop(s: &Shared, d: Duration) -> bool {
     let until = std::time::Instant::now() + d;
     while std::time::Instant::now() < until {
         if s.draining.load(Ordering::Acquire) || s.stop.load(Ordering::Acquire) {

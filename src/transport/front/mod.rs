@@ -7,12 +7,16 @@
 //! - [`core`]: queue-group subscription, at-most-once (§13.2).
 //! - [`jetstream`]: durable pull consumer, at-least-once, results PubAcked
 //!   before the assignment is ACKed (§13.3).
+//! - [`approval`]: `human.approval` decisions, a plain subscription on every
+//!   worker in both modes (§14.2, §12.17).
 //!
 //! Threads (all bounded, all named `caf-nats-*`): one or two intake threads,
+//! one decision thread,
 //! one result publisher, one housekeeper (connection events, heartbeats,
 //! `+WPI`, PubAck time-outs) and, in JetStream mode, one PubAck reader.
 //! The front reports to a [`TransportObserver`]; it never touches Prometheus.
 
+mod approval;
 mod core;
 mod jetstream;
 mod message;
@@ -95,6 +99,8 @@ pub(crate) struct Shared {
     /// The intake is in place on the server (core: SUB confirmed by a
     /// PING/PONG; JetStream: streams, consumer and pull inbox set up).
     intake_ready: AtomicBool,
+    /// The approval subscription is confirmed by a PING/PONG.
+    approvals_ready: AtomicBool,
     started: Instant,
     /// JetStream publishes waiting for their PubAck, by reply token.
     pubacks: Mutex<HashMap<u64, jetstream::PubWait>>,
@@ -161,6 +167,7 @@ impl Front {
             grace_over: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             intake_ready: AtomicBool::new(false),
+            approvals_ready: AtomicBool::new(false),
             started: Instant::now(),
             pubacks: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
@@ -170,9 +177,12 @@ impl Front {
         Ok(FrontSink(shared))
     }
 
-    /// Starts taking work for `engine`.
+    /// Starts taking work for `engine`. The front is a decision channel
+    /// (the approval subject), so `human.approval` steps may park even with
+    /// the HTTP ingress off.
     pub fn start(sink: &FrontSink, engine: Engine) -> std::io::Result<Front> {
         let shared = sink.0.clone();
+        engine.enable_approvals();
         let _ = shared.engine.set(engine);
         let mut front = Front {
             shared: shared.clone(),
@@ -191,6 +201,11 @@ impl Front {
         front
             .others
             .push(spawn("caf-nats-house", Box::new(move || s.housekeeping()))?);
+        let s = shared.clone();
+        front.intake.push(spawn(
+            "caf-nats-approval",
+            Box::new(move || approval::decision_loop(&s)),
+        )?);
         match shared.nats.mode {
             NatsMode::Core => {
                 let s = shared.clone();
@@ -220,7 +235,8 @@ impl Front {
         let shared = self.shared.clone();
         Arc::new(move || {
             let connected = shared.client.is_connected();
-            let intake = shared.intake_ready.load(Ordering::Acquire);
+            let intake = shared.intake_ready.load(Ordering::Acquire)
+                && shared.approvals_ready.load(Ordering::Acquire);
             HealthCheck {
                 name: "nats",
                 ok: connected && intake,
