@@ -86,7 +86,8 @@ pub fn run(mut settings: Settings, path: &str) -> i32 {
                     exit_if_reading_blocks(&finished, &counters, results_file.as_deref());
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                // Parked, so the end of the run wakes it at once (unpark).
+                std::thread::park_timeout(Duration::from_millis(20));
             }
         })
     };
@@ -101,6 +102,7 @@ pub fn run(mut settings: Settings, path: &str) -> i32 {
         std::thread::sleep(Duration::from_millis(2));
     }
     finished.store(true, Ordering::Release);
+    watcher.thread().unpark();
     let _ = watcher.join();
     engine.begin_shutdown();
     // The printer has every result; the results file (the second sink) may
@@ -235,6 +237,12 @@ fn ack_line(ack: &Ack, line: usize) -> String {
     v.to_string()
 }
 
+/// How long the printer sleeps when it caught up with the results: a line
+/// waits at most this long to be written.
+const POLL_PERIOD: Duration = Duration::from_micros(500);
+/// Empty polls (20 ms) before the printer blocks on the channel instead.
+const IDLE_POLLS: u32 = 40;
+
 /// Writes lines to stdout, flushing whenever it catches up with the channel.
 /// A closed stdout (e.g. `| head`) stops writing but not counting.
 fn spawn_printer(lines: Receiver<BatchLine>, counters: Arc<Counters>) -> JoinHandle<Tally> {
@@ -244,7 +252,29 @@ fn spawn_printer(lines: Receiver<BatchLine>, counters: Arc<Counters>) -> JoinHan
         let mut out = BufWriter::with_capacity(64 * 1024, stdout.lock());
         let mut broken = false;
         let mut tally = Tally::default();
-        for line in lines.iter() {
+        let mut idle_polls = 0;
+        loop {
+            // While results flow, poll with short sleeps instead of blocking
+            // on the channel: a blocked receiver costs every sender a wake-up
+            // (a futex call per result); a poll costs one timer sleep per
+            // period for any number of lines. After a quiet spell it blocks.
+            let line = match lines.try_recv() {
+                Ok(line) => line,
+                Err(crossbeam_channel::TryRecvError::Empty) => {
+                    broken = broken || out.flush().is_err();
+                    if idle_polls < IDLE_POLLS {
+                        idle_polls += 1;
+                        std::thread::sleep(POLL_PERIOD);
+                        continue;
+                    }
+                    match lines.recv() {
+                        Ok(line) => line,
+                        Err(_) => break,
+                    }
+                }
+                Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+            };
+            idle_polls = 0;
             let text = match line {
                 BatchLine::Result { line, status } => {
                     tally.results += 1;
@@ -267,9 +297,6 @@ fn spawn_printer(lines: Receiver<BatchLine>, counters: Arc<Counters>) -> JoinHan
                     ""
                 };
             broken = broken || writeln!(out, "{clear}{text}").is_err();
-            if lines.is_empty() {
-                broken = broken || out.flush().is_err();
-            }
             // Counted after the write, so `run` never exits before a line is out.
             counters.done.store(tally.results, Ordering::Release);
         }
