@@ -13,6 +13,7 @@
 
 mod approvals;
 mod budget;
+mod deadlines;
 mod parking;
 mod retry;
 mod step;
@@ -31,6 +32,7 @@ use crate::contract::{
 };
 use crate::telemetry::logging;
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
+use deadlines::Deadlines;
 use parking::{Parked, Parking, TimerKey};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -208,6 +210,8 @@ pub(crate) struct Shared {
     finishing: AtomicUsize,
     /// Parked retries and pending approvals (one timer thread).
     parking: Arc<Parking>,
+    /// Deadlines of queued steps (CP2 timeouts; one deadline thread).
+    deadlines: Arc<Deadlines>,
     /// `human.approval` steps may park (a decision channel exists).
     approvals_enabled: AtomicBool,
     /// Bounds the WARN line of each step that does not succeed.
@@ -217,6 +221,7 @@ pub(crate) struct Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         self.parking.stop();
+        self.deadlines.stop();
     }
 }
 
@@ -310,6 +315,7 @@ impl Engine {
             draining: AtomicBool::new(false),
             finishing: AtomicUsize::new(0),
             parking: Arc::new(Parking::new()),
+            deadlines: Arc::new(Deadlines::new()),
             approvals_enabled: AtomicBool::new(false),
             failure_lines: logging::RateLimit::new(
                 FAILURE_LINES_PER_SEC,
@@ -352,10 +358,12 @@ impl Engine {
         }
         if settings.flags.complete_timeout {
             let weak = Arc::downgrade(&shared);
+            let deadlines = shared.deadlines.clone();
             let spawned = std::thread::Builder::new()
                 .name("caf-deadlines".into())
-                .spawn(move || reap_expired(&weak));
+                .spawn(move || reap_expired(&deadlines, &weak));
             if let Err(e) = spawned {
+                shared.deadlines.stop();
                 log::error!(error = e.to_string(); "cannot start the deadline thread; queued steps past their deadline are answered when dequeued");
             }
         }
@@ -431,7 +439,10 @@ impl Engine {
                     })
                 };
                 match self.shared.tracker.insert_with(&handle, enqueue) {
-                    Ok(true) => Admission::Accepted(handle),
+                    Ok(true) => {
+                        self.watch_deadline(&handle);
+                        Admission::Accepted(handle)
+                    }
                     Ok(false) => Admission::Duplicate(Box::new(unwrap_handle(handle))),
                     Err(reason) => Admission::Rejected(Box::new(unwrap_handle(handle)), reason),
                 }
@@ -443,6 +454,7 @@ impl Engine {
                 if !self.shared.tracker.insert(&handle) {
                     return Admission::Duplicate(Box::new(unwrap_handle(handle)));
                 }
+                self.watch_deadline(&handle);
                 loop {
                     match sender.send_timeout(handle.clone(), Duration::from_millis(50)) {
                         Ok(()) => return Admission::Accepted(handle),
@@ -451,6 +463,14 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    /// Hands a registered step to the deadline thread (CP2 timeouts), which
+    /// answers it at its deadline if no pool thread started it by then.
+    fn watch_deadline(&self, handle: &Arc<StepHandle>) {
+        if self.shared.settings.flags.complete_timeout {
+            self.shared.deadlines.push(handle);
         }
     }
 
@@ -866,19 +886,15 @@ fn upstream_host(payload: &serde_json::Map<String, serde_json::Value>) -> Option
     (!host.is_empty()).then(|| format!("{}://{host}", scheme.to_ascii_lowercase()))
 }
 
-/// How often queued steps are checked against their deadlines (CP2).
-const REAP_INTERVAL: Duration = Duration::from_millis(50);
-
 /// Answers queued steps whose deadline passed (CP2 timeouts) at the deadline,
-/// not when a pool thread finally reaches them. Claims a step the way a
-/// cancel does (token, fence, "started" check: see `step::run`), so a step a
-/// pool thread already started is never answered here. Ends when the engine
-/// is gone.
-fn reap_expired(weak: &std::sync::Weak<Shared>) {
-    loop {
-        std::thread::sleep(REAP_INTERVAL);
+/// not when a pool thread finally reaches them: sleeps until the earliest
+/// deadline of [`Deadlines`] (no scan). Claims a step the way a cancel does
+/// (token, fence, "started" check: see `step::run`), so a step a pool thread
+/// already started is never answered here. Ends when the engine is gone.
+fn reap_expired(deadlines: &Deadlines, weak: &std::sync::Weak<Shared>) {
+    while let Some(due) = deadlines.next_due() {
         let Some(shared) = weak.upgrade() else { return };
-        for h in shared.tracker.expired_unstarted(Instant::now()) {
+        for h in due {
             if !h.cancel.cancel(CancelReason::Deadline) {
                 continue; // cancelled, shut down or claimed first: that answer stands
             }
