@@ -2,36 +2,45 @@
 //! admission and drained by one deadline thread that sleeps until the
 //! earliest deadline (no scan of the assignment table, no polling).
 //!
-//! Entries are removed lazily: a step that starts, finishes or is cancelled
-//! leaves its entry behind, and the entry is skipped when popped. To keep
-//! such leftovers from piling up under long deadlines, a push that finds the
-//! heap over its threshold keeps only the steps still waiting and sets the
-//! next threshold to twice that plus [`COMPACT_SLACK`]: the heap stays within
-//! 2 × (steps waiting at the last compaction) + [`COMPACT_SLACK`] entries, and
-//! each compaction is paid for by the pushes since the last one (amortised
-//! O(1) per step).
+//! Cheap per step, because almost no step ever reaches its deadline: the
+//! heap holds plain numbers (deadline, pool, sequence number), and the steps
+//! themselves wait in one FIFO ring per pool, in admission order, which is
+//! the order the pool's queue hands them out. Each admission first drops the
+//! ring's leading steps that started (or were cancelled): those left their
+//! queue, so the ring holds about what the queue holds, and a step's `Arc` is
+//! released soon after it starts: at the next admission to its pool, or at
+//! the latest when its deadline comes due. (Holding finished steps, or even
+//! a `Weak` to each, until a compaction made allocations cold and cost 3×
+//! more per step; measured, SPEC §12.16.)
 //!
-//! Entries hold a `Weak`: a finished step's assignment (up to a request body)
-//! is freed when its last strong reference goes, not when its entry is
-//! popped; only the handle's small allocation waits for the entry.
+//! Heap entries are removed lazily: an entry whose step left its ring is
+//! skipped when it comes due, and a push that finds the heap beyond its
+//! threshold drops every such entry (integers only, no step is touched) and
+//! sets the next threshold to twice what is left plus [`COMPACT_SLACK`]: the
+//! heap stays O(steps in the rings), amortised O(1) per step.
 
 use super::StepHandle;
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-/// Entries kept beyond twice the waiting steps before a compaction.
+/// Entries kept beyond twice the ringed steps before a compaction.
 const COMPACT_SLACK: usize = 1024;
 
-/// Due entries handed out per call of [`Deadlines::next_due`], so a burst of
-/// expiries does not hold the lock against submissions for long.
+/// Due steps handed out per call of [`Deadlines::next_due`], so a burst of
+/// expiries does not hold the lock against admissions for long.
 const BATCH: usize = 1024;
 
-/// One queued step's deadline.
+/// Started steps a push releases from its ring at most (a push adds one, so
+/// the ring keeps up with its queue); released after the lock.
+const TRIM: usize = 4;
+
+/// One queued step's deadline: its ring and place in it.
 struct Entry {
     at: Instant,
-    step: Weak<StepHandle>,
+    pool: u8,
+    seq: u64,
 }
 
 // Ordered by deadline only, reversed: `BinaryHeap` is a max-heap.
@@ -52,15 +61,33 @@ impl PartialEq for Entry {
 }
 impl Eq for Entry {}
 
-/// The step behind `e` if it still waits: alive, not started, not cancelled.
-fn waiting(e: &Entry) -> Option<Arc<StepHandle>> {
-    e.step
-        .upgrade()
-        .filter(|h| h.started.get().is_none() && !h.cancel.is_cancelled())
+/// The steps of one pool admitted and not yet seen started, oldest first;
+/// `base` is the sequence number of the front.
+#[derive(Default)]
+struct Ring {
+    steps: VecDeque<Arc<StepHandle>>,
+    base: u64,
+}
+
+impl Ring {
+    /// Pops the front if its step left the queue (started or cancelled).
+    fn pop_done(&mut self) -> Option<Arc<StepHandle>> {
+        if self.steps.front().is_some_and(|h| !waiting(h)) {
+            self.base += 1;
+            return self.steps.pop_front();
+        }
+        None
+    }
+}
+
+/// The step still waits for a pool thread: not started, not cancelled.
+fn waiting(h: &StepHandle) -> bool {
+    h.started.get().is_none() && !h.cancel.is_cancelled()
 }
 
 struct State {
     heap: BinaryHeap<Entry>,
+    rings: [Ring; 3],
     /// A push beyond this many entries compacts the heap.
     compact_at: usize,
     /// The deadline thread sleeps until this (`Some(None)`: until woken);
@@ -70,7 +97,7 @@ struct State {
     stopped: bool,
 }
 
-/// The deadline heap, under one lock.
+/// The deadline heap and the rings, under one lock.
 pub(super) struct Deadlines {
     state: Mutex<State>,
     wake: Condvar,
@@ -81,6 +108,7 @@ impl Deadlines {
         Deadlines {
             state: Mutex::new(State {
                 heap: BinaryHeap::new(),
+                rings: Default::default(),
                 compact_at: COMPACT_SLACK,
                 asleep_until: None,
                 stopped: false,
@@ -94,19 +122,34 @@ impl Deadlines {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Watches the deadline of the queued step `h` (called at admission).
+    /// Watches the deadline of the step `h`, just admitted to its pool.
     pub fn push(&self, h: &Arc<StepHandle>) {
         let at = h.deadline;
+        let pool = h.assignment.pool.index();
+        // Dropped after the lock: one may be a step's last reference.
+        let mut released: [Option<Arc<StepHandle>>; TRIM] = Default::default();
         let mut st = self.lock();
         if st.stopped {
             return; // no thread to drain it: hold nothing
         }
+        let st = &mut *st;
+        let ring = &mut st.rings[pool];
+        for slot in &mut released {
+            *slot = ring.pop_done();
+            if slot.is_none() {
+                break;
+            }
+        }
+        let seq = ring.base + ring.steps.len() as u64;
+        ring.steps.push_back(h.clone());
         st.heap.push(Entry {
             at,
-            step: Arc::downgrade(h),
+            pool: pool as u8,
+            seq,
         });
         if st.heap.len() > st.compact_at {
-            st.heap.retain(|e| waiting(e).is_some());
+            let bases = st.rings.each_ref().map(|r| r.base);
+            st.heap.retain(|e| e.seq >= bases[usize::from(e.pool)]);
             st.compact_at = 2 * st.heap.len() + COMPACT_SLACK;
         }
         if let Some(until) = st.asleep_until {
@@ -129,15 +172,30 @@ impl Deadlines {
             let now = Instant::now();
             let first = st.heap.peek().map(|e| e.at);
             if first.is_some_and(|at| at <= now) {
+                // Steps that started meanwhile leave their rings here too,
+                // should their pool see no further admission.
+                let mut released = Vec::new();
+                for ring in &mut st.rings {
+                    released.extend(std::iter::from_fn(|| ring.pop_done()));
+                }
                 let mut due = Vec::new();
                 while due.len() < BATCH && st.heap.peek().is_some_and(|e| e.at <= now) {
-                    if let Some(h) = st.heap.pop().as_ref().and_then(waiting) {
-                        due.push(h);
+                    let Some(e) = st.heap.pop() else { break };
+                    let ring = &st.rings[usize::from(e.pool)];
+                    let Some(at) = e.seq.checked_sub(ring.base) else {
+                        continue; // left its ring: started long ago
+                    };
+                    let h = usize::try_from(at).ok().and_then(|i| ring.steps.get(i));
+                    if let Some(h) = h.filter(|h| waiting(h)) {
+                        due.push(h.clone());
                     }
                 }
+                drop(st); // before `released`: a step's last reference may go
+                drop(released);
                 if !due.is_empty() {
                     return Some(due);
                 }
+                st = self.lock();
                 continue; // only leftovers were due
             }
             st.asleep_until = Some(first);
@@ -154,18 +212,25 @@ impl Deadlines {
     }
 
     /// Ends the deadline thread (the engine is gone, or it never started)
-    /// and drops every entry.
+    /// and releases every step it holds.
     pub fn stop(&self) {
         let mut st = self.lock();
         st.stopped = true;
-        st.heap = BinaryHeap::new();
+        let heap = std::mem::take(&mut st.heap);
+        let rings = std::mem::take(&mut st.rings);
         drop(st);
         self.wake.notify_all();
+        drop((heap, rings));
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().heap.len()
+    }
+
+    #[cfg(test)]
+    fn ringed(&self) -> usize {
+        self.lock().rings.iter().map(|r| r.steps.len()).sum()
     }
 }
 
@@ -189,40 +254,55 @@ mod tests {
     }
 
     #[test]
-    fn leftovers_of_started_steps_are_compacted_to_a_bound() {
+    fn the_heap_and_rings_stay_near_the_queue_and_release_started_steps() {
         let d = Deadlines::new();
         let far = Instant::now() + Duration::from_secs(60);
-        // 100 steps keep waiting; 20,000 more start right after admission
-        // (the usual case: a deadline of 30 s, a queue of milliseconds).
-        let queued: Vec<_> = (0..100).map(|i| handle(i, far)).collect();
-        for h in &queued {
-            d.push(h);
-        }
-        let mut alive = Vec::new();
-        let mut max_len = 0;
+        // A queue of 100 (FIFO, as a pool's channel): each admission, the
+        // oldest queued step starts. Deadlines are far (the usual case: 30 s
+        // against a queue of milliseconds), so nothing is popped.
+        const QUEUE: usize = 100;
+        let mut queue = VecDeque::new();
+        let mut running = Vec::new();
+        let mut first_done = None;
+        let (mut max_len, mut max_ringed) = (0, 0);
         for i in 0..20_000 {
-            let h = handle(100 + i, far);
+            let h = handle(i, far);
             d.push(&h);
-            let _ = h.started.set(Instant::now());
-            // Some started steps are still running (alive), most are done.
-            if i % 100 == 0 {
-                alive.push(h);
+            queue.push_back(h);
+            if queue.len() > QUEUE {
+                let started = queue.pop_front().expect("a queued step");
+                let _ = started.started.set(Instant::now());
+                if i % 100 == 0 {
+                    running.push(started); // still running: alive
+                } else if first_done.is_none() {
+                    first_done = Some(Arc::downgrade(&started));
+                }
             }
             max_len = max_len.max(d.len());
+            max_ringed = max_ringed.max(d.ringed());
         }
-        // Waiting at each compaction: the 100, and the step just pushed
-        // (it starts only after its admission).
-        let bound = 2 * (queued.len() + 1) + COMPACT_SLACK;
+        assert!(max_ringed <= QUEUE + 2, "rings grew to {max_ringed}");
+        let bound = 2 * max_ringed + COMPACT_SLACK;
         assert!(max_len <= bound, "heap grew to {max_len} (bound {bound})");
-        // A compaction keeps every step still waiting.
-        let kept = d
-            .lock()
+        // A finished step is not held until its deadline or a compaction.
+        let first_done = first_done.expect("a finished step");
+        assert_eq!(
+            first_done.strong_count(),
+            0,
+            "a finished step is still held"
+        );
+        // Every step still queued is in a ring and in the heap.
+        let st = d.lock();
+        let ringed: Vec<_> = st.rings.iter().flat_map(|r| r.steps.iter()).collect();
+        for q in &queue {
+            assert!(ringed.iter().any(|h| Arc::ptr_eq(h, q)));
+        }
+        let bases = st.rings.each_ref().map(|r| r.base);
+        let live = st
             .heap
             .iter()
-            .filter(|e| waiting(e).is_some())
-            .count();
-        assert_eq!(kept, queued.len());
-        assert!(alive.iter().all(|h| h.started.get().is_some()));
+            .filter(|e| e.seq >= bases[usize::from(e.pool)]);
+        assert!(live.count() >= queue.len());
     }
 
     #[test]

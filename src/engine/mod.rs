@@ -5,8 +5,10 @@
 //! [`ExecResult`] → result sinks. Between attempts a retry parks in the
 //! timer map (`parking.rs`) instead of sleeping on its thread, and comes back
 //! on its pool's retry channel; a `human.approval` parks there until it is
-//! decided (`approvals.rs`). The engine reports what happened to an
-//! [`Observer`]; it never touches metrics or transports itself.
+//! decided (`approvals.rs`). Under CP2 timeouts a queued step's deadline
+//! waits in a min-heap (`deadlines.rs`) that one deadline thread sleeps on.
+//! The engine reports what happened to an [`Observer`]; it never touches
+//! metrics or transports itself.
 //!
 //! Shutdown follows crossbeam's disconnection rule: dropping the senders lets
 //! the pool threads drain their queues and then see `recv()` fail.
@@ -523,6 +525,9 @@ impl Engine {
     /// has a result (the deadline thread answered it while `run` waited for
     /// queue space), it stays accepted: one assignment, one answer.
     fn refuse(&self, handle: Arc<StepHandle>, reason: RejectReason) -> Admission {
+        // Claimed as a cancel would: the deadline thread, which still holds
+        // it, leaves it alone from here on (a claim it made first stands).
+        handle.cancel.cancel(CancelReason::Shutdown);
         if self.shared.tracker.remove_pending(&handle) {
             Admission::Rejected(Box::new(unwrap_handle(handle)), reason)
         } else {
