@@ -182,10 +182,10 @@ impl Deadlines {
                 while due.len() < BATCH && st.heap.peek().is_some_and(|e| e.at <= now) {
                     let Some(e) = st.heap.pop() else { break };
                     let ring = &st.rings[usize::from(e.pool)];
-                    let Some(at) = e.seq.checked_sub(ring.base) else {
+                    let Some(offset) = e.seq.checked_sub(ring.base) else {
                         continue; // left its ring: started long ago
                     };
-                    let h = usize::try_from(at).ok().and_then(|i| ring.steps.get(i));
+                    let h = usize::try_from(offset).ok().and_then(|i| ring.steps.get(i));
                     if let Some(h) = h.filter(|h| waiting(h)) {
                         due.push(h.clone());
                     }
