@@ -2,7 +2,8 @@
 # Benchmarks: how fast, how close to the limit, at what cost.
 #
 # Builds caf-worker in release mode and measures, in one run, side by side:
-#   1. engine throughput (`run` over debug.echo), plain and with metrics on
+#   1. engine throughput (`run` over debug.echo), plain, with metrics on and
+#      with CP2 timeouts on (the deadline thread's cost)
 #   2. ingress accepted/s (wrk) and queue_full rejection latency
 #   3. http.request steps against a local keep-alive upstream vs wrk on it,
 #      and sql.query point queries vs a plain rusqlite loop on the same file
@@ -182,7 +183,7 @@ rec() { printf '%s=%s\n' "$1" "$2" >>"$R"; }
 
 if [[ "$ONLY" != nats ]]; then
 # --- 1. engine throughput -------------------------------------------------------
-log "1/8 engine: $ROUNDS× interleaved runs of $ECHO_STEPS debug.echo steps, metrics off/on"
+log "1/8 engine: $ROUNDS× interleaved runs of $ECHO_STEPS debug.echo steps, plain / metrics on / CP2 timeouts on"
 ECHO_FILE="$TMP/echo.jsonl"
 awk -v n="$ECHO_STEPS" 'BEGIN { for (i = 1; i <= n; i++)
     printf "{\"version\":\"1\",\"assignment_id\":\"echo-%d\",\"request_id\":\"req-%d\",\"tenant_id\":\"bench\",\"job\":{\"type\":\"debug.echo\",\"payload\":{\"n\":%d}}}\n", i, i, i }' >"$ECHO_FILE"
@@ -198,12 +199,15 @@ engine_run() { # engine_run LABEL [ENV...] -> "steps_per_s rss_kb cpu_us_per_ste
         END { printf "%.0f %s %.2f\n", n / (ns / 1e9), rss, cpu * 1e6 / n }' "$TMP/time.$label"
 }
 plain_rates=(); metrics_rates=(); plain_rss=(); metrics_rss=(); plain_cpu=(); metrics_cpu=()
+timeouts_rates=(); timeouts_cpu=()
 for i in $(seq 1 "$ROUNDS"); do
     read -r rate rss cpu < <(engine_run "plain$i")
     plain_rates+=("$rate"); plain_rss+=("$rss"); plain_cpu+=("$cpu")
     read -r rate rss cpu < <(engine_run "metrics$i" CP2_OBSERVABILITY_METRICS_ENABLED=1)
     metrics_rates+=("$rate"); metrics_rss+=("$rss"); metrics_cpu+=("$cpu")
-    log "  round $i: plain ${plain_rates[-1]} steps/s (${plain_cpu[-1]} µs CPU/step), metrics ${metrics_rates[-1]} steps/s (${metrics_cpu[-1]} µs CPU/step)"
+    read -r rate rss cpu < <(engine_run "timeouts$i" CP2_COMPLETE_TIMEOUT_ENABLED=1)
+    timeouts_rates+=("$rate"); timeouts_cpu+=("$cpu")
+    log "  round $i: plain ${plain_rates[-1]} steps/s (${plain_cpu[-1]} µs CPU/step), metrics ${metrics_rates[-1]} steps/s (${metrics_cpu[-1]} µs CPU/step), timeouts ${timeouts_rates[-1]} steps/s (${timeouts_cpu[-1]} µs CPU/step)"
 done
 rec ENGINE_PLAIN_CPU_US "$(median "${plain_cpu[@]}")"
 rec ENGINE_METRICS_CPU_US "$(median "${metrics_cpu[@]}")"
@@ -211,6 +215,9 @@ rec ENGINE_PLAIN "$(median "${plain_rates[@]}")"
 rec ENGINE_METRICS "$(median "${metrics_rates[@]}")"
 rec ENGINE_PLAIN_ALL "$(IFS=,; echo "${plain_rates[*]}")"
 rec ENGINE_METRICS_ALL "$(IFS=,; echo "${metrics_rates[*]}")"
+rec ENGINE_TIMEOUTS "$(median "${timeouts_rates[@]}")"
+rec ENGINE_TIMEOUTS_ALL "$(IFS=,; echo "${timeouts_rates[*]}")"
+rec ENGINE_TIMEOUTS_CPU_US "$(median "${timeouts_cpu[@]}")"
 rec ENGINE_PLAIN_RSS_KB "$(median "${plain_rss[@]}")"
 rec ENGINE_METRICS_RSS_KB "$(median "${metrics_rss[@]}")"
 
@@ -667,6 +674,7 @@ if "ENGINE_PLAIN" not in res:
     sys.exit(0)
 overhead = f("ENGINE_PLAIN") / f("ENGINE_METRICS") - 1
 cpu_overhead = f("ENGINE_METRICS_CPU_US") / f("ENGINE_PLAIN_CPU_US") - 1
+timeouts_cost = f("ENGINE_PLAIN") / f("ENGINE_TIMEOUTS") - 1
 http_ratio = f("HTTP_WORKER") / f("HTTP_RAW")
 sql_ratio = f("SQL_WORKER") / f("SQL_PLAIN")
 rows = [
@@ -677,6 +685,9 @@ rows = [
     ("Metrics overhead (throughput)", f"{overhead * 100:+.1f} %", "≤ 5 %", overhead <= 0.05),
     ("Metrics overhead (CPU time per step)",
      f"{f('ENGINE_PLAIN_CPU_US'):.2f} → {f('ENGINE_METRICS_CPU_US'):.2f} µs = {cpu_overhead * 100:+.1f} %", "", None),
+    ("CP2 timeouts cost (throughput, `CP2_COMPLETE_TIMEOUT_ENABLED=1`)",
+     f"{n(f('ENGINE_TIMEOUTS'))} steps/s = {timeouts_cost * 100:+.1f} %; CPU "
+     f"{f('ENGINE_PLAIN_CPU_US'):.2f} → {f('ENGINE_TIMEOUTS_CPU_US'):.2f} µs/step", "≤ 1 %", timeouts_cost <= 0.01),
     ("Engine peak RSS (metrics off / on)",
      f"{f('ENGINE_PLAIN_RSS_KB') / 1024:.1f} / {f('ENGINE_METRICS_RSS_KB') / 1024:.1f} MiB", "", None),
     ("Ingress accepted/s (CP1, wrk -t2 -c32)", f"{n(f('INGRESS_ACCEPTED_PER_S'))} /s", "", None),
@@ -749,8 +760,10 @@ for name, value, target, ok in rows:
 md.append("\n### Details\n")
 md.append(f"- Engine: `caf-worker run` over {n(f('ECHO_STEPS'))} `debug.echo` JSON lines, stdout to "
           f"/dev/null, default pools (cpu 4); wall time from process start to exit. Rounds: {res['ROUNDS']}, "
-          f"interleaved (off, on, off, on, …); the median is reported. Off: {res['ENGINE_PLAIN_ALL']} steps/s; "
-          f"on (`CP2_OBSERVABILITY_METRICS_ENABLED=1`): {res['ENGINE_METRICS_ALL']} steps/s. Peak RSS and "
+          f"interleaved (plain, metrics on, timeouts on, plain, …); the median is reported. Plain: {res['ENGINE_PLAIN_ALL']} steps/s; "
+          f"metrics on (`CP2_OBSERVABILITY_METRICS_ENABLED=1`): {res['ENGINE_METRICS_ALL']} steps/s; CP2 timeouts on "
+          f"(`CP2_COMPLETE_TIMEOUT_ENABLED=1`, a third run in each round: every step is watched by the deadline "
+          f"thread, none expires): {res['ENGINE_TIMEOUTS_ALL']} steps/s. Peak RSS and "
           f"CPU time (user + system, all threads) from `/usr/bin/time -v`; CPU time per step is far less "
           f"sensitive to other load on the machine than throughput.")
 md.append(f"- Ingress: `serve` (CP1), wrk 2 threads × 32 connections, POST `/api/v1/assignments` with a "

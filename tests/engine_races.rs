@@ -192,3 +192,55 @@ fn a_duplicate_is_never_acknowledged_for_an_assignment_the_queue_refuses() {
     assert_eq!(dups, 0);
     assert!(matches!(e.lookup("X"), Lookup::Unknown));
 }
+
+#[test]
+fn a_queued_step_is_answered_at_its_deadline_even_behind_far_deadlines() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, sink) = engine(
+        &[
+            ("WORKER_CPU_POOL_SIZE", "1"),
+            ("CP2_COMPLETE_TIMEOUT_ENABLED", "1"),
+        ],
+        dir.path(),
+    );
+    // The blocker holds the only cpu thread for 2 s; it and `far` have 60 s
+    // deadlines. Once the deadline thread answered `first` (100 ms), it
+    // sleeps until 60 s.
+    let mut blocker = step("blocker", "rb", "debug.sleep", json!({"ms": 2000}), "cpu");
+    blocker.deadline_ms = Some(60_000);
+    let mut first = step("first", "r0", "debug.echo", json!({}), "cpu");
+    first.deadline_ms = Some(100);
+    let mut far = step("far", "rf", "debug.echo", json!({}), "cpu");
+    far.deadline_ms = Some(60_000);
+    for a in [blocker, first, far] {
+        assert!(matches!(
+            e.submit(a, Backpressure::Reject),
+            Admission::Accepted(_)
+        ));
+    }
+    let r = wait_done(&e, "first");
+    assert_eq!(r.status, Status::Timeout, "{r:?}");
+    assert!((100..=1500).contains(&r.queue_ms), "{r:?}");
+    // A 300 ms deadline behind them must wake the thread: answered at its
+    // deadline, not at 60 s nor when the blocker frees the thread (2 s).
+    let mut near = step("near", "rn", "debug.echo", json!({}), "cpu");
+    near.deadline_ms = Some(300);
+    assert!(matches!(
+        e.submit(near, Backpressure::Wait),
+        Admission::Accepted(_)
+    ));
+    let r = wait_done(&e, "near");
+    assert_eq!(r.status, Status::Timeout, "{r:?}");
+    assert_eq!(r.attempts, 0, "{r:?}");
+    // Slack for a loaded machine, well below the blocker's 2 s.
+    assert!((300..=1500).contains(&r.queue_ms), "{r:?}");
+    assert_eq!(wait_done(&e, "far").status, Status::Success);
+    assert_eq!(wait_done(&e, "blocker").status, Status::Success);
+    // The pool thread reached (and skipped) `near` after the blocker: still
+    // one result for it.
+    let results = sink.0.lock().unwrap();
+    assert_eq!(
+        results.iter().filter(|r| r.assignment_id == "near").count(),
+        1
+    );
+}

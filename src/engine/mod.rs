@@ -5,14 +5,17 @@
 //! [`ExecResult`] → result sinks. Between attempts a retry parks in the
 //! timer map (`parking.rs`) instead of sleeping on its thread, and comes back
 //! on its pool's retry channel; a `human.approval` parks there until it is
-//! decided (`approvals.rs`). The engine reports what happened to an
-//! [`Observer`]; it never touches metrics or transports itself.
+//! decided (`approvals.rs`). Under CP2 timeouts a queued step's deadline
+//! waits in a min-heap (`deadlines.rs`) that one deadline thread sleeps on.
+//! The engine reports what happened to an [`Observer`]; it never touches
+//! metrics or transports itself.
 //!
 //! Shutdown follows crossbeam's disconnection rule: dropping the senders lets
 //! the pool threads drain their queues and then see `recv()` fail.
 
 mod approvals;
 mod budget;
+mod deadlines;
 mod parking;
 mod retry;
 mod step;
@@ -31,6 +34,7 @@ use crate::contract::{
 };
 use crate::telemetry::logging;
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
+use deadlines::Deadlines;
 use parking::{Parked, Parking, TimerKey};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -223,6 +227,8 @@ pub(crate) struct Shared {
     finishing: AtomicUsize,
     /// Parked retries and pending approvals (one timer thread).
     parking: Arc<Parking>,
+    /// Deadlines of queued steps (CP2 timeouts; one deadline thread).
+    deadlines: Arc<Deadlines>,
     /// `human.approval` steps may park (a decision channel exists).
     approvals_enabled: AtomicBool,
     /// Bounds the WARN line of each step that does not succeed.
@@ -232,6 +238,7 @@ pub(crate) struct Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         self.parking.stop();
+        self.deadlines.stop();
     }
 }
 
@@ -325,6 +332,7 @@ impl Engine {
             draining: AtomicBool::new(false),
             finishing: AtomicUsize::new(0),
             parking: Arc::new(Parking::new()),
+            deadlines: Arc::new(Deadlines::new()),
             approvals_enabled: AtomicBool::new(false),
             failure_lines: logging::RateLimit::new(
                 FAILURE_LINES_PER_SEC,
@@ -367,10 +375,12 @@ impl Engine {
         }
         if settings.flags.complete_timeout {
             let weak = Arc::downgrade(&shared);
+            let deadlines = shared.deadlines.clone();
             let spawned = std::thread::Builder::new()
                 .name("caf-deadlines".into())
-                .spawn(move || reap_expired(&weak));
+                .spawn(move || reap_expired(&deadlines, &weak));
             if let Err(e) = spawned {
+                shared.deadlines.stop();
                 log::error!(error = e.to_string(); "cannot start the deadline thread; queued steps past their deadline are answered when dequeued");
             }
         }
@@ -446,7 +456,10 @@ impl Engine {
                     })
                 };
                 match self.shared.tracker.insert_with(&handle, enqueue) {
-                    Ok(true) => Admission::Accepted(handle),
+                    Ok(true) => {
+                        self.watch_deadline(&handle);
+                        Admission::Accepted(handle)
+                    }
                     Ok(false) => Admission::Duplicate(Box::new(unwrap_handle(handle))),
                     Err(reason) => Admission::Rejected(Box::new(unwrap_handle(handle)), reason),
                 }
@@ -458,6 +471,7 @@ impl Engine {
                 if !self.shared.tracker.insert(&handle) {
                     return Admission::Duplicate(Box::new(unwrap_handle(handle)));
                 }
+                self.watch_deadline(&handle);
                 loop {
                     match sender.send_timeout(handle.clone(), Duration::from_millis(50)) {
                         Ok(()) => return Admission::Accepted(handle),
@@ -466,6 +480,14 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    /// Hands a registered step to the deadline thread (CP2 timeouts), which
+    /// answers it at its deadline if no pool thread started it by then.
+    fn watch_deadline(&self, handle: &Arc<StepHandle>) {
+        if self.shared.settings.flags.complete_timeout {
+            self.shared.deadlines.push(handle);
         }
     }
 
@@ -518,6 +540,9 @@ impl Engine {
     /// has a result (the deadline thread answered it while `run` waited for
     /// queue space), it stays accepted: one assignment, one answer.
     fn refuse(&self, handle: Arc<StepHandle>, reason: RejectReason) -> Admission {
+        // Claimed as a cancel would: the deadline thread, which still holds
+        // it, leaves it alone from here on (a claim it made first stands).
+        handle.cancel.cancel(CancelReason::Shutdown);
         if self.shared.tracker.remove_pending(&handle) {
             Admission::Rejected(Box::new(unwrap_handle(handle)), reason)
         } else {
@@ -885,19 +910,15 @@ fn upstream_host(payload: &serde_json::Map<String, serde_json::Value>) -> Option
     (!host.is_empty()).then(|| format!("{}://{host}", scheme.to_ascii_lowercase()))
 }
 
-/// How often queued steps are checked against their deadlines (CP2).
-const REAP_INTERVAL: Duration = Duration::from_millis(50);
-
 /// Answers queued steps whose deadline passed (CP2 timeouts) at the deadline,
-/// not when a pool thread finally reaches them. Claims a step the way a
-/// cancel does (token, fence, "started" check: see `step::run`), so a step a
-/// pool thread already started is never answered here. Ends when the engine
-/// is gone.
-fn reap_expired(weak: &std::sync::Weak<Shared>) {
-    loop {
-        std::thread::sleep(REAP_INTERVAL);
+/// not when a pool thread finally reaches them: sleeps until the earliest
+/// deadline of [`Deadlines`] (no scan). Claims a step the way a cancel does
+/// (token, fence, "started" check: see `step::run`), so a step a pool thread
+/// already started is never answered here. Ends when the engine is gone.
+fn reap_expired(deadlines: &Deadlines, weak: &std::sync::Weak<Shared>) {
+    while let Some(due) = deadlines.next_due() {
         let Some(shared) = weak.upgrade() else { return };
-        for h in shared.tracker.expired_unstarted(Instant::now()) {
+        for h in due {
             if !h.cancel.cancel(CancelReason::Deadline) {
                 continue; // cancelled, shut down or claimed first: that answer stands
             }

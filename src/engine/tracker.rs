@@ -214,24 +214,6 @@ impl Tracker {
             .collect()
     }
 
-    /// Pending steps not started, not cancelled and past their deadline.
-    pub fn expired_unstarted(&self, now: Instant) -> Vec<Arc<StepHandle>> {
-        self.lock()
-            .slots
-            .values()
-            .filter_map(|s| match s {
-                Slot::Pending(h)
-                    if h.deadline <= now
-                        && h.started.get().is_none()
-                        && !h.cancel.is_cancelled() =>
-                {
-                    Some(h.clone())
-                }
-                _ => None,
-            })
-            .collect()
-    }
-
     /// Number of pending steps.
     pub fn pending_count(&self) -> usize {
         self.lock()
