@@ -86,9 +86,12 @@ fn report(c: &Counters, tty: bool) {
         }
     }
     if tty {
+        // The last state (all done) is drawn once before the line is
+        // cleared, as a period that ended would have drawn it.
         PROGRESS_LINE.store(false, Ordering::Relaxed);
+        let snap = Snapshot::take(c, start.elapsed());
         let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r\x1b[2K");
+        let _ = write!(err, "\r\x1b[2K{}\r\x1b[2K", snap.line());
         let _ = err.flush();
     }
 }
