@@ -269,6 +269,14 @@ struct Open {
 }
 
 impl Open {
+    /// Counts `part` and keeps it, up to one byte past `max` in all (enough
+    /// to tell the value is too large).
+    fn take(&mut self, part: &[u8], max: usize) {
+        self.size += part.len();
+        let room = (max + 1).saturating_sub(self.bytes.len());
+        self.bytes.extend_from_slice(&part[..part.len().min(room)]);
+    }
+
     fn finish(self, max: usize) -> RawValue {
         RawValue {
             line: self.line,
@@ -357,6 +365,9 @@ impl Stream {
                 self.ready.push_back(o.finish(self.max));
             }
         }
+        // Bytes of the open object on this line start here; they are copied
+        // as one slice when the object closes or the line ends.
+        let mut from = 0;
         let mut i = 0;
         while i < text.len() {
             let b = text[i];
@@ -374,6 +385,7 @@ impl Stream {
                         in_string: false,
                         escaped: false,
                     });
+                    from = i;
                     continue;
                 }
                 // Not an object: the rest of the line is one (bad) item.
@@ -385,10 +397,6 @@ impl Stream {
                 });
                 return;
             };
-            o.size += 1;
-            if o.bytes.len() <= self.max {
-                o.bytes.push(b);
-            }
             if o.in_string {
                 match (o.escaped, b) {
                     (true, _) => o.escaped = false,
@@ -403,6 +411,7 @@ impl Stream {
                     b'}' | b']' => {
                         o.depth = o.depth.saturating_sub(1);
                         if o.depth == 0 {
+                            o.take(&text[from..=i], self.max);
                             if let Some(o) = self.open.take() {
                                 self.ready.push_back(o.finish(self.max));
                             }
@@ -412,6 +421,9 @@ impl Stream {
                 }
             }
             i += 1;
+        }
+        if let Some(o) = self.open.as_mut() {
+            o.take(&text[from..], self.max);
         }
         // JSON strings cannot span lines: an open string here means a cut-off value.
         if self.open.as_ref().is_some_and(|o| o.in_string) {

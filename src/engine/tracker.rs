@@ -6,6 +6,7 @@
 
 use super::StepHandle;
 use crate::contract::ExecResult;
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -77,13 +78,8 @@ impl Tracker {
 
     /// Registers a pending step; `false` if the id is already pending or retained.
     pub fn insert(&self, handle: &Arc<StepHandle>) -> bool {
-        let mut t = self.lock();
-        let id = &handle.assignment.assignment_id;
-        if t.slots.contains_key(id) {
-            return false;
-        }
-        t.slots.insert(id.clone(), Slot::Pending(handle.clone()));
-        true
+        self.insert_with(handle, || Ok::<(), ()>(()))
+            .unwrap_or(false)
     }
 
     /// Checks for a duplicate, runs `enqueue` and registers the step, all under
@@ -95,14 +91,18 @@ impl Tracker {
         handle: &Arc<StepHandle>,
         enqueue: impl FnOnce() -> Result<(), E>,
     ) -> Result<bool, E> {
+        // The key is copied before the lock is taken: every submission and
+        // completion waits on this lock, an allocation need not.
+        let key = handle.assignment.assignment_id.clone();
         let mut t = self.lock();
-        let id = &handle.assignment.assignment_id;
-        if t.slots.contains_key(id) {
-            return Ok(false);
+        match t.slots.entry(key) {
+            Entry::Occupied(_) => Ok(false),
+            Entry::Vacant(slot) => {
+                enqueue()?;
+                slot.insert(Slot::Pending(handle.clone()));
+                Ok(true)
+            }
         }
-        enqueue()?;
-        t.slots.insert(id.clone(), Slot::Pending(handle.clone()));
-        Ok(true)
     }
 
     /// Forgets `handle` if it is still the pending step of its id (it was
@@ -129,6 +129,7 @@ impl Tracker {
         // every submission and completion waits on this lock.
         let replaced;
         let mut evicted = Vec::new();
+        let order_key = result.assignment_id.clone();
         {
             let mut t = self.lock();
             match t.slots.get_mut(&result.assignment_id) {
@@ -140,7 +141,7 @@ impl Tracker {
                 }
                 _ => return false,
             }
-            t.done_order.push_back((result.assignment_id.clone(), size));
+            t.done_order.push_back((order_key, size));
             t.done_bytes += size;
             while t.done_order.len() > 1
                 && (t.done_order.len() > self.retention || t.done_bytes > self.retention_bytes)
