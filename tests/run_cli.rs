@@ -513,3 +513,37 @@ fn run_rejects_an_assignment_over_max_body_bytes() {
     );
     assert_eq!(out.results()["small"]["status"], "success");
 }
+
+#[test]
+fn a_large_batch_is_accepted_in_input_order_with_its_line_numbers() {
+    // 300 lines (parsed in parallel batches): a repeated id is the duplicate
+    // where it comes second in the input, and a bad line is named by its
+    // own number, whatever thread parsed it.
+    let mut text = String::new();
+    for i in 1..=300 {
+        let line = match i {
+            50 | 250 => echo("twice").to_string(),
+            170 => "{\"version\":\"1\",\"not\":\"an assignment\"}".to_owned(),
+            _ => echo(&format!("b-{i}")).to_string(),
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let out = support::run_cmd(&["run", "-"], &[], &text, LIMIT);
+    assert_eq!(out.code, 1, "one line is rejected: {:?}", out.stderr);
+    let lines = out.json_lines();
+    let acks: Vec<&Value> = lines
+        .iter()
+        .filter(|v| v.get("acknowledged_at").is_some())
+        .collect();
+    assert_eq!(acks.len(), 2, "{acks:?}");
+    let duplicate = acks.iter().find(|a| a["reason"] == "duplicate").unwrap();
+    assert_eq!(duplicate["line"], 250, "{duplicate}");
+    let rejected = acks.iter().find(|a| a["status"] == "rejected").unwrap();
+    assert_eq!(rejected["line"], 170, "{rejected}");
+    assert_eq!(
+        lines.len() - acks.len(),
+        298,
+        "one result per accepted line"
+    );
+}
