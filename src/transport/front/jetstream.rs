@@ -329,6 +329,7 @@ fn republish(s: &Shared, id: &str, result: std::sync::Arc<crate::contract::ExecR
     s.enqueue(Outgoing {
         result,
         traceparent,
+        json: None,
     });
 }
 

@@ -39,6 +39,9 @@ use std::time::{Duration, Instant};
 /// Results kept while the connection is down (SPEC §13.5); beyond it the
 /// newest are dropped and counted (JetStream redelivery covers them).
 pub const RESULT_BUFFER: usize = 10_000;
+
+/// Results serialized up to this size are buffered with their JSON line.
+const KEEP_JSON_UP_TO: usize = 16 * 1024;
 /// How long the drain waits for buffered results, PubAcks and ACKs.
 const FINISH_LIMIT: Duration = Duration::from_secs(5);
 /// Assignments the pool mix remembers (halved beyond it).
@@ -51,6 +54,8 @@ const SLICE: Duration = Duration::from_millis(50);
 struct Outgoing {
     result: Arc<ExecResult>,
     traceparent: Option<String>,
+    /// The result as the engine serialized it, when it came that way.
+    json: Option<String>,
 }
 
 /// A JetStream delivery the worker holds until it ACKs, NAKs or TERMs it.
@@ -330,12 +335,17 @@ fn too_large(out: &Outgoing, size: usize, max: usize) -> Outgoing {
     Outgoing {
         result: Arc::new(r),
         traceparent: out.traceparent.clone(),
+        json: None,
     }
 }
 
 impl ResultSink for FrontSink {
     fn deliver(&self, result: &Arc<ExecResult>) {
-        self.0.deliver(result);
+        self.0.deliver(result, None);
+    }
+
+    fn deliver_line(&self, result: &Arc<ExecResult>, line: &str) {
+        self.0.deliver(result, Some(line));
     }
 }
 
@@ -369,7 +379,9 @@ impl Shared {
     }
 
     /// A result from the engine: ours if the assignment came from NATS.
-    fn deliver(&self, result: &Arc<ExecResult>) {
+    /// Queues the result of a NATS assignment for publishing (`json`: its
+    /// line as the engine serialized it, so it is not serialized again).
+    fn deliver(&self, result: &Arc<ExecResult>, json: Option<&str>) {
         let traceparent = {
             let mut hand = self.hand();
             let Some(entry) = hand.get_mut(&result.assignment_id) else {
@@ -397,6 +409,11 @@ impl Shared {
         self.enqueue(Outgoing {
             result: result.clone(),
             traceparent,
+            // A large result is serialized again when published rather than
+            // held twice while it waits in the buffer.
+            json: json
+                .filter(|j| j.len() <= KEEP_JSON_UP_TO)
+                .map(str::to_owned),
         });
     }
 
@@ -522,7 +539,14 @@ impl Shared {
             out.traceparent.as_deref(),
         );
         h.insert("Nats-Msg-Id", &r.assignment_id);
-        let payload = r.to_json_line();
+        let serialized;
+        let payload = match &out.json {
+            Some(line) => line.as_str(),
+            None => {
+                serialized = r.to_json_line();
+                serialized.as_str()
+            }
+        };
         let subject = &self.nats.result_subject;
         let sent = match self.nats.mode {
             NatsMode::Core => {
