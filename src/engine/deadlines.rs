@@ -8,8 +8,9 @@
 //! the order the pool's queue hands them out. Each admission first drops the
 //! ring's leading steps that started (or were cancelled): those left their
 //! queue, so the ring holds about what the queue holds, and a step's `Arc` is
-//! released soon after it starts: at the next admission to its pool, or at
-//! the latest when its deadline comes due. (Holding finished steps, or even
+//! released soon after it starts: at the next admission to its pool, or by
+//! the deadline thread, which sweeps the rings at least once a second while
+//! they hold steps. (Holding finished steps, or even
 //! a `Weak` to each, until a compaction made allocations cold and cost 3×
 //! more per step; measured, SPEC §12.16.)
 //!
@@ -31,6 +32,10 @@ const COMPACT_SLACK: usize = 1024;
 /// Due steps handed out per call of [`Deadlines::next_due`], so a burst of
 /// expiries does not hold the lock against admissions for long.
 const BATCH: usize = 1024;
+
+/// How often the deadline thread, while steps are ringed, releases those
+/// that started (a pool with no further admissions releases none itself).
+const SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Started steps a push releases from its ring at most (a push adds one, so
 /// the ring keeps up with its queue); released after the lock.
@@ -198,16 +203,34 @@ impl Deadlines {
                 st = self.lock();
                 continue; // only leftovers were due
             }
+            // While steps are ringed, wake at least every SWEEP to release
+            // those that started: a pool that sees no further admission
+            // would otherwise keep them (payloads and all) until the
+            // earliest deadline, which may be an hour away.
+            let ringed = st.rings.iter().any(|r| !r.steps.is_empty());
+            let until = match (first, ringed.then(|| now + SWEEP)) {
+                (Some(at), Some(sweep)) => Some(at.min(sweep)),
+                (at, sweep) => at.or(sweep),
+            };
             st.asleep_until = Some(first);
-            st = match first {
+            st = match until {
                 Some(at) => self
                     .wake
-                    .wait_timeout(st, at - now)
+                    .wait_timeout(st, at.saturating_duration_since(now))
                     .map(|(g, _)| g)
                     .unwrap_or_else(|p| p.into_inner().0),
                 None => self.wake.wait(st).unwrap_or_else(|p| p.into_inner()),
             };
             st.asleep_until = None;
+            let mut released = Vec::new();
+            for ring in &mut st.rings {
+                released.extend(std::iter::from_fn(|| ring.pop_done()));
+            }
+            if !released.is_empty() {
+                drop(st); // before `released`: a step's last reference may go
+                drop(released);
+                st = self.lock();
+            }
         }
     }
 
@@ -344,5 +367,45 @@ mod tests {
         thread.join().expect("the deadline thread ended");
         assert!(t1.elapsed() < Duration::from_secs(5));
         drop(far);
+    }
+    #[test]
+    fn an_idle_pool_s_started_steps_are_released_by_the_sweep() {
+        // A burst to one pool, all started, then no further admission: the
+        // deadline thread releases them within about a SWEEP, not at their
+        // deadline an hour away.
+        let d = Arc::new(Deadlines::new());
+        let far = Instant::now() + Duration::from_secs(3600);
+        let steps: Vec<Arc<StepHandle>> = (0..100).map(|i| handle(i, far)).collect();
+        for h in &steps {
+            d.push(h);
+        }
+        let thread = {
+            let d = d.clone();
+            std::thread::spawn(move || while d.next_due().is_some() {})
+        };
+        for h in &steps {
+            let _ = h.started.set(Instant::now());
+        }
+        let watched: Vec<_> = steps.iter().map(Arc::downgrade).collect();
+        drop(steps);
+        let t0 = Instant::now();
+        while watched.iter().any(|w| w.strong_count() > 0) && t0.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let held = watched.iter().filter(|w| w.strong_count() > 0).count();
+        assert_eq!(
+            held,
+            0,
+            "{held} started steps still held after {:?}",
+            t0.elapsed()
+        );
+        assert!(
+            t0.elapsed() < SWEEP * 4,
+            "released after {:?}",
+            t0.elapsed()
+        );
+        d.stop();
+        thread.join().expect("the deadline thread ended");
     }
 }
