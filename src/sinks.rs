@@ -43,11 +43,15 @@ impl ResultSink for JsonLinesFile {
     }
 
     fn deliver_line(&self, _result: &Arc<ExecResult>, line: &str) {
+        // Line and newline in one buffer, so one `write(2)` appends both: a
+        // line larger than the writer's buffer would otherwise go out alone,
+        // and another appender's line (or a crash) could land before its
+        // newline.
+        let mut record = Vec::with_capacity(line.len() + 1);
+        record.extend_from_slice(line.as_bytes());
+        record.push(b'\n');
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        let written = f
-            .write_all(line.as_bytes())
-            .and_then(|()| f.write_all(b"\n"));
-        if let Err(e) = written.and_then(|()| f.flush()) {
+        if let Err(e) = f.write_all(&record).and_then(|()| f.flush()) {
             log::error!(path = self.path.display().to_string(), error = e.to_string(); "cannot append a result to the results file");
         }
     }
