@@ -186,12 +186,34 @@ fn parse_batch(batch: Vec<RawValue>, rules: &IntakeRules) -> impl Iterator<Item 
             None => parse_assignment(&raw.bytes, rules),
         },
     };
-    let items: Vec<Item> = if batch.len() >= PARALLEL_FROM {
-        batch.into_par_iter().map(parse).collect()
-    } else {
-        batch.into_iter().map(parse).collect()
+    let items: Vec<Item> = match parse_pool() {
+        Some(pool) if batch.len() >= PARALLEL_FROM => {
+            pool.install(|| batch.into_par_iter().map(parse).collect())
+        }
+        _ => batch.into_iter().map(parse).collect(),
     };
     items.into_iter()
+}
+
+/// Most threads that parse input, whatever the host's core count.
+const MAX_PARSE_THREADS: usize = 4;
+
+/// The threads that parse batches: a small pool of its own rather than
+/// rayon's global one (a thread per core: 64 on a 64-core host). If its
+/// threads cannot be started (pid or cgroup limits), batches are parsed on
+/// the reading thread instead of failing.
+fn parse_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cores.clamp(1, MAX_PARSE_THREADS))
+            .thread_name(|i| format!("caf-parse-{i}"))
+            .build()
+            .map_err(|e| log::warn!(error = e.to_string(); "cannot start the input parsing threads; parsing on the reading thread"))
+            .ok()
+    })
+    .as_ref()
 }
 
 fn too_large(size: usize, max: usize) -> Rejection {
