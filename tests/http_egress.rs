@@ -352,3 +352,26 @@ fn redirects_followed_hop_by_hop_keep_their_rules() {
     assert_eq!(r["error_code"], "EXECUTION_FAILED", "{r}");
     assert_eq!(up.requests_to("/got"), 1);
 }
+
+#[test]
+fn proxy_variables_in_the_environment_are_not_used() {
+    // A proxy from the environment would carry every request past the
+    // egress rules (they would only ever see the proxy's address). The
+    // "proxy" here is a closed loopback port: were it used, the step fails.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let up = Upstream::start(|_, _| Reply::status(200).body("direct"));
+    let env = [
+        ("HTTP_PROXY", proxy.as_str()),
+        ("http_proxy", proxy.as_str()),
+        ("ALL_PROXY", proxy.as_str()),
+    ];
+    let r = run_one(&http_step("np", json!({"url": up.url("/x")})), &env, LIMIT);
+    assert_eq!(r["status"], "success", "{r}");
+    assert_eq!(
+        up.requests(),
+        1,
+        "the request went straight to the upstream"
+    );
+}

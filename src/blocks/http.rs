@@ -102,6 +102,9 @@ impl HttpBlock {
             .max_idle_connections(s.http_max_idle_per_host.max(10) * 4)
             .max_idle_connections_per_host(s.http_max_idle_per_host.max(3))
             .user_agent(concat!("caf-worker/", env!("CARGO_PKG_VERSION")))
+            // No proxy from HTTP(S)_PROXY / ALL_PROXY: through one, every
+            // request would pass the egress rules as the proxy's address.
+            .proxy(None)
             .build();
         let egress = Arc::new(EgressPolicy::new(
             s.http_deny_nets.clone(),
