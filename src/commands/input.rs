@@ -155,6 +155,8 @@ impl Iterator for Items {
                 };
                 let mut bytes = first.bytes.len();
                 let mut batch = vec![first];
+                // A read error ends the batch; it follows the items before it.
+                let mut failed = None;
                 while batch.len() < BATCH_ITEMS && bytes < BATCH_BYTES {
                     match stream.next_buffered_value() {
                         Some(Ok(raw)) => {
@@ -162,14 +164,14 @@ impl Iterator for Items {
                             batch.push(raw);
                         }
                         Some(Err(e)) => {
-                            self.parsed.extend(parse_batch(batch, &self.rules).map(Ok));
-                            self.parsed.push_back(Err(e));
-                            return self.parsed.pop_front();
+                            failed = Some(e);
+                            break;
                         }
                         None => break,
                     }
                 }
                 self.parsed.extend(parse_batch(batch, &self.rules).map(Ok));
+                self.parsed.extend(failed.map(Err));
                 self.parsed.pop_front()
             }
         }

@@ -157,10 +157,9 @@ impl ExecResult {
         let mut buf = Vec::with_capacity(512);
         // Serialising plain data with string keys cannot fail, and the
         // serializer writes UTF-8 only.
-        match serde_json::to_writer(&mut buf, self).map(|()| String::from_utf8(buf)) {
-            Ok(Ok(line)) => line,
-            Ok(Err(e)) => format!("{{\"serialize_error\":\"{e}\"}}"),
-            Err(e) => format!("{{\"serialize_error\":\"{e}\"}}"),
-        }
+        serde_json::to_writer(&mut buf, self)
+            .map_err(|e| e.to_string())
+            .and_then(|()| String::from_utf8(buf).map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| format!("{{\"serialize_error\":\"{e}\"}}"))
     }
 }
