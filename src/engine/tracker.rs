@@ -33,6 +33,10 @@ struct Table {
     done_order: VecDeque<(String, usize)>,
     /// Sum of the sizes in `done_order`.
     done_bytes: usize,
+    /// Threads blocked in [`Tracker::wait`]. A completion wakes them only
+    /// when there are any: std's `Condvar::notify_all` always makes a futex
+    /// system call, which cost every step about a microsecond.
+    waiters: usize,
 }
 
 pub(super) struct Tracker {
@@ -63,6 +67,7 @@ impl Tracker {
                 slots: HashMap::new(),
                 done_order: VecDeque::new(),
                 done_bytes: 0,
+                waiters: 0,
             }),
             finished: Condvar::new(),
             retention: retention.max(1),
@@ -130,6 +135,7 @@ impl Tracker {
         let replaced;
         let mut evicted = Vec::new();
         let order_key = result.assignment_id.clone();
+        let wake;
         {
             let mut t = self.lock();
             match t.slots.get_mut(&result.assignment_id) {
@@ -151,8 +157,11 @@ impl Tracker {
                     t.done_bytes -= size;
                 }
             }
+            wake = t.waiters > 0;
         }
-        self.finished.notify_all();
+        if wake {
+            self.finished.notify_all();
+        }
         drop((replaced, evicted));
         true
     }
@@ -187,11 +196,14 @@ impl Tracker {
             if now >= deadline {
                 return Lookup::Pending;
             }
+            // Counted under the lock, so a completion that follows sees it.
+            t.waiters += 1;
             t = self
                 .finished
                 .wait_timeout(t, deadline - now)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
+            t.waiters -= 1;
         }
     }
 
