@@ -298,7 +298,7 @@ pub struct IntakeRules {
     pub default_deadline_ms: u64,
 }
 
-const MAX_ID_BYTES: usize = 256;
+pub(super) const MAX_ID_BYTES: usize = 256;
 const MAX_DEADLINE_MS: u64 = 3_600_000;
 
 /// Parses and validates one assignment from raw bytes.
@@ -313,6 +313,17 @@ pub fn parse_assignment(bytes: &[u8], rules: &IntakeRules) -> Result<Assignment,
             ),
         ));
     }
+    // A well-formed assignment takes the typed path; anything it does not
+    // accept as it is (an invalid field, a duplicate key, an unusual type)
+    // is parsed again the general way below, which names the problem.
+    if let Some(a) = super::fast_intake::parse(bytes, rules) {
+        return Ok(a);
+    }
+    parse_general(bytes, rules)
+}
+
+/// [`parse_assignment`] without its fast path: the JSON tree, then the checks.
+pub(super) fn parse_general(bytes: &[u8], rules: &IntakeRules) -> Result<Assignment, Rejection> {
     let value = super::json::from_slice_unique(bytes).map_err(|e| {
         Rejection::new(
             RejectReason::InvalidJson,
@@ -349,7 +360,7 @@ fn envelope_ids(obj: &Map<String, Value>) -> EnvelopeIds {
     }
 }
 
-type Invalid = (RejectReason, String);
+pub(super) type Invalid = (RejectReason, String);
 
 fn invalid(message: impl Into<String>) -> Invalid {
     (RejectReason::InvalidAssignment, message.into())
@@ -378,11 +389,7 @@ fn check_envelope(
     let request_id = id_field(obj, "request_id")?;
     let tenant_id = id_field(obj, "tenant_id")?;
 
-    let provider_id = match obj.get("executor").map(|e| e.get("provider_id")) {
-        None | Some(None) | Some(Some(Value::Null)) => "caf-worker".to_owned(),
-        Some(Some(Value::String(p))) if !p.is_empty() => p.clone(),
-        Some(Some(_)) => return Err(invalid("executor.provider_id must be a non-empty string")),
-    };
+    let provider_id = provider_id(obj)?;
 
     let Some(Value::Object(job)) = obj.get_mut("job") else {
         return Err(invalid("job must be an object with a type"));
@@ -405,31 +412,73 @@ fn check_envelope(
         Some(_) => return Err(invalid("job.type must be a string")),
         None => return Err(invalid("job.type is missing")),
     };
+    no_payload_ref(job)?;
+    let payload = match job.remove("payload") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(p)) => p,
+        Some(_) => return Err(invalid("job.payload must be an object")),
+    };
+    let pool = pool(job_type, job)?;
+    let correlation =
+        correlation(obj, rules.strict_ids).map_err(|m| (RejectReason::InvalidCorrelation, m))?;
+    let options = options(obj, rules)?;
+    Ok(Assignment {
+        assignment_id,
+        request_id,
+        tenant_id,
+        provider_id,
+        job_type,
+        payload,
+        pool,
+        deadline_ms: options.deadline_ms,
+        attempt_timeout_ms: options.attempt_timeout_ms,
+        retry: options.retry,
+        correlation,
+    })
+}
+
+/// `executor.provider_id`, or this worker's name when absent.
+pub(super) fn provider_id(obj: &Map<String, Value>) -> Result<String, Invalid> {
+    match obj.get("executor").map(|e| e.get("provider_id")) {
+        None | Some(None) | Some(Some(Value::Null)) => Ok("caf-worker".to_owned()),
+        Some(Some(Value::String(p))) if !p.is_empty() => Ok(p.clone()),
+        Some(Some(_)) => Err(invalid("executor.provider_id must be a non-empty string")),
+    }
+}
+
+/// `job.payload_ref` must be absent or null.
+pub(super) fn no_payload_ref(job: &Map<String, Value>) -> Result<(), Invalid> {
     if job.get("payload_ref").is_some_and(|v| !v.is_null()) {
         return Err((
             RejectReason::UnsupportedPayloadRef,
             "job.payload_ref is not supported; send the payload inline".into(),
         ));
     }
-    let payload = match job.remove("payload") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(p)) => p,
-        Some(_) => return Err(invalid("job.payload must be an object")),
-    };
-    let pool = match job.get("resources").map(|r| r.get("class")) {
-        None | Some(None) | Some(Some(Value::Null)) => job_type.default_pool(),
+    Ok(())
+}
+
+/// The pool named by `job.resources.class`, else the job type's own.
+pub(super) fn pool(job_type: JobType, job: &Map<String, Value>) -> Result<PoolKind, Invalid> {
+    match job.get("resources").map(|r| r.get("class")) {
+        None | Some(None) | Some(Some(Value::Null)) => Ok(job_type.default_pool()),
         Some(Some(Value::String(c))) => PoolKind::parse(c).ok_or_else(|| {
             invalid(format!(
                 "job.resources.class must be cpu, io or gpu, got {}",
                 describe_str(c)
             ))
-        })?,
-        Some(Some(_)) => return Err(invalid("job.resources.class must be a string")),
-    };
+        }),
+        Some(Some(_)) => Err(invalid("job.resources.class must be a string")),
+    }
+}
 
-    let correlation =
-        correlation(obj, rules.strict_ids).map_err(|m| (RejectReason::InvalidCorrelation, m))?;
+/// The checked `options` object.
+pub(super) struct Options {
+    pub(super) deadline_ms: Option<u64>,
+    pub(super) attempt_timeout_ms: Option<u64>,
+    pub(super) retry: RetryOptions,
+}
 
+pub(super) fn options(obj: &Map<String, Value>, rules: &IntakeRules) -> Result<Options, Invalid> {
     let no_options = Map::new();
     let options = match obj.get("options") {
         None | Some(Value::Null) => &no_options,
@@ -459,19 +508,10 @@ fn check_envelope(
         }
         Some(_) => return Err(invalid("options.retry must be an object")),
     };
-
-    Ok(Assignment {
-        assignment_id,
-        request_id,
-        tenant_id,
-        provider_id,
-        job_type,
-        payload,
-        pool,
+    Ok(Options {
         deadline_ms,
         attempt_timeout_ms,
         retry,
-        correlation,
     })
 }
 
@@ -545,7 +585,7 @@ fn int_field(
     }
 }
 
-fn correlation(obj: &Map<String, Value>, strict: bool) -> Result<Correlation, String> {
+pub(super) fn correlation(obj: &Map<String, Value>, strict: bool) -> Result<Correlation, String> {
     let corr = match obj.get("correlation") {
         None | Some(Value::Null) => None,
         Some(Value::Object(c)) => Some(c),

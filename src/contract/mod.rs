@@ -5,6 +5,7 @@
 mod ack;
 mod assignment;
 mod error_code;
+mod fast_intake;
 mod ids;
 mod json;
 mod result;
