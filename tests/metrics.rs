@@ -459,7 +459,12 @@ fn cardinality_stays_bounded_with_distinct_run_ids_and_many_tenants() {
             "correlation": {"run_id": run, "flow_id": run, "step_id": run},
         });
         let a = parse_assignment(a.to_string().as_bytes(), &rules).unwrap();
-        let r = ExecResult::new(&a, Outcome::Success(json!({})), StepStats::default(), "w");
+        let r = ExecResult::new(
+            &a,
+            Outcome::Success(json!({})),
+            StepStats::default(),
+            &"w".into(),
+        );
         metrics.finished(&StepReport {
             assignment: &a,
             result: &r,

@@ -301,6 +301,44 @@ impl Open {
         self.bytes.extend_from_slice(&part[..part.len().min(room)]);
     }
 
+    /// Follows the value through `text[i..]`: the index of the bracket
+    /// that closes it, or `None` if it is still open at the end of `text`.
+    /// Jumps from one byte that matters to the next (quotes and backslashes
+    /// in a string, quotes and brackets outside), which is what keeps the
+    /// reading thread ahead of the parsers.
+    fn scan(&mut self, text: &[u8], mut i: usize) -> Option<usize> {
+        while i < text.len() {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                    i += 1;
+                    continue;
+                }
+                i += text[i..].iter().position(|&b| b == b'"' || b == b'\\')?;
+                match text[i] {
+                    b'\\' => self.escaped = true,
+                    _ => self.in_string = false,
+                }
+            } else {
+                i += text[i..]
+                    .iter()
+                    .position(|&b| matches!(b, b'"' | b'{' | b'[' | b'}' | b']'))?;
+                match text[i] {
+                    b'"' => self.in_string = true,
+                    b'{' | b'[' => self.depth += 1,
+                    _ => {
+                        self.depth = self.depth.saturating_sub(1);
+                        if self.depth == 0 {
+                            return Some(i);
+                        }
+                    }
+                }
+            }
+            i += 1;
+        }
+        None
+    }
+
     fn finish(self, max: usize) -> RawValue {
         RawValue {
             line: self.line,
@@ -421,30 +459,16 @@ impl Stream {
                 });
                 return;
             };
-            if o.in_string {
-                match (o.escaped, b) {
-                    (true, _) => o.escaped = false,
-                    (false, b'\\') => o.escaped = true,
-                    (false, b'"') => o.in_string = false,
-                    _ => {}
-                }
-            } else {
-                match b {
-                    b'"' => o.in_string = true,
-                    b'{' | b'[' => o.depth += 1,
-                    b'}' | b']' => {
-                        o.depth = o.depth.saturating_sub(1);
-                        if o.depth == 0 {
-                            o.take(&text[from..=i], self.max);
-                            if let Some(o) = self.open.take() {
-                                self.ready.push_back(o.finish(self.max));
-                            }
-                        }
+            match o.scan(text, i) {
+                Some(end) => {
+                    o.take(&text[from..=end], self.max);
+                    if let Some(o) = self.open.take() {
+                        self.ready.push_back(o.finish(self.max));
                     }
-                    _ => {}
+                    i = end + 1;
                 }
+                None => break,
             }
-            i += 1;
         }
         if let Some(o) = self.open.as_mut() {
             o.take(&text[from..], self.max);
@@ -488,6 +512,15 @@ mod tests {
         let got = items(pretty);
         assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [1, 6]);
         assert!(serde_json::from_str::<Value>(&got[0].1).is_ok());
+        // Escaped quotes and backslashes inside strings, brackets in them.
+        let escapes = r#"{"a":"x\"}]\\","b":["\\"]}{"c":"\\\"{"}"#;
+        assert_eq!(
+            items(escapes),
+            [
+                (1, r#"{"a":"x\"}]\\","b":["\\"]}"#.into()),
+                (1, r#"{"c":"\\\"{"}"#.into())
+            ]
+        );
     }
 
     #[test]

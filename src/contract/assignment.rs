@@ -4,6 +4,7 @@
 
 use super::ids;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::fmt;
 
 /// The block families this worker runs (SPEC §4).
@@ -152,8 +153,9 @@ pub struct Assignment {
     pub request_id: String,
     /// Owning tenant.
     pub tenant_id: String,
-    /// `executor.provider_id`, echoed into the result.
-    pub provider_id: String,
+    /// `executor.provider_id`, echoed into the result (`"caf-worker"`,
+    /// borrowed, when absent).
+    pub provider_id: Cow<'static, str>,
     /// Which block runs.
     pub job_type: JobType,
     /// The block's input (always an object).
@@ -438,10 +440,10 @@ fn check_envelope(
 }
 
 /// `executor.provider_id`, or this worker's name when absent.
-pub(super) fn provider_id(obj: &Map<String, Value>) -> Result<String, Invalid> {
+pub(super) fn provider_id(obj: &Map<String, Value>) -> Result<Cow<'static, str>, Invalid> {
     match obj.get("executor").map(|e| e.get("provider_id")) {
-        None | Some(None) | Some(Some(Value::Null)) => Ok("caf-worker".to_owned()),
-        Some(Some(Value::String(p))) if !p.is_empty() => Ok(p.clone()),
+        None | Some(None) | Some(Some(Value::Null)) => Ok(Cow::Borrowed("caf-worker")),
+        Some(Some(Value::String(p))) if !p.is_empty() => Ok(Cow::Owned(p.clone())),
         Some(Some(_)) => Err(invalid("executor.provider_id must be a non-empty string")),
     }
 }

@@ -233,6 +233,8 @@ pub(crate) struct Shared {
     approvals_enabled: AtomicBool,
     /// Bounds the WARN line of each step that does not succeed.
     failure_lines: logging::RateLimit,
+    /// `settings.worker_id`, shared by every result.
+    worker_id: Arc<str>,
 }
 
 impl Drop for Shared {
@@ -324,6 +326,7 @@ impl Engine {
                 settings.retry_budget_min_per_sec,
             ),
             tracker: Tracker::new(settings.result_retention, settings.result_retention_bytes),
+            worker_id: Arc::from(settings.worker_id.as_str()),
             settings: settings.clone(),
             blocks,
             observer,
@@ -779,7 +782,7 @@ impl Shared {
             &h.assignment,
             outcome,
             stats,
-            &self.settings.worker_id,
+            &self.worker_id,
         ));
         let _in_flight = InFlight::enter(&self.finishing);
         // Serialized once, outside the table lock: its length sizes the
