@@ -283,6 +283,23 @@ struct Stream {
     eof: bool,
 }
 
+/// The bytes [`Open::scan`] stops at inside a string: `"` and `\`.
+const IN_STRING: [bool; 256] = byte_set(b"\"\\");
+/// The bytes it stops at outside strings: `"` and brackets.
+const OUTSIDE: [bool; 256] = byte_set(b"\"{}[]");
+
+/// A lookup table (one load per byte, where a chain of comparisons took
+/// several instructions).
+const fn byte_set(members: &[u8]) -> [bool; 256] {
+    let mut set = [false; 256];
+    let mut i = 0;
+    while i < members.len() {
+        set[members[i] as usize] = true;
+        i += 1;
+    }
+    set
+}
+
 struct Open {
     line: usize,
     bytes: Vec<u8>,
@@ -314,15 +331,13 @@ impl Open {
                     i += 1;
                     continue;
                 }
-                i += text[i..].iter().position(|&b| b == b'"' || b == b'\\')?;
+                i += text[i..].iter().position(|&b| IN_STRING[usize::from(b)])?;
                 match text[i] {
                     b'\\' => self.escaped = true,
                     _ => self.in_string = false,
                 }
             } else {
-                i += text[i..]
-                    .iter()
-                    .position(|&b| matches!(b, b'"' | b'{' | b'[' | b'}' | b']'))?;
+                i += text[i..].iter().position(|&b| OUTSIDE[usize::from(b)])?;
                 match text[i] {
                     b'"' => self.in_string = true,
                     b'{' | b'[' => self.depth += 1,

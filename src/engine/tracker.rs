@@ -29,8 +29,9 @@ pub enum Lookup {
 
 struct Table {
     slots: HashMap<String, Slot>,
-    /// Retained results, oldest first, with their [`retained_size`].
-    done_order: VecDeque<(String, usize)>,
+    /// Retained results, oldest first, with their [`retained_size`] (the
+    /// result itself, not a copy of its id: one allocation less per step).
+    done_order: VecDeque<(Arc<ExecResult>, usize)>,
     /// Sum of the sizes in `done_order`.
     done_bytes: usize,
     /// Threads blocked in [`Tracker::wait`]. A completion wakes them only
@@ -46,15 +47,16 @@ pub(super) struct Tracker {
     retention_bytes: usize,
 }
 
-/// Bookkeeping per retained result beyond its JSON: the id twice (map key
-/// and order), the map slot, the `Arc` and the result's own fields.
+/// Bookkeeping per retained result beyond its JSON: the map slot, the
+/// order entry, the `Arc` and the result's own fields (the id, as map key,
+/// is counted by [`retained_size`]).
 const ENTRY_OVERHEAD: usize = 256;
 
 /// What a retained result costs, closely: its serialized JSON size
 /// (`json_len`: big outputs are strings, held at about their serialized
 /// size) plus [`ENTRY_OVERHEAD`] and the id.
 pub(super) fn retained_size(result: &ExecResult, json_len: usize) -> usize {
-    json_len + 2 * result.assignment_id.len() + ENTRY_OVERHEAD
+    json_len + result.assignment_id.len() + ENTRY_OVERHEAD
 }
 
 impl Tracker {
@@ -134,7 +136,6 @@ impl Tracker {
         // every submission and completion waits on this lock.
         let replaced;
         let mut evicted = Vec::new();
-        let order_key = result.assignment_id.clone();
         let wake;
         {
             let mut t = self.lock();
@@ -147,14 +148,15 @@ impl Tracker {
                 }
                 _ => return false,
             }
-            t.done_order.push_back((order_key, size));
+            t.done_order.push_back((result.clone(), size));
             t.done_bytes += size;
             while t.done_order.len() > 1
                 && (t.done_order.len() > self.retention || t.done_bytes > self.retention_bytes)
             {
                 if let Some((old, size)) = t.done_order.pop_front() {
-                    evicted.push(t.slots.remove(&old));
+                    evicted.push(t.slots.remove(&old.assignment_id));
                     t.done_bytes -= size;
+                    evicted.push(Some(Slot::Done(old)));
                 }
             }
             wake = t.waiters > 0;
