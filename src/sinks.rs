@@ -83,8 +83,12 @@ impl ResultSink for ChannelSink {
     }
 
     fn deliver_line(&self, result: &Arc<ExecResult>, line: &str) {
+        self.deliver_owned(result, line.to_owned());
+    }
+
+    fn deliver_owned(&self, result: &Arc<ExecResult>, line: String) {
         let _ = self.0.send(BatchLine::Result {
-            line: line.to_owned(),
+            line,
             status: result.status,
         });
     }

@@ -56,6 +56,13 @@ pub trait ResultSink: Send + Sync {
         let _ = line;
         self.deliver(result);
     }
+
+    /// [`ResultSink::deliver_line`] with the line to keep: the engine's
+    /// last sink gets it by value, so a sink that holds lines (the `run`
+    /// printer's channel) need not copy it.
+    fn deliver_owned(&self, result: &Arc<ExecResult>, line: String) {
+        self.deliver_line(result, &line);
+    }
 }
 
 /// A finished step, as reported to the [`Observer`].
@@ -792,8 +799,11 @@ impl Shared {
         if !self.tracker.complete(h, &result, size) {
             return None;
         }
-        for sink in &self.sinks {
-            sink.deliver_line(&result, &line);
+        if let Some((last, others)) = self.sinks.split_last() {
+            for sink in others {
+                sink.deliver_line(&result, &line);
+            }
+            last.deliver_owned(&result, line);
         }
         self.observer.finished(&StepReport {
             assignment: &h.assignment,
