@@ -1016,6 +1016,9 @@ enum Work {
 /// The next work of `pool`: due retries first (they already hold their
 /// place), then the main queue. `None` once the pool is drained: the main
 /// queue is closed and empty and no retry of this pool waits.
+/// How often a pool thread out of work yields before it sleeps.
+const IDLE_YIELDS: usize = 64;
+
 fn next_work(pool: &Pool, main_open: &mut bool) -> Option<Work> {
     let retry = |(h, e): (Arc<StepHandle>, Box<BlockError>)| {
         pool.retry_left();
@@ -1026,6 +1029,20 @@ fn next_work(pool: &Pool, main_open: &mut bool) -> Option<Work> {
             return Some(retry(r));
         }
         if *main_open {
+            // Out of work: yield a few times before sleeping. A producer
+            // feeding the queue one step at a time (`run`, a busy ingress)
+            // then finds this thread still awake, instead of waking it for
+            // every step (a futex call, and the woken thread preempting the
+            // producer, which starved the intake of `run` on two cores).
+            for _ in 0..IDLE_YIELDS {
+                if let Ok(r) = pool.retry_rx.try_recv() {
+                    return Some(retry(r));
+                }
+                if let Ok(h) = pool.receiver.try_recv() {
+                    return Some(Work::Fresh(h));
+                }
+                std::thread::yield_now();
+            }
             crossbeam_channel::select! {
                 recv(pool.retry_rx) -> m => if let Ok(r) = m { return Some(retry(r)) },
                 recv(pool.receiver) -> m => match m {
