@@ -375,3 +375,55 @@ fn proxy_variables_in_the_environment_are_not_used() {
         "the request went straight to the upstream"
     );
 }
+
+/// A keep-alive upstream that counts the connections it accepted.
+fn keep_alive_upstream() -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                while support::read_request_head(&mut reader).is_some() {
+                    if conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, connections)
+}
+
+#[test]
+fn each_io_thread_keeps_its_connection_alive_across_steps() {
+    // 300 GETs on 3 io threads: every thread sends on the connection it
+    // opened first (one agent, one pool per thread), so the upstream sees
+    // about one connection per thread, not one per step.
+    let (port, connections) = keep_alive_upstream();
+    let url = format!("http://127.0.0.1:{port}/x");
+    let lines: Vec<Value> = (0..300)
+        .map(|i| http_step(&format!("ka-{i}"), json!({ "url": url })))
+        .collect();
+    let out = run_lines(
+        &lines,
+        &[("WORKER_IO_POOL_SIZE", "3")],
+        Duration::from_secs(60),
+    );
+    let results = out.results();
+    assert_eq!(results.len(), 300, "{:?}", out.stderr);
+    assert!(results.values().all(|r| r["status"] == "success"));
+    let n = connections.load(Ordering::SeqCst);
+    assert!(
+        (1..=6).contains(&n),
+        "{n} connections for 300 steps on 3 threads"
+    );
+}

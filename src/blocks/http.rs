@@ -1,5 +1,6 @@
-//! `http.request` (SPEC §4.1, §12.13): one shared ureq agent, per-attempt
-//! timeouts, typed timeout phases, bounded response bodies.
+//! `http.request` (SPEC §4.1, §12.13): one ureq agent per pool thread
+//! (SPEC §12.15), per-attempt timeouts, typed timeout phases, bounded
+//! response bodies.
 //!
 //! Hostile payloads and upstreams (issue 12):
 //! - redirects are followed here, one hop at a time, so the egress policy
@@ -27,7 +28,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use ureq::config::{Config, IpFamily};
@@ -59,10 +60,14 @@ const REFUSED_HEADERS: &[&str] = &[
     "upgrade",
 ];
 
-/// The HTTP block. The agent is shared by all io threads (connection reuse).
+/// The HTTP block. Each pool thread has its own agent and connection pool.
 #[derive(Debug)]
 pub struct HttpBlock {
-    agent: ureq::Agent,
+    /// One agent (one connection pool) per pool thread, chosen by
+    /// [`HttpBlock::agent`]: a shared agent's pool lock was taken twice per
+    /// request by every io thread, and its contention was most of the
+    /// futex calls of an HTTP step.
+    agents: Vec<ureq::Agent>,
     max_response_bytes: usize,
     egress: Arc<EgressPolicy>,
 }
@@ -94,13 +99,15 @@ impl Hop {
 
 impl HttpBlock {
     pub(super) fn new(s: &BlockSettings) -> HttpBlock {
+        // A thread runs one request at a time: its agent keeps a few idle
+        // connections per host, for the hosts it talked to last.
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             // Redirects are followed by `execute`, hop by hop.
             .max_redirects(0)
             .max_redirects_will_error(false)
-            .max_idle_connections(s.http_max_idle_per_host.max(10) * 4)
-            .max_idle_connections_per_host(s.http_max_idle_per_host.max(3))
+            .max_idle_connections(IDLE_PER_AGENT)
+            .max_idle_connections_per_host(IDLE_PER_AGENT_AND_HOST)
             .user_agent(concat!("caf-worker/", env!("CARGO_PKG_VERSION")))
             // No proxy from HTTP(S)_PROXY / ALL_PROXY: through one, every
             // request would pass the egress rules as the proxy's address.
@@ -110,26 +117,41 @@ impl HttpBlock {
             s.http_deny_nets.clone(),
             s.http_allow_nets.clone(),
         ));
-        // ureq's default chain (CONNECT proxy, TCP, rustls) with our TCP
-        // transport (tcp.rs: fewer system calls per pooled request).
-        let connector =
-            ().chain(ConnectProxyConnector::default())
-                .chain(tcp::TcpConnector)
-                .chain(RustlsConnector::default());
-        let agent = ureq::Agent::with_parts(
-            config,
-            TrackingConnector(connector),
-            CachingResolver {
-                inner: DefaultResolver::default(),
-                cache: Mutex::default(),
-                egress: egress.clone(),
-            },
-        );
+        let agents = (0..s.http_max_idle_per_host.clamp(1, MAX_AGENTS))
+            .map(|_| {
+                // ureq's default chain (CONNECT proxy, TCP, rustls) with our
+                // TCP transport (tcp.rs: fewer system calls per pooled request).
+                let connector =
+                    ().chain(ConnectProxyConnector::default())
+                        .chain(tcp::TcpConnector)
+                        .chain(RustlsConnector::default());
+                ureq::Agent::with_parts(
+                    config.clone(),
+                    TrackingConnector(connector),
+                    CachingResolver {
+                        inner: DefaultResolver::default(),
+                        cache: Mutex::default(),
+                        egress: egress.clone(),
+                    },
+                )
+            })
+            .collect();
         HttpBlock {
-            agent,
+            agents,
             max_response_bytes: s.max_response_bytes,
             egress,
         }
+    }
+
+    /// This thread's agent: pool threads are numbered on their first
+    /// request and each takes its own (more threads than agents share).
+    fn agent(&self) -> &ureq::Agent {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        }
+        let n = NUMBER.with(|n| *n);
+        &self.agents[n % self.agents.len()]
     }
 
     /// The egress policy (the serve command adds the worker's own ports).
@@ -239,8 +261,8 @@ impl HttpBlock {
                     "no time left for the attempt",
                 ));
             }
-            let mut request = self
-                .agent
+            let agent = self.agent();
+            let mut request = agent
                 .configure_request(hop.request())
                 .timeout_global(total)
                 .timeout_connect(connect);
@@ -249,7 +271,7 @@ impl HttpBlock {
                 request = request.max_idle_age(Duration::ZERO);
             }
             begin_call();
-            match self.agent.run(request.build()) {
+            match agent.run(request.build()) {
                 Ok(r) => return Ok(r),
                 Err(e) => {
                     let trace = call_trace();
@@ -264,6 +286,14 @@ impl HttpBlock {
         }
     }
 }
+
+/// Agents at most (one per pool thread up to this).
+const MAX_AGENTS: usize = 256;
+/// Idle connections an agent keeps, over all hosts.
+const IDLE_PER_AGENT: usize = 8;
+/// Idle connections an agent keeps per host (its thread uses one at a time;
+/// a spare covers one being closed by the upstream).
+const IDLE_PER_AGENT_AND_HOST: usize = 2;
 
 /// Statuses whose `Location` is followed (with `follow_redirects`).
 fn is_redirect(status: u16) -> bool {
