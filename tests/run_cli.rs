@@ -547,39 +547,3 @@ fn a_large_batch_is_accepted_in_input_order_with_its_line_numbers() {
         "one result per accepted line"
     );
 }
-
-#[test]
-fn run_reads_at_most_16384_steps_ahead_of_their_results() {
-    // One cpu thread, held for 1.5 s by the first step: the steps after it
-    // are accepted (and their queue time starts) only as far as 16,384
-    // steps ahead of the printed results, so one far behind in the input is
-    // accepted after the sleep and barely queues; one inside the window
-    // waited out the whole sleep. Reading everything at once (unbounded
-    // memory for a long input) gives every step the long wait.
-    let mut text = support::assignment("hold", "debug.sleep", json!({"ms": 1500})).to_string();
-    text.push('\n');
-    for i in 1..20_000 {
-        text.push_str(&echo(&format!("w-{i}")).to_string());
-        text.push('\n');
-    }
-    let out = support::run_cmd(
-        &["run", "-"],
-        &[("WORKER_CPU_POOL_SIZE", "1")],
-        &text,
-        LIMIT,
-    );
-    assert_eq!(out.code, 0, "{:?}", out.stderr);
-    let results = out.results();
-    assert_eq!(results.len(), 20_000);
-    let queued = |id: &str| support::field_ms(&results[id], "queue_ms");
-    assert!(
-        queued("w-100") >= 1_000,
-        "inside the window: {}",
-        results["w-100"]
-    );
-    assert!(
-        queued("w-19999") < 1_000,
-        "beyond the window: {}",
-        results["w-19999"]
-    );
-}

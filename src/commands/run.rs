@@ -5,7 +5,7 @@ use super::progress::{Counters, Progress};
 use super::validate::intake_rules;
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, input, serve};
 use crate::config::Settings;
-use crate::contract::{Ack, AckStatus, Assignment, Status};
+use crate::contract::{Ack, AckStatus, Status};
 use crate::engine::{Admission, Backpressure, Engine, ResultSink};
 use crate::sinks::{BatchLine, ChannelSink};
 use crossbeam_channel::{Receiver, Sender};
@@ -205,7 +205,7 @@ fn submit_all(
                 log::warn!(line = n, reason = r.reason.as_str(); "line {n}: rejected: {}", r.message);
                 Ack::rejected(&r, &worker_id)
             }
-            Ok(a) => match submit_with_room(engine, a, accepted, counters, stop) {
+            Ok(a) => match engine.submit(a, Backpressure::Wait) {
                 Admission::Accepted(_) => {
                     accepted += 1;
                     counters.accepted.store(accepted, Ordering::Release);
@@ -226,31 +226,6 @@ fn submit_all(
         let _ = out.send(BatchLine::Ack(ack_line(&ack, n)));
     }
     (accepted, rejected)
-}
-
-/// Steps `run` lets wait for a result before it reads on. Bounds what the
-/// input costs in memory (a queued step holds ~1.3 KB) and keeps the
-/// assignment table small enough to stay in cache, which every submission
-/// and completion looks up; about 50 ms of echo steps, ample to keep the
-/// pool threads busy.
-const READ_AHEAD: usize = 16_384;
-
-/// Submits `a` once fewer than [`READ_AHEAD`] of the `accepted` steps are
-/// without a printed result (waiting in 0.2 ms naps), or at once after a
-/// signal (the drain that follows answers or refuses it).
-fn submit_with_room(
-    engine: &Engine,
-    a: Assignment,
-    accepted: usize,
-    counters: &Counters,
-    stop: &AtomicBool,
-) -> Admission {
-    while accepted.saturating_sub(counters.done.load(Ordering::Acquire)) >= READ_AHEAD
-        && !stop.load(Ordering::Acquire)
-    {
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    engine.submit(a, Backpressure::Wait)
 }
 
 /// The Ack as a JSON line with the input line it answers (`"line": N`).

@@ -1013,12 +1013,12 @@ enum Work {
     Retry(Arc<StepHandle>, Box<BlockError>),
 }
 
-/// The next work of `pool`: due retries first (they already hold their
-/// place), then the main queue. `None` once the pool is drained: the main
-/// queue is closed and empty and no retry of this pool waits.
 /// How often a pool thread out of work yields before it sleeps.
 const IDLE_YIELDS: usize = 64;
 
+/// The next work of `pool`: due retries first (they already hold their
+/// place), then the main queue. `None` once the pool is drained: the main
+/// queue is closed and empty and no retry of this pool waits.
 fn next_work(pool: &Pool, main_open: &mut bool) -> Option<Work> {
     let retry = |(h, e): (Arc<StepHandle>, Box<BlockError>)| {
         pool.retry_left();
