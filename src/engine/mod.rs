@@ -1019,7 +1019,10 @@ const IDLE_YIELDS: usize = 64;
 /// The next work of `pool`: due retries first (they already hold their
 /// place), then the main queue. `None` once the pool is drained: the main
 /// queue is closed and empty and no retry of this pool waits.
-fn next_work(pool: &Pool, main_open: &mut bool) -> Option<Work> {
+/// `after_step`: the thread just finished a step, so more work may follow at
+/// once (only then it yields before sleeping: a thousand fresh threads
+/// yielding at start-up cost 70 ms on two cores).
+fn next_work(pool: &Pool, main_open: &mut bool, after_step: bool) -> Option<Work> {
     let retry = |(h, e): (Arc<StepHandle>, Box<BlockError>)| {
         pool.retry_left();
         Work::Retry(h, e)
@@ -1034,14 +1037,16 @@ fn next_work(pool: &Pool, main_open: &mut bool) -> Option<Work> {
             // then finds this thread still awake, instead of waking it for
             // every step (a futex call, and the woken thread preempting the
             // producer, which starved the intake of `run` on two cores).
-            for _ in 0..IDLE_YIELDS {
+            for _ in 0..if after_step { IDLE_YIELDS } else { 0 } {
                 if let Ok(r) = pool.retry_rx.try_recv() {
                     return Some(retry(r));
                 }
-                if let Ok(h) = pool.receiver.try_recv() {
-                    return Some(Work::Fresh(h));
+                match pool.receiver.try_recv() {
+                    Ok(h) => return Some(Work::Fresh(h)),
+                    // Closed: the select below ends the pool's intake.
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+                    Err(crossbeam_channel::TryRecvError::Empty) => std::thread::yield_now(),
                 }
-                std::thread::yield_now();
             }
             crossbeam_channel::select! {
                 recv(pool.retry_rx) -> m => if let Ok(r) = m { return Some(retry(r)) },
@@ -1067,7 +1072,9 @@ fn worker_loop(shared: &Shared, kind: PoolKind, exit: Sender<()>) {
     let pool = &shared.pools[kind.index()];
     let _alive = AliveGuard(&pool.alive, exit);
     let mut main_open = true;
-    while let Some(work) = next_work(pool, &mut main_open) {
+    let mut after_step = false;
+    while let Some(work) = next_work(pool, &mut main_open, after_step) {
+        after_step = true;
         let (handle, resume) = match work {
             Work::Fresh(h) => {
                 shared.observer.dequeued(kind, h.accepted_at.elapsed());
