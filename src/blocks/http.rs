@@ -117,7 +117,7 @@ impl HttpBlock {
             s.http_deny_nets.clone(),
             s.http_allow_nets.clone(),
         ));
-        let agents = (0..s.http_max_idle_per_host.clamp(1, MAX_AGENTS))
+        let agents = (0..s.pool_threads.clamp(1, MAX_AGENTS))
             .map(|_| {
                 // ureq's default chain (CONNECT proxy, TCP, rustls) with our
                 // TCP transport (tcp.rs: fewer system calls per pooled request).

@@ -165,8 +165,9 @@ pub struct BlockSettings {
     pub fs_timeouts: FsTimeouts,
     /// Largest HTTP response body read.
     pub max_response_bytes: usize,
-    /// Idle connections kept per upstream host (≥ the pool sizes for reuse).
-    pub http_max_idle_per_host: usize,
+    /// Threads over all pools: `http.request` keeps one agent (one
+    /// connection pool) per thread.
+    pub pool_threads: usize,
     /// `WORKER_HTTP_DENY_NETS`.
     pub http_deny_nets: Vec<Cidr>,
     /// `WORKER_HTTP_ALLOW_NETS`.

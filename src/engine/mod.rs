@@ -292,7 +292,7 @@ impl Engine {
                 delete: settings.fs_delete_timeout,
             },
             max_response_bytes: settings.max_response_bytes,
-            http_max_idle_per_host: settings.pool_sizes.iter().sum(),
+            pool_threads: settings.pool_sizes.iter().sum(),
             http_deny_nets: settings.http_deny_nets.clone(),
             http_allow_nets: settings.http_allow_nets.clone(),
             sql_root: settings.sql_root.clone(),
@@ -1037,7 +1037,8 @@ fn next_work(pool: &Pool, main_open: &mut bool, after_step: bool) -> Option<Work
             // then finds this thread still awake, instead of waking it for
             // every step (a futex call, and the woken thread preempting the
             // producer, which starved the intake of `run` on two cores).
-            for _ in 0..if after_step { IDLE_YIELDS } else { 0 } {
+            let yields = if after_step { IDLE_YIELDS } else { 0 };
+            for _ in 0..yields {
                 if let Ok(r) = pool.retry_rx.try_recv() {
                     return Some(retry(r));
                 }
