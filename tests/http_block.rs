@@ -439,3 +439,24 @@ fn a_body_the_upstream_never_reads_ends_at_the_deadline() {
     let latency = r["latency_ms"].as_u64().unwrap();
     assert!((450..2500).contains(&latency), "latency {latency} ms");
 }
+
+#[test]
+fn each_io_thread_keeps_its_connection_alive_across_steps() {
+    // 300 GETs on 3 io threads: every thread sends on the connection it
+    // opened first (one agent, one pool per thread), so the upstream sees
+    // about one connection per thread, not one per step.
+    let (base, connections) = counting_upstream(Duration::ZERO);
+    let url = format!("{base}/x");
+    let lines: Vec<Value> = (0..300)
+        .map(|i| support::assignment(&format!("ka-{i}"), "http.request", json!({ "url": url })))
+        .collect();
+    let out = support::run_lines(&lines, &[("WORKER_IO_POOL_SIZE", "3")], LIMIT);
+    let results = out.results();
+    assert_eq!(results.len(), 300, "{:?}", out.stderr);
+    assert!(results.values().all(|r| r["status"] == "success"));
+    let n = connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=6).contains(&n),
+        "{n} connections for 300 steps on 3 threads"
+    );
+}
