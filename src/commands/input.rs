@@ -46,12 +46,22 @@ pub struct InputError(pub String);
 /// A streamed input is cut into values on the reading thread, then parsed and
 /// validated in batches: every value already in the read buffer (up to
 /// [`BATCH_ITEMS`] / [`BATCH_BYTES`]) is parsed in parallel with rayon and
-/// handed out in input order. A batch never waits for more input, so a
-/// slow pipe still gets each line answered as it arrives.
+/// handed out in input order, while the next buffered batch parses (at most
+/// one ahead). A batch never waits for more input, so a slow pipe still gets
+/// each line answered as it arrives.
 pub struct Items {
     source: Source,
     rules: IntakeRules,
     parsed: VecDeque<Result<Item, InputError>>,
+    /// The next batch, parsing on the pool while `parsed` is handed out.
+    in_flight: Option<InFlight>,
+}
+
+/// A batch handed to the parse pool: its items, in input order, arrive on
+/// `items`; `failed` (the read error that ended it) follows them.
+struct InFlight {
+    items: crossbeam_channel::Receiver<Vec<Item>>,
+    failed: Option<InputError>,
 }
 
 enum Source {
@@ -105,12 +115,14 @@ pub fn open(path: &str, rules: IntakeRules) -> Result<Items, InputError> {
             source: Source::Array(numbered.into_iter()),
             rules,
             parsed: VecDeque::new(),
+            in_flight: None,
         });
     }
     Ok(Items {
         source: Source::Stream(Box::new(Stream::new(reader, rules.max_body_bytes, skipped))),
         rules,
         parsed: VecDeque::new(),
+        in_flight: None,
     })
 }
 
@@ -143,58 +155,105 @@ impl Iterator for Items {
                 };
                 Some(Ok(Item { number, parsed }))
             }
-            Source::Stream(stream) => {
+            Source::Stream(_) => loop {
                 if let Some(item) = self.parsed.pop_front() {
                     return Some(item);
                 }
-                // The first value may wait for input; the rest of the batch
-                // is what is already buffered.
-                let first = match stream.next_value()? {
-                    Ok(raw) => raw,
-                    Err(e) => return Some(Err(e)),
-                };
-                let mut bytes = first.bytes.len();
-                let mut batch = vec![first];
-                // A read error ends the batch; it follows the items before it.
-                let mut failed = None;
-                while batch.len() < BATCH_ITEMS && bytes < BATCH_BYTES {
-                    match stream.next_buffered_value() {
-                        Some(Ok(raw)) => {
-                            bytes += raw.bytes.len();
-                            batch.push(raw);
+                if let Some(batch) = self.in_flight.take() {
+                    let failed = batch.failed.is_some();
+                    match batch.items.recv() {
+                        Ok(items) => self.parsed.extend(items.into_iter().map(Ok)),
+                        Err(_) => {
+                            let e = InputError("the input parser stopped unexpectedly".into());
+                            return Some(Err(e));
                         }
-                        Some(Err(e)) => {
-                            failed = Some(e);
-                            break;
-                        }
-                        None => break,
                     }
+                    self.parsed.extend(batch.failed.map(Err));
+                    // While these items are handed out (and run), the next
+                    // buffered batch parses: reading, parsing and submitting
+                    // overlap instead of taking turns.
+                    if !failed {
+                        self.start_batch(false);
+                    }
+                    continue;
                 }
-                self.parsed.extend(parse_batch(batch, &self.rules).map(Ok));
-                self.parsed.extend(failed.map(Err));
-                self.parsed.pop_front()
-            }
+                // Nothing parsed or parsing: wait for input.
+                if !self.start_batch(true) {
+                    return None;
+                }
+            },
         }
     }
 }
 
-/// Parses and validates a batch of raw values, in parallel when it is big
-/// enough; the items come out in input order.
-fn parse_batch(batch: Vec<RawValue>, rules: &IntakeRules) -> impl Iterator<Item = Item> {
-    let parse = |raw: RawValue| Item {
+impl Items {
+    /// Cuts the next batch (every value already in the read buffer, up to
+    /// [`BATCH_ITEMS`] / [`BATCH_BYTES`]; with `wait`, first waiting for
+    /// one value) and starts parsing it: a big batch on the pool
+    /// (`in_flight`), a small one here. `false` at the end of the input.
+    /// Never waits for input once it has a value: a slow pipe still gets
+    /// each line answered as it arrives.
+    fn start_batch(&mut self, wait: bool) -> bool {
+        let Source::Stream(stream) = &mut self.source else {
+            return false;
+        };
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        // A read error ends the batch; it follows the items before it.
+        let mut failed = None;
+        if wait {
+            match stream.next_value() {
+                Some(Ok(raw)) => {
+                    bytes += raw.bytes.len();
+                    batch.push(raw);
+                }
+                Some(Err(e)) => failed = Some(e),
+                None => return false,
+            }
+        }
+        while failed.is_none() && batch.len() < BATCH_ITEMS && bytes < BATCH_BYTES {
+            match stream.next_buffered_value() {
+                Some(Ok(raw)) => {
+                    bytes += raw.bytes.len();
+                    batch.push(raw);
+                }
+                Some(Err(e)) => failed = Some(e),
+                None => break,
+            }
+        }
+        let rules = self.rules;
+        match parse_pool() {
+            Some(pool) if batch.len() >= PARALLEL_FROM => {
+                // Bounded by one: at most one batch parses ahead.
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                pool.spawn(move || {
+                    let items = batch
+                        .into_par_iter()
+                        .map(|raw| parse(raw, &rules))
+                        .collect();
+                    let _ = tx.send(items);
+                });
+                self.in_flight = Some(InFlight { items: rx, failed });
+            }
+            _ => {
+                let items = batch.into_iter().map(|raw| parse(raw, &rules));
+                self.parsed.extend(items.map(Ok));
+                self.parsed.extend(failed.map(Err));
+            }
+        }
+        true
+    }
+}
+
+/// Parses and validates one raw value.
+fn parse(raw: RawValue, rules: &IntakeRules) -> Item {
+    Item {
         number: raw.line,
         parsed: match raw.oversized {
             Some(size) => Err(too_large(size, rules.max_body_bytes)),
             None => parse_assignment(&raw.bytes, rules),
         },
-    };
-    let items: Vec<Item> = match parse_pool() {
-        Some(pool) if batch.len() >= PARALLEL_FROM => {
-            pool.install(|| batch.into_par_iter().map(parse).collect())
-        }
-        _ => batch.into_iter().map(parse).collect(),
-    };
-    items.into_iter()
+    }
 }
 
 /// Most threads that parse input, whatever the host's core count.
