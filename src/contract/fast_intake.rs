@@ -1,30 +1,39 @@
 //! The fast path of assignment intake (SPEC §12.18).
 //!
 //! [`super::parse_assignment`] first reads the bytes straight into the
-//! envelope's typed fields: the version is compared in place, the ids and
-//! the job type are read without building a JSON tree around them, and only
-//! the payload and the less common fields (`options`, `correlation`,
-//! `executor`, unknown keys) become [`Value`]s, through the same
-//! duplicate-refusing [`Checked`] parse as the general path. The checks of
-//! those fields are the general path's own functions.
+//! envelope's typed fields with a small lexer: keys are compared as they
+//! stand in the input, the version is compared in place, the ids and the
+//! job type are read without building a JSON tree around them. Only the
+//! payload and the less common fields (`options`, `correlation`,
+//! `executor`, unknown keys) become [`Value`]s: the lexer finds where each
+//! such value ends and hands that text to the same duplicate-refusing
+//! [`Checked`] parse as the general path. The checks of those fields are
+//! the general path's own functions.
 //!
 //! This path only ever accepts: any input it does not take as it is (a
 //! missing or invalid field, a duplicate key at any depth, a value of an
-//! unexpected type, not an object) makes it give up, and the general path
-//! parses the bytes again and names the problem. So for every input it
-//! accepts, the result equals the general path's; the tests hold it to that.
+//! unexpected type, deep nesting, not an object) makes it give up, and the
+//! general path parses the bytes again and names the problem. So for every
+//! input it accepts, the result equals the general path's; the tests hold
+//! it to that.
 
 use super::assignment::{self, Assignment, IntakeRules, JobType, MAX_ID_BYTES};
 use super::json::Checked;
-use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
-use std::fmt;
+use std::borrow::Cow;
 
 /// The assignment in `bytes`, or `None` if the general path must decide.
 pub(super) fn parse(bytes: &[u8], rules: &IntakeRules) -> Option<Assignment> {
-    serde_json::from_slice::<Envelope>(bytes)
-        .ok()?
-        .into_assignment(rules)
+    // One UTF-8 check of the whole input (serde_json checks each string);
+    // from here on every cut is at an ASCII byte, so on a char boundary.
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut lexer = Lexer { text, i: 0 };
+    let envelope = lexer.envelope()?;
+    lexer.skip_ws();
+    if lexer.i != text.len() {
+        return None;
+    }
+    envelope.into_assignment(rules)
 }
 
 /// The top-level object: the hot fields typed, everything else kept.
@@ -42,7 +51,8 @@ struct Envelope {
 #[derive(Default)]
 struct Job {
     job_type: Option<JobType>,
-    payload: Option<Map<String, Value>>,
+    /// `Some(None)`: `"payload": null`.
+    payload: Option<Option<Map<String, Value>>>,
     /// Every other key of `job` (`resources`, `payload_ref`, …).
     rest: Map<String, Value>,
 }
@@ -69,7 +79,7 @@ impl Envelope {
             tenant_id,
             provider_id,
             job_type,
-            payload: job.payload.unwrap_or_default(),
+            payload: job.payload.flatten().unwrap_or_default(),
             pool,
             deadline_ms: options.deadline_ms,
             attempt_timeout_ms: options.attempt_timeout_ms,
@@ -79,194 +89,195 @@ impl Envelope {
     }
 }
 
-/// Gives up on the fast path (the message is never shown).
-fn give_up<E: de::Error>() -> E {
-    E::custom("not on the fast path")
-}
-
-/// Sets `slot` once; a second value for it is a duplicate key.
-fn once<T, E: de::Error>(slot: &mut Option<T>, value: T) -> Result<(), E> {
+/// Sets `slot` once; a second value for it is a duplicate key (give up).
+fn once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
     match slot {
-        Some(_) => Err(give_up()),
+        Some(_) => None,
         None => {
             *slot = Some(value);
-            Ok(())
+            Some(())
         }
     }
 }
 
-/// Keeps a key the typed path does not read, refusing duplicates at any depth.
-fn keep<'de, A: MapAccess<'de>>(
-    rest: &mut Map<String, Value>,
-    key: String,
-    map: &mut A,
-) -> Result<(), A::Error> {
-    let c: Checked = map.next_value()?;
-    if c.duplicate.is_some() || rest.contains_key(&key) {
-        return Err(give_up());
-    }
-    rest.insert(key, c.value);
-    Ok(())
+/// A field's value nested deeper than this gives up: with the two levels
+/// around it, well inside serde_json's own limit of 128, which the general
+/// path applies to the whole input while the [`Checked`] parse here sees one
+/// value of it.
+const MAX_DEPTH: usize = 64;
+
+/// Reads JSON text left to right; every method returns `None` to give up.
+struct Lexer<'a> {
+    text: &'a str,
+    /// The next byte to read.
+    i: usize,
 }
 
-/// A key of the top-level object.
-enum TopKey {
-    Version,
-    AssignmentId,
-    RequestId,
-    TenantId,
-    Job,
-    Other(String),
-}
-
-/// A key of `job`.
-enum JobKey {
-    Type,
-    Payload,
-    Other(String),
-}
-
-/// Reads a key (or a string value) through `f` without allocating when
-/// serde_json can lend the text.
-struct StrVisitor<F>(F);
-
-impl<'de, T, F: FnOnce(&str) -> Option<T>> Visitor<'de> for StrVisitor<F> {
-    type Value = T;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a string")
+impl<'a> Lexer<'a> {
+    fn bytes(&self) -> &'a [u8] {
+        self.text.as_bytes()
     }
 
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
-        (self.0)(v).ok_or_else(give_up)
-    }
-}
-
-impl<'de> Deserialize<'de> for TopKey {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TopKey, D::Error> {
-        d.deserialize_str(StrVisitor(|k: &str| {
-            Some(match k {
-                "version" => TopKey::Version,
-                "assignment_id" => TopKey::AssignmentId,
-                "request_id" => TopKey::RequestId,
-                "tenant_id" => TopKey::TenantId,
-                "job" => TopKey::Job,
-                other => TopKey::Other(other.to_owned()),
-            })
-        }))
-    }
-}
-
-impl<'de> Deserialize<'de> for JobKey {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<JobKey, D::Error> {
-        d.deserialize_str(StrVisitor(|k: &str| {
-            Some(match k {
-                "type" => JobKey::Type,
-                "payload" => JobKey::Payload,
-                other => JobKey::Other(other.to_owned()),
-            })
-        }))
-    }
-}
-
-/// `"version": "1"`, compared without a copy.
-struct VersionOne;
-
-impl<'de> Deserialize<'de> for VersionOne {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<VersionOne, D::Error> {
-        d.deserialize_str(StrVisitor(|v: &str| (v == "1").then_some(VersionOne)))
-    }
-}
-
-/// A known `job.type`.
-struct KnownJobType(JobType);
-
-impl<'de> Deserialize<'de> for KnownJobType {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<KnownJobType, D::Error> {
-        d.deserialize_str(StrVisitor(|v: &str| JobType::parse(v).map(KnownJobType)))
-    }
-}
-
-/// Visits the top-level object (anything else gives up).
-struct EnvelopeVisitor;
-
-impl<'de> Visitor<'de> for EnvelopeVisitor {
-    type Value = Envelope;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an assignment object")
+    /// JSON's whitespace: space, tab, newline, carriage return.
+    fn skip_ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes().get(self.i) {
+            self.i += 1;
+        }
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope, A::Error> {
-        let mut env = Envelope::default();
-        let mut version = None;
-        while let Some(key) = map.next_key::<TopKey>()? {
-            match key {
-                TopKey::Version => once(&mut version, map.next_value::<VersionOne>()?)?,
-                TopKey::AssignmentId => once(&mut env.assignment_id, map.next_value()?)?,
-                TopKey::RequestId => once(&mut env.request_id, map.next_value()?)?,
-                TopKey::TenantId => once(&mut env.tenant_id, map.next_value()?)?,
-                TopKey::Job => once(&mut env.job, map.next_value()?)?,
-                TopKey::Other(k) => keep(&mut env.rest, k, &mut map)?,
+    /// Skips whitespace, then `c` if it is next.
+    fn eat(&mut self, c: u8) -> Option<()> {
+        self.skip_ws();
+        (self.bytes().get(self.i) == Some(&c)).then(|| self.i += 1)
+    }
+
+    /// A string (after whitespace): borrowed as it stands when it has no
+    /// escapes, which is the common case; else decoded by serde_json.
+    fn string(&mut self) -> Option<Cow<'a, str>> {
+        self.skip_ws();
+        let start = self.i;
+        self.eat(b'"')?;
+        let body = self.i;
+        let len = self.bytes()[body..]
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        if self.bytes()[body + len] == b'"' {
+            self.i = body + len + 1;
+            return Some(Cow::Borrowed(&self.text[body..body + len]));
+        }
+        self.i = start;
+        let quoted = self.value_text()?;
+        serde_json::from_str::<String>(quoted).ok().map(Cow::Owned)
+    }
+
+    /// Moves past the string that starts at `i` (a `"`), escapes and all.
+    fn skip_string(&mut self) -> Option<()> {
+        let b = self.bytes();
+        let mut i = self.i + 1;
+        loop {
+            i += b.get(i..)?.iter().position(|&c| c == b'"' || c == b'\\')?;
+            if b[i] == b'"' {
+                self.i = i + 1;
+                return Some(());
             }
+            i += 2;
         }
-        env.version = version.is_some();
-        Ok(env)
-    }
-}
-
-impl<'de> Deserialize<'de> for Envelope {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Envelope, D::Error> {
-        d.deserialize_map(EnvelopeVisitor)
-    }
-}
-
-/// Visits `job` (anything but an object gives up).
-struct JobVisitor;
-
-impl<'de> Visitor<'de> for JobVisitor {
-    type Value = Job;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a job object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Job, A::Error> {
-        let mut job = Job::default();
-        let mut payload_seen = false;
-        while let Some(key) = map.next_key::<JobKey>()? {
-            match key {
-                JobKey::Type => {
-                    let KnownJobType(t) = map.next_value()?;
-                    once(&mut job.job_type, t)?;
-                }
-                JobKey::Payload => {
-                    if std::mem::replace(&mut payload_seen, true) {
-                        return Err(give_up());
+    /// The text of the value that starts here (after whitespace), for a
+    /// full parse: strings and brackets are followed to its end; a scalar
+    /// ends at the next delimiter. Invalid text inside it is left for that
+    /// parse to refuse.
+    fn value_text(&mut self) -> Option<&'a str> {
+        self.skip_ws();
+        let start = self.i;
+        let mut depth = 0usize;
+        while let Some(&c) = self.bytes().get(self.i) {
+            match c {
+                b'"' => self.skip_string()?,
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > MAX_DEPTH {
+                        return None;
                     }
-                    let c: Checked = map.next_value()?;
-                    job.payload = match c {
-                        Checked {
-                            duplicate: None,
-                            value: Value::Object(p),
-                        } => Some(p),
-                        Checked {
-                            duplicate: None,
-                            value: Value::Null,
-                        } => None,
-                        _ => return Err(give_up()),
-                    };
+                    self.i += 1;
+                    continue;
                 }
-                JobKey::Other(k) => keep(&mut job.rest, k, &mut map)?,
+                b'}' | b']' if depth > 0 => {
+                    depth -= 1;
+                    self.i += 1;
+                }
+                b'}' | b']' | b',' | b' ' | b'\t' | b'\n' | b'\r' if depth == 0 => break,
+                _ => {
+                    self.i += 1;
+                    continue;
+                }
+            }
+            if depth == 0 {
+                break;
             }
         }
-        Ok(job)
+        (self.i > start).then(|| &self.text[start..self.i])
     }
-}
 
-impl<'de> Deserialize<'de> for Job {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Job, D::Error> {
-        d.deserialize_map(JobVisitor)
+    /// The next value, parsed whole and refusing duplicate keys.
+    fn checked(&mut self) -> Option<Value> {
+        match serde_json::from_str::<Checked>(self.value_text()?).ok()? {
+            Checked {
+                value,
+                duplicate: None,
+            } => Some(value),
+            _ => None,
+        }
+    }
+
+    /// Keeps a key the typed path does not read.
+    fn keep(&mut self, rest: &mut Map<String, Value>, key: Cow<'a, str>) -> Option<()> {
+        let value = self.checked()?;
+        if rest.contains_key(&*key) {
+            return None;
+        }
+        rest.insert(key.into_owned(), value);
+        Some(())
+    }
+
+    /// Calls `field` for each key of the object that starts here, with the
+    /// lexer on its value; checks the commas and the closing brace.
+    fn object(
+        &mut self,
+        mut field: impl FnMut(&mut Self, Cow<'a, str>) -> Option<()>,
+    ) -> Option<()> {
+        self.eat(b'{')?;
+        if self.eat(b'}').is_some() {
+            return Some(());
+        }
+        loop {
+            let key = self.string()?;
+            self.eat(b':')?;
+            field(self, key)?;
+            if self.eat(b',').is_none() {
+                return self.eat(b'}');
+            }
+        }
+    }
+
+    fn envelope(&mut self) -> Option<Envelope> {
+        let mut env = Envelope::default();
+        self.object(|lx, key| match &*key {
+            "version" => {
+                let one = lx.string()? == "1";
+                (one && !std::mem::replace(&mut env.version, true)).then_some(())
+            }
+            "assignment_id" => once(&mut env.assignment_id, lx.string()?.into_owned()),
+            "request_id" => once(&mut env.request_id, lx.string()?.into_owned()),
+            "tenant_id" => once(&mut env.tenant_id, lx.string()?.into_owned()),
+            "job" => {
+                let job = lx.job()?;
+                once(&mut env.job, job)
+            }
+            _ => lx.keep(&mut env.rest, key),
+        })?;
+        Some(env)
+    }
+
+    fn job(&mut self) -> Option<Job> {
+        let mut job = Job::default();
+        self.object(|lx, key| match &*key {
+            "type" => {
+                let t = JobType::parse(&lx.string()?)?;
+                once(&mut job.job_type, t)
+            }
+            "payload" => {
+                let payload = match lx.checked()? {
+                    Value::Object(p) => Some(p),
+                    Value::Null => None,
+                    _ => return None,
+                };
+                once(&mut job.payload, payload)
+            }
+            _ => lx.keep(&mut job.rest, key),
+        })?;
+        Some(job)
     }
 }
 
@@ -343,6 +354,18 @@ mod tests {
                 r#"{{{BASE},"job":{{"type":"debug.echo"}},"trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","correlation":{{"run_id":"0b9e6a3c-1f7d-4c2e-9a41-5d2f8c7e6b10","flow_id":"6f1d2c3b-8a9e-4f7d-b2c1-0e9d8c7b6a54","step_id":"01ARZ3NDEKTSV4RRFFQ69G5FAV"}},"extra":{{"a":[{{"b":1}}]}}}}"#
             ),
             r#"{"version":"1","assignment_id":"\u0061-1","request_id":"r","tenant_id":"t","job":{"type":"debug.echo"},"options":null,"correlation":null,"executor":null}"#.to_owned(),
+            // Whitespace everywhere JSON allows it, escapes in keys and
+            // values, and brackets, quotes and numbers inside the payload.
+            format!(
+                " \r\n{{ {} ,\t\"job\" :\n{{ \"payload\" : {{ \"s\" : \"}}]\\\"\\\\\" , \"a\":[ 1.5e3 ,-0, {{}} ,[] ,true,null] }} , \"type\":\"debug.echo\" }} }}\n ",
+                BASE.replace(',', " , ")
+            ),
+            r#"{"ver\u0073ion":"\u0031","assignment_id":"a\"b","request_id":"r","tenant_id":"t","job":{"t\u0079pe":"debug.\u0065cho","payload":{}}}"#.to_owned(),
+            format!(
+                r#"{{{BASE},"job":{{"type":"debug.echo","payload":{{"d":{}}}}}}}"#,
+                "[".repeat(60) + &"]".repeat(60)
+            ),
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo"}},"x":"é ü 日本","y":{{"z":"\ud83d\ude00"}}}}"#),
         ];
         for text in &accepted {
             assert!(agrees(text), "left the fast path: {text}");
@@ -379,6 +402,23 @@ mod tests {
             format!(r#"{{{BASE},"job":{{"type":"debug.echo"}},"run_id":"0b9e6a3c-1f7d-4c2e-9a41-5d2f8c7e6b10"}}"#),
             format!(r#"{{{BASE},"job":{{"type":"debug.echo"}},"trace_id":"not-hex"}}"#),
             format!(r#"{{{BASE},"job":{{"type":"debug.echo"}}}} x"#),
+            // Trailing commas, missing colons, control characters, bad
+            // literals and numbers, unclosed values, nesting past the limit.
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo"}},}}"#),
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo",}}}}"#),
+            format!(r#"{{{BASE},"job" {{"type":"debug.echo"}}}}"#),
+            format!("{{{BASE},\"job\":{{\"type\":\"debug.echo\",\"payload\":{{\"s\":\"a\tb\"}}}}}}"),
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo","payload":{{"t":tru}}}}}}"#),
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo","payload":{{"n":01}}}}}}"#),
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo","payload":{{"n":1 2}}}}}}"#),
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo","payload":{{"a":[1,2}}}}}}"#),
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo","payload":{{"s":"x}}}}}}"#),
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo"}},"x":1"#),
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo"}},"x":{}}}"#, "[".repeat(130) + &"]".repeat(130)),
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo"}},"x":{}}}"#, "[".repeat(70) + &"]".repeat(70)),
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo"}}}}{{}}"#),
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo"}},"version":"\u0031"}}"#),
+            r#"{"version":"1 ","assignment_id":"a","request_id":"r","tenant_id":"t","job":{"type":"debug.echo"}}"#.to_owned(),
         ];
         for text in &left {
             assert!(!agrees(text), "the fast path accepted: {text}");
