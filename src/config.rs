@@ -229,6 +229,9 @@ pub struct Settings {
     /// Not a setting: `run` sets it so a batch without fs.* steps leaves no
     /// FS root behind; `serve` creates the root at start (health probes it).
     pub fs_root_on_demand: bool,
+    /// Not a setting: `run` clears it, since a batch never looks a result
+    /// up; the result table then retains only the ids it de-duplicates with.
+    pub keep_results: bool,
     /// Warnings found while reading (e.g. a flag with an odd value); logged at start.
     pub warnings: Vec<String>,
     /// The effective value and origin of every key, for the start-up log.
@@ -903,6 +906,7 @@ impl Reader {
             log_filter,
             log_format,
             fs_root_on_demand: false,
+            keep_results: true,
             warnings: std::mem::take(&mut self.warnings),
             effective: self.values,
         };

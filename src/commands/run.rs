@@ -34,6 +34,7 @@ impl Tally {
 /// Runs the batch and returns the exit code (SPEC §1).
 pub fn run(mut settings: Settings, path: &str) -> i32 {
     settings.fs_root_on_demand = true;
+    settings.keep_results = false;
     let items = match input::open(path, intake_rules(&settings)) {
         Ok(items) => items,
         Err(e) => {

@@ -332,7 +332,11 @@ impl Engine {
                 settings.retry_budget_percent,
                 settings.retry_budget_min_per_sec,
             ),
-            tracker: Tracker::new(settings.result_retention, settings.result_retention_bytes),
+            tracker: Tracker::new(
+                settings.result_retention,
+                settings.result_retention_bytes,
+                settings.keep_results,
+            ),
             worker_id: Arc::from(settings.worker_id.as_str()),
             settings: settings.clone(),
             blocks,

@@ -2,7 +2,9 @@
 //! `WORKER_RESULT_RETENTION` results, at most `WORKER_RESULT_RETENTION_BYTES`
 //! of them by size (oldest evicted first). It is the single place that
 //! enforces "exactly one result per accepted assignment": the first
-//! completion wins.
+//! completion wins. A table made with `keep_results: false` (for `run`,
+//! which never looks a result up) retains only the finished ids it
+//! de-duplicates with.
 
 use super::StepHandle;
 use crate::contract::ExecResult;
@@ -13,7 +15,23 @@ use std::time::{Duration, Instant};
 
 enum Slot {
     Pending(Arc<StepHandle>),
-    Done(Arc<ExecResult>),
+    /// Finished: the result, or `None` in a table that keeps ids only.
+    Done(Option<Arc<ExecResult>>),
+}
+
+/// A retained entry in completion order: the result, or only its id.
+enum Retained {
+    Result(Arc<ExecResult>),
+    Id(Box<str>),
+}
+
+impl Retained {
+    fn id(&self) -> &str {
+        match self {
+            Retained::Result(r) => &r.assignment_id,
+            Retained::Id(id) => id,
+        }
+    }
 }
 
 /// What a lookup found.
@@ -31,7 +49,7 @@ struct Table {
     slots: HashMap<String, Slot>,
     /// Retained results, oldest first, with their [`retained_size`] (the
     /// result itself, not a copy of its id: one allocation less per step).
-    done_order: VecDeque<(Arc<ExecResult>, usize)>,
+    done_order: VecDeque<(Retained, usize)>,
     /// Sum of the sizes in `done_order`.
     done_bytes: usize,
     /// Threads blocked in [`Tracker::wait`]. A completion wakes them only
@@ -45,6 +63,7 @@ pub(super) struct Tracker {
     finished: Condvar,
     retention: usize,
     retention_bytes: usize,
+    keep_results: bool,
 }
 
 /// Bookkeeping per retained result beyond its JSON: the map slot, the
@@ -62,8 +81,11 @@ pub(super) fn retained_size(result: &ExecResult, json_len: usize) -> usize {
 impl Tracker {
     /// Keeps at most `retention` results and `retention_bytes` of them; the
     /// newest result is always kept, whatever its size, so its submitter
-    /// can read it.
-    pub fn new(retention: usize, retention_bytes: usize) -> Tracker {
+    /// can read it. Without `keep_results` only the ids are retained (and
+    /// counted): [`Tracker::lookup`] then knows pending steps only, and
+    /// each result is freed as soon as it is delivered, by the thread that
+    /// made it, instead of cold at its eviction.
+    pub fn new(retention: usize, retention_bytes: usize, keep_results: bool) -> Tracker {
         Tracker {
             table: Mutex::new(Table {
                 slots: HashMap::new(),
@@ -74,6 +96,7 @@ impl Tracker {
             finished: Condvar::new(),
             retention: retention.max(1),
             retention_bytes,
+            keep_results,
         }
     }
 
@@ -137,6 +160,14 @@ impl Tracker {
         let replaced;
         let mut evicted = Vec::new();
         let wake;
+        let (kept, entry, size) = if self.keep_results {
+            let entry = Retained::Result(result.clone());
+            (Some(result.clone()), entry, size)
+        } else {
+            let id: Box<str> = result.assignment_id.as_str().into();
+            let size = 2 * id.len() + ENTRY_OVERHEAD;
+            (None, Retained::Id(id), size)
+        };
         {
             let mut t = self.lock();
             match t.slots.get_mut(&result.assignment_id) {
@@ -144,19 +175,18 @@ impl Tracker {
                     if !matches!(slot, Slot::Pending(h) if std::ptr::eq(h.as_ref(), handle)) {
                         return false;
                     }
-                    replaced = std::mem::replace(slot, Slot::Done(result.clone()));
+                    replaced = std::mem::replace(slot, Slot::Done(kept));
                 }
                 _ => return false,
             }
-            t.done_order.push_back((result.clone(), size));
+            t.done_order.push_back((entry, size));
             t.done_bytes += size;
             while t.done_order.len() > 1
                 && (t.done_order.len() > self.retention || t.done_bytes > self.retention_bytes)
             {
                 if let Some((old, size)) = t.done_order.pop_front() {
-                    evicted.push(t.slots.remove(&old.assignment_id));
                     t.done_bytes -= size;
-                    evicted.push(Some(Slot::Done(old)));
+                    evicted.push((t.slots.remove(old.id()), old));
                 }
             }
             wake = t.waiters > 0;
@@ -170,9 +200,9 @@ impl Tracker {
 
     pub fn lookup(&self, id: &str) -> Lookup {
         match self.lock().slots.get(id) {
-            Some(Slot::Done(r)) => Lookup::Done(r.clone()),
+            Some(Slot::Done(Some(r))) => Lookup::Done(r.clone()),
             Some(Slot::Pending(_)) => Lookup::Pending,
-            None => Lookup::Unknown,
+            Some(Slot::Done(None)) | None => Lookup::Unknown,
         }
     }
 
@@ -180,7 +210,7 @@ impl Tracker {
     pub fn tenant_of(&self, id: &str) -> Option<String> {
         match self.lock().slots.get(id)? {
             Slot::Pending(h) => Some(h.assignment.tenant_id.clone()),
-            Slot::Done(r) => Some(r.tenant_id.clone()),
+            Slot::Done(r) => Some(r.as_ref()?.tenant_id.clone()),
         }
     }
 
@@ -190,8 +220,8 @@ impl Tracker {
         let mut t = self.lock();
         loop {
             match t.slots.get(id) {
-                Some(Slot::Done(r)) => return Lookup::Done(r.clone()),
-                None => return Lookup::Unknown,
+                Some(Slot::Done(Some(r))) => return Lookup::Done(r.clone()),
+                Some(Slot::Done(None)) | None => return Lookup::Unknown,
                 Some(Slot::Pending(_)) => {}
             }
             let now = Instant::now();
@@ -236,5 +266,65 @@ impl Tracker {
             .values()
             .filter(|s| matches!(s, Slot::Pending(_)))
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::{IntakeRules, Outcome, StepStats, parse_assignment};
+
+    fn handle(id: &str) -> Arc<StepHandle> {
+        let a = format!(
+            r#"{{"version":"1","assignment_id":"{id}","request_id":"r","tenant_id":"t","job":{{"type":"debug.echo"}}}}"#
+        );
+        let rules = IntakeRules {
+            max_body_bytes: 1 << 20,
+            strict_ids: false,
+            default_deadline_ms: 30_000,
+        };
+        let a = parse_assignment(a.as_bytes(), &rules).expect("a valid assignment");
+        let now = Instant::now();
+        Arc::new(StepHandle::new(a, now, now + Duration::from_secs(30), None))
+    }
+
+    fn finish(t: &Tracker, h: &StepHandle) -> bool {
+        let worker: Arc<str> = "w".into();
+        let outcome = Outcome::Success(serde_json::json!({}));
+        let r = Arc::new(ExecResult::new(
+            &h.assignment,
+            outcome,
+            StepStats::default(),
+            &worker,
+        ));
+        t.complete(h, &r, retained_size(&r, 300))
+    }
+
+    /// Both kinds of table refuse a finished id while it is retained and
+    /// forget it once evicted; only the full table answers lookups.
+    #[test]
+    fn retention_deduplicates_with_or_without_the_results() {
+        for keep_results in [true, false] {
+            let t = Tracker::new(2, usize::MAX, keep_results);
+            let a = handle("a");
+            assert!(t.insert(&a));
+            assert!(!t.insert(&handle("a")), "pending id taken twice");
+            assert!(finish(&t, &a));
+            assert!(!finish(&t, &a), "a second completion counted");
+            assert!(!t.insert(&handle("a")), "finished id taken again");
+            match t.lookup("a") {
+                Lookup::Done(r) => assert!(keep_results, "{r:?}"),
+                Lookup::Unknown => assert!(!keep_results),
+                Lookup::Pending => panic!("a finished step looked pending"),
+            }
+            for id in ["b", "c"] {
+                let h = handle(id);
+                assert!(t.insert(&h));
+                assert!(finish(&t, &h));
+            }
+            // Two retained (b, c): a was evicted and may come again.
+            assert!(t.insert(&handle("a")), "evicted id still refused");
+            assert!(!t.insert(&handle("c")), "retained id taken again");
+        }
     }
 }
