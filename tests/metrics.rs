@@ -465,12 +465,17 @@ fn cardinality_stays_bounded_with_distinct_run_ids_and_many_tenants() {
             StepStats::default(),
             &"w".into(),
         );
+        // As a busy pool thread reports: buffered, published in batches
+        // and, for the last of them, by `idle`.
         metrics.finished(&StepReport {
             assignment: &a,
             result: &r,
             flow_duration: Duration::from_millis(1),
+            batchable: true,
         });
     }
+    // A pool thread that runs out of work publishes what it buffered.
+    metrics.idle();
     let m = parse(&String::from_utf8(metrics.encode()).unwrap());
     let series = |name: &str| m.iter().filter(|(n, _, _)| n == name).count();
     // 100 tenants + `_other`, one status, one step type, empty run/flow/step labels.

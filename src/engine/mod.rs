@@ -36,6 +36,7 @@ use crate::telemetry::logging;
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use deadlines::Deadlines;
 use parking::{Parked, Parking, TimerKey};
+use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -74,6 +75,12 @@ pub struct StepReport<'a> {
     pub result: &'a ExecResult,
     /// Acceptance → result (queue included).
     pub flow_duration: Duration,
+    /// More steps are queued for the pool thread that reports this (and it
+    /// calls [`Observer::idle`] when it runs out of work): the observer may
+    /// buffer the report until then. Otherwise it publishes it, and
+    /// anything this thread buffered, before the result is delivered, so a
+    /// scrape that follows a result counts it.
+    pub batchable: bool,
 }
 
 /// Outcome events of the engine. Every method has an empty default, so an
@@ -84,8 +91,14 @@ pub trait Observer: Send + Sync {
     fn accepted(&self, _job: JobType, _duplicate: bool) {}
     /// An assignment was rejected, at intake or for load/shutdown.
     fn rejected(&self, _reason: RejectReason) {}
-    /// A pool thread took a step off its queue after `waited`.
+    /// A pool thread took a step off its queue after `waited`. (Always on a
+    /// pool thread: it may be batched until [`Observer::idle`].)
     fn dequeued(&self, _pool: PoolKind, _waited: Duration) {}
+    /// The calling pool thread ran out of work (or is ending): anything it
+    /// batched must be published now. Pool threads call it whenever their
+    /// queue is found empty, so a batch is never older than the busy spell
+    /// that made it.
+    fn idle(&self) {}
     /// A retry is about to start (after its backoff).
     fn retry(&self, _job: JobType) {}
     /// The process retry budget denied a retry.
@@ -803,17 +816,19 @@ impl Shared {
         if !self.tracker.complete(h, &result, size) {
             return None;
         }
+        let queued = !self.pools[h.assignment.pool.index()].receiver.is_empty();
+        self.observer.finished(&StepReport {
+            assignment: &h.assignment,
+            result: &result,
+            flow_duration: h.accepted_at.elapsed(),
+            batchable: queued && ON_POOL_THREAD.with(Cell::get),
+        });
         if let Some((last, others)) = self.sinks.split_last() {
             for sink in others {
                 sink.deliver_line(&result, &line);
             }
             last.deliver_owned(&result, line);
         }
-        self.observer.finished(&StepReport {
-            assignment: &h.assignment,
-            result: &result,
-            flow_duration: h.accepted_at.elapsed(),
-        });
         if result.status != crate::contract::Status::Success && self.failure_lines.admit() {
             let _ctx = logging::enter(logging::LogContext::of(&h.assignment));
             let a = &h.assignment;
@@ -1020,13 +1035,23 @@ enum Work {
 /// How often a pool thread out of work yields before it sleeps.
 const IDLE_YIELDS: usize = 64;
 
+thread_local! {
+    /// Set on the engine's pool threads (see [`StepReport::batchable`]).
+    static ON_POOL_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
 /// The next work of `pool`: due retries first (they already hold their
 /// place), then the main queue. `None` once the pool is drained: the main
 /// queue is closed and empty and no retry of this pool waits.
 /// `after_step`: the thread just finished a step, so more work may follow at
 /// once (only then it yields before sleeping: a thousand fresh threads
 /// yielding at start-up cost 70 ms on two cores).
-fn next_work(pool: &Pool, main_open: &mut bool, after_step: bool) -> Option<Work> {
+fn next_work(
+    pool: &Pool,
+    observer: &dyn Observer,
+    main_open: &mut bool,
+    after_step: bool,
+) -> Option<Work> {
     let retry = |(h, e): (Arc<StepHandle>, Box<BlockError>)| {
         pool.retry_left();
         Work::Retry(h, e)
@@ -1036,6 +1061,9 @@ fn next_work(pool: &Pool, main_open: &mut bool, after_step: bool) -> Option<Work
             return Some(retry(r));
         }
         if *main_open {
+            if after_step && pool.receiver.is_empty() {
+                observer.idle();
+            }
             // Out of work: yield a few times before sleeping. A producer
             // feeding the queue one step at a time (`run`, a busy ingress)
             // then finds this thread still awake, instead of waking it for
@@ -1064,6 +1092,7 @@ fn next_work(pool: &Pool, main_open: &mut bool, after_step: bool) -> Option<Work
             // Draining: parked retries of this pool still get their attempts
             // within the grace, like queued steps. Polled, but only while draining.
             if pool.waiting.load(Ordering::Acquire) == 0 {
+                observer.idle();
                 return None;
             }
             if let Ok(r) = pool.retry_rx.recv_timeout(DRAIN_POLL) {
@@ -1078,7 +1107,9 @@ fn worker_loop(shared: &Shared, kind: PoolKind, exit: Sender<()>) {
     let _alive = AliveGuard(&pool.alive, exit);
     let mut main_open = true;
     let mut after_step = false;
-    while let Some(work) = next_work(pool, &mut main_open, after_step) {
+    ON_POOL_THREAD.with(|on| on.set(true));
+    let observer = &*shared.observer;
+    while let Some(work) = next_work(pool, observer, &mut main_open, after_step) {
         after_step = true;
         let (handle, resume) = match work {
             Work::Fresh(h) => {

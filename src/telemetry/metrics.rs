@@ -10,6 +10,7 @@ use crate::engine::{ApprovalOutcome, Observer, PoolStats, StepReport};
 use crate::telemetry::transport::{
     ApprovalRefusal, Direction, JsAckKind, MessageKind, TransportObserver,
 };
+use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -87,11 +88,29 @@ static NEXT_METRICS_ID: AtomicUsize = AtomicUsize::new(1);
 /// Label sets a pool thread keeps resolved before it starts over.
 const SERIES_CACHE_CAP: usize = 1024;
 
-/// The series a finished step updates (without detailed labels).
+/// Reports a pool thread buffers before it publishes them...
+const FLUSH_EVERY: u32 = 64;
+/// ...or once this many ms passed since it last did (by the results'
+/// timestamps, so no extra clock read), whichever comes first; and always
+/// when it runs out of work ([`Observer::idle`]).
+const FLUSH_AFTER_MS: u64 = 100;
+
+/// The series a finished step updates (without detailed labels), as this
+/// thread's buffers of them: a pool thread adds to plain numbers and
+/// publishes them in batches, instead of three contended atomic updates
+/// per series per step on cache lines all pool threads share.
 struct StepSeries {
-    executions: IntCounter,
-    duration: Histogram,
-    flow: Histogram,
+    executions: LocalIntCounter,
+    duration: LocalHistogram,
+    flow: LocalHistogram,
+}
+
+impl StepSeries {
+    fn flush(&self) {
+        self.executions.flush();
+        self.duration.flush();
+        self.flow.flush();
+    }
 }
 
 /// Per-thread cache of resolved [`StepSeries`], keyed by the raw tenant id,
@@ -104,8 +123,44 @@ struct StepSeries {
 #[derive(Default)]
 struct SeriesCache {
     owner: usize,
-    len: usize,
-    by_tenant: HashMap<String, HashMap<(JobType, Status), StepSeries>>,
+    series: Vec<StepSeries>,
+    /// Index into `series` by tenant id, then job type and status.
+    by_tenant: HashMap<String, HashMap<(JobType, Status), usize>>,
+    /// The last series used and its key: consecutive steps nearly always
+    /// share it, and comparing the key costs less than hashing it twice.
+    last: Option<(String, JobType, Status, usize)>,
+    /// This thread's buffers of `worker_queue_wait_seconds`, per pool.
+    queue_wait: Option<[LocalHistogram; 3]>,
+    /// Reports buffered since the last flush...
+    buffered: u32,
+    /// ...which was at this result timestamp (epoch ms).
+    flushed_at_ms: u64,
+}
+
+impl SeriesCache {
+    /// This thread's cache for `owner`, flushing and starting over if it
+    /// held another registry's series or grew to [`SERIES_CACHE_CAP`].
+    fn for_owner(&mut self, owner: usize) -> &mut SeriesCache {
+        if self.owner != owner || self.series.len() >= SERIES_CACHE_CAP {
+            self.flush();
+            *self = SeriesCache {
+                owner,
+                ..SeriesCache::default()
+            };
+        }
+        self
+    }
+
+    /// Publishes everything buffered.
+    fn flush(&mut self) {
+        for s in &self.series {
+            s.flush();
+        }
+        for h in self.queue_wait.iter().flatten() {
+            h.flush();
+        }
+        self.buffered = 0;
+    }
 }
 
 thread_local! {
@@ -413,41 +468,66 @@ impl Metrics {
     /// Calls `f` with the step series of this label set, from this thread's
     /// cache (borrowed, not cloned: a clone is an atomic on a shared `Arc`).
     /// Only without detailed labels, where `run_id`, `flow_id`, `step_id` are empty.
+    /// With `batch_at: (true, now_ms)` (a batchable report at a result's
+    /// timestamp) the updates stay buffered until [`FLUSH_EVERY`] reports,
+    /// [`FLUSH_AFTER_MS`] or the thread's next [`Observer::idle`]; with
+    /// `false` they are published at once, with everything else this
+    /// thread buffered.
     fn with_step_series(
         &self,
         job: JobType,
         status: Status,
         tenant_id: &str,
+        batch_at: (bool, u64),
         f: impl FnOnce(&StepSeries),
     ) {
         SERIES.with(|cache| {
-            let mut c = cache.borrow_mut();
-            if c.owner != self.id || c.len >= SERIES_CACHE_CAP {
-                *c = SeriesCache {
-                    owner: self.id,
-                    ..SeriesCache::default()
-                };
-            }
-            if let Some(s) = c
-                .by_tenant
-                .get(tenant_id)
-                .and_then(|m| m.get(&(job, status)))
-            {
-                return f(s);
-            }
-            let tenant = self.tenant_label(tenant_id);
-            let labels = [job.as_str(), status.as_str(), tenant, "", "", ""];
-            let s = StepSeries {
-                executions: self.step_executions.with_label_values(&labels),
-                duration: self.step_duration.with_label_values(&labels),
-                flow: self.flow_duration.with_label_values(&[tenant, "", ""]),
+            let mut cache = cache.borrow_mut();
+            let c = cache.for_owner(self.id);
+            let last = match &c.last {
+                Some((t, j, st, i)) if *j == job && *st == status && t == tenant_id => Some(*i),
+                _ => None,
             };
-            f(&s);
-            c.len += 1;
-            c.by_tenant
-                .entry(tenant_id.to_owned())
-                .or_default()
-                .insert((job, status), s);
+            let cached = last.or_else(|| {
+                let i = *c.by_tenant.get(tenant_id)?.get(&(job, status))?;
+                c.last = Some((tenant_id.to_owned(), job, status, i));
+                Some(i)
+            });
+            let i = match cached {
+                Some(i) => i,
+                None => {
+                    let tenant = self.tenant_label(tenant_id);
+                    let labels = [job.as_str(), status.as_str(), tenant, "", "", ""];
+                    let s = StepSeries {
+                        executions: self.step_executions.with_label_values(&labels).local(),
+                        duration: self.step_duration.with_label_values(&labels).local(),
+                        flow: self
+                            .flow_duration
+                            .with_label_values(&[tenant, "", ""])
+                            .local(),
+                    };
+                    let i = c.series.len();
+                    c.series.push(s);
+                    c.by_tenant
+                        .entry(tenant_id.to_owned())
+                        .or_default()
+                        .insert((job, status), i);
+                    c.last = Some((tenant_id.to_owned(), job, status, i));
+                    i
+                }
+            };
+            if let Some(s) = c.series.get(i) {
+                f(s);
+            }
+            c.buffered += 1;
+            let (batch, now_ms) = batch_at;
+            if !batch
+                || c.buffered >= FLUSH_EVERY
+                || now_ms >= c.flushed_at_ms.saturating_add(FLUSH_AFTER_MS)
+            {
+                c.flush();
+                c.flushed_at_ms = now_ms;
+            }
         })
     }
 
@@ -568,7 +648,18 @@ impl Observer for Metrics {
     }
 
     fn dequeued(&self, pool: PoolKind, waited: Duration) {
-        self.queue_wait[pool.index()].observe(waited.as_secs_f64());
+        SERIES.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let c = cache.for_owner(self.id);
+            let local = c
+                .queue_wait
+                .get_or_insert_with(|| self.queue_wait.each_ref().map(Histogram::local));
+            local[pool.index()].observe(waited.as_secs_f64());
+        })
+    }
+
+    fn idle(&self) {
+        SERIES.with(|cache| cache.borrow_mut().flush())
     }
 
     fn retry(&self, job: JobType) {
@@ -606,7 +697,8 @@ impl Observer for Metrics {
                 .inc();
         }
         if !self.detailed_labels {
-            self.with_step_series(a.job_type, r.status, &a.tenant_id, |s| {
+            let batch_at = (report.batchable, r.timestamp);
+            self.with_step_series(a.job_type, r.status, &a.tenant_id, batch_at, |s| {
                 s.executions.inc();
                 s.duration.observe(r.latency_ms as f64 / 1000.0);
                 if let (Status::Error, Some(code)) = (r.status, r.error_code) {
