@@ -96,7 +96,7 @@ pub(super) fn run(shared: &Shared, h: &StepHandle, resume: Option<BlockError>) -
     let outcome = 'attempt: {
         attempt += 1;
         h.attempts.store(attempt, Ordering::Release);
-        let now = Instant::now();
+        // The clock read at the start serves: only cheap checks ran since.
         let ctx = AttemptContext {
             attempt,
             cancel: &h.cancel,
