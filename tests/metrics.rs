@@ -555,3 +555,48 @@ fn upstream_status_classes_and_fractional_process_cpu_are_scraped() {
         assert!(value(&samples, name, &[]) > 0.0, "{name}");
     }
 }
+
+/// Pool threads batch per-step series while steps are queued behind them
+/// (SPEC §12.6) and publish what they hold when their queue runs dry or
+/// before they sleep, so once a burst is drained every step is counted
+/// without any further work. (Break-checked: with every report batched and
+/// no publishing before sleep, counts stayed behind.)
+#[test]
+fn a_drained_burst_is_counted_without_further_work() {
+    let w = Worker::start(&[
+        ("CP2_OBSERVABILITY_METRICS_ENABLED", "true"),
+        ("WORKER_CPU_POOL_SIZE", "4"),
+    ]);
+    let post = |a: &Value| {
+        let (s, _, body) = http("POST", &w.url("/api/v1/assignments"), Some(&a.to_string()));
+        assert_eq!(s, 202, "{body}");
+    };
+    // Hold the four cpu threads while the burst queues behind them.
+    let mut ids: Vec<String> = (0..4).map(|i| format!("hold-{i}")).collect();
+    for id in &ids {
+        post(&step(id, "debug.sleep", json!({"ms": 1000})));
+    }
+    for i in 0..14 {
+        let id = format!("burst-{i}");
+        post(&step(&id, "debug.sleep", json!({"ms": 20})));
+        ids.push(id);
+    }
+    for id in &ids {
+        let (s, _, body) = http(
+            "GET",
+            &w.url(&format!("/api/v1/results/{id}?wait_ms=10000")),
+            None,
+        );
+        assert_eq!(s, 200, "{body}");
+    }
+    let sleeps = [
+        ("step_type", "debug.sleep"),
+        ("execution_status", "success"),
+    ];
+    let mut seen = 0.0;
+    let counted = support::wait_for(Duration::from_secs(3), || {
+        seen = value(&parse(&scrape(&w)), "worker_step_executions_total", &sleeps);
+        (seen == ids.len() as f64).then_some(())
+    });
+    assert!(counted.is_some(), "{seen} of {} steps counted", ids.len());
+}

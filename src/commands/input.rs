@@ -227,10 +227,16 @@ impl Items {
                 // Bounded by one: at most one batch parses ahead.
                 let (tx, rx) = crossbeam_channel::bounded(1);
                 pool.spawn(move || {
-                    let items = batch
-                        .into_par_iter()
-                        .map(|raw| parse(raw, &rules))
-                        .collect();
+                    // A panic (a bug) drops `tx` unsent: the reader then
+                    // reports the input as unreadable instead of the pool
+                    // aborting the process.
+                    let parsed = std::panic::catch_unwind(|| {
+                        batch
+                            .into_par_iter()
+                            .map(|raw| parse(raw, &rules))
+                            .collect()
+                    });
+                    let Ok(items) = parsed else { return };
                     let _ = tx.send(items);
                 });
                 self.in_flight = Some(InFlight { items: rx, failed });

@@ -817,12 +817,20 @@ impl Shared {
             return None;
         }
         let queued = !self.pools[h.assignment.pool.index()].receiver.is_empty();
-        self.observer.finished(&StepReport {
+        let report = StepReport {
             assignment: &h.assignment,
             result: &result,
             flow_duration: h.accepted_at.elapsed(),
             batchable: queued && ON_POOL_THREAD.with(Cell::get),
-        });
+        };
+        // Before the delivery, so a scrape after a result counts it; caught,
+        // so an observer's bug can never cost the step its result.
+        if catch_unwind(AssertUnwindSafe(|| self.observer.finished(&report))).is_err() {
+            log::error!(
+                "the metrics observer panicked while recording step {}",
+                h.assignment.assignment_id
+            );
+        }
         if let Some((last, others)) = self.sinks.split_last() {
             for sink in others {
                 sink.deliver_line(&result, &line);
@@ -1081,6 +1089,10 @@ fn next_work(
                     Err(crossbeam_channel::TryRecvError::Empty) => std::thread::yield_now(),
                 }
             }
+            // About to sleep: publish what this thread batched, also when the
+            // queue looked busy at the check above and another thread took
+            // the last step.
+            observer.idle();
             crossbeam_channel::select! {
                 recv(pool.retry_rx) -> m => if let Ok(r) = m { return Some(retry(r)) },
                 recv(pool.receiver) -> m => match m {

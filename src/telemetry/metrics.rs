@@ -113,6 +113,14 @@ impl StepSeries {
     }
 }
 
+impl Drop for StepSeries {
+    /// A thread that ends (even by a panic) publishes what it held; the
+    /// histograms do so themselves, the counter does not.
+    fn drop(&mut self) {
+        self.executions.flush();
+    }
+}
+
 /// Per-thread cache of resolved [`StepSeries`], keyed by the raw tenant id,
 /// job type and status. Without it every finished step took the tenant-set
 /// lock and three `with_label_values` look-ups (each a hash of the label
@@ -131,7 +139,7 @@ struct SeriesCache {
     last: Option<(String, JobType, Status, usize)>,
     /// This thread's buffers of `worker_queue_wait_seconds`, per pool.
     queue_wait: Option<[LocalHistogram; 3]>,
-    /// Reports buffered since the last flush...
+    /// Observations buffered since the last flush...
     buffered: u32,
     /// ...which was at this result timestamp (epoch ms).
     flushed_at_ms: u64,
@@ -153,6 +161,9 @@ impl SeriesCache {
 
     /// Publishes everything buffered.
     fn flush(&mut self) {
+        if self.buffered == 0 {
+            return;
+        }
         for s in &self.series {
             s.flush();
         }
@@ -655,6 +666,7 @@ impl Observer for Metrics {
                 .queue_wait
                 .get_or_insert_with(|| self.queue_wait.each_ref().map(Histogram::local));
             local[pool.index()].observe(waited.as_secs_f64());
+            c.buffered += 1;
         })
     }
 
