@@ -94,10 +94,9 @@ pub trait Observer: Send + Sync {
     /// A pool thread took a step off its queue after `waited`. (Always on a
     /// pool thread: it may be batched until [`Observer::idle`].)
     fn dequeued(&self, _pool: PoolKind, _waited: Duration) {}
-    /// The calling pool thread ran out of work (or is ending): anything it
-    /// batched must be published now. Pool threads call it whenever their
-    /// queue is found empty, so a batch is never older than the busy spell
-    /// that made it.
+    /// The calling pool thread is about to sleep on an empty queue (or is
+    /// ending): anything it batched must be published now, so a batch is
+    /// never older than the busy spell that made it.
     fn idle(&self) {}
     /// A retry is about to start (after its backoff).
     fn retry(&self, _job: JobType) {}
@@ -1069,9 +1068,6 @@ fn next_work(
             return Some(retry(r));
         }
         if *main_open {
-            if after_step && pool.receiver.is_empty() {
-                observer.idle();
-            }
             // Out of work: yield a few times before sleeping. A producer
             // feeding the queue one step at a time (`run`, a busy ingress)
             // then finds this thread still awake, instead of waking it for
@@ -1089,9 +1085,7 @@ fn next_work(
                     Err(crossbeam_channel::TryRecvError::Empty) => std::thread::yield_now(),
                 }
             }
-            // About to sleep: publish what this thread batched, also when the
-            // queue looked busy at the check above and another thread took
-            // the last step.
+            // About to sleep: publish what this thread batched.
             observer.idle();
             crossbeam_channel::select! {
                 recv(pool.retry_rx) -> m => if let Ok(r) = m { return Some(retry(r)) },

@@ -88,11 +88,12 @@ static NEXT_METRICS_ID: AtomicUsize = AtomicUsize::new(1);
 /// Label sets a pool thread keeps resolved before it starts over.
 const SERIES_CACHE_CAP: usize = 1024;
 
-/// Reports a pool thread buffers before it publishes them...
-const FLUSH_EVERY: u32 = 64;
+/// Observations a pool thread buffers before it publishes them (a dequeue
+/// and a finished step each: about 64 steps)...
+const FLUSH_EVERY: u32 = 128;
 /// ...or once this many ms passed since it last did (by the results'
 /// timestamps, so no extra clock read), whichever comes first; and always
-/// when it runs out of work ([`Observer::idle`]).
+/// before it sleeps ([`Observer::idle`]).
 const FLUSH_AFTER_MS: u64 = 100;
 
 /// The series a finished step updates (without detailed labels), as this
@@ -157,6 +158,19 @@ impl SeriesCache {
             };
         }
         self
+    }
+
+    /// Makes series `i` the `last` one, reusing the key's buffer (steps of
+    /// alternating tenants would otherwise allocate one per step).
+    fn remember(&mut self, tenant_id: &str, job: JobType, status: Status, i: usize) {
+        match &mut self.last {
+            Some((t, j, st, at)) => {
+                t.clear();
+                t.push_str(tenant_id);
+                (*j, *st, *at) = (job, status, i);
+            }
+            None => self.last = Some((tenant_id.to_owned(), job, status, i)),
+        }
     }
 
     /// Publishes everything buffered.
@@ -501,7 +515,7 @@ impl Metrics {
             };
             let cached = last.or_else(|| {
                 let i = *c.by_tenant.get(tenant_id)?.get(&(job, status))?;
-                c.last = Some((tenant_id.to_owned(), job, status, i));
+                c.remember(tenant_id, job, status, i);
                 Some(i)
             });
             let i = match cached {
@@ -523,7 +537,7 @@ impl Metrics {
                         .entry(tenant_id.to_owned())
                         .or_default()
                         .insert((job, status), i);
-                    c.last = Some((tenant_id.to_owned(), job, status, i));
+                    c.remember(tenant_id, job, status, i);
                     i
                 }
             };
