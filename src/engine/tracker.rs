@@ -47,8 +47,10 @@ pub enum Lookup {
 
 struct Table {
     slots: HashMap<String, Slot>,
-    /// Retained results, oldest first, with their [`retained_size`] (the
-    /// result itself, not a copy of its id: one allocation less per step).
+    /// Retained results, oldest first, with their sizes: the result itself
+    /// where results are kept (not a copy of its id: one allocation less
+    /// per step), else a copy of its id, counted as twice the id plus
+    /// [`ENTRY_OVERHEAD`] instead of [`retained_size`].
     done_order: VecDeque<(Retained, usize)>,
     /// Sum of the sizes in `done_order`.
     done_bytes: usize,
