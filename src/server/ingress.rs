@@ -17,6 +17,10 @@ use tiny_http::Request;
 pub const MAX_WAIT_MS: u64 = 60_000;
 /// `wait_ms` of `POST /api/v1/execute` when the query gives none.
 pub const DEFAULT_EXECUTE_WAIT_MS: u64 = 30_000;
+/// Largest submission body answered on the ingress poller thread (about
+/// 50 µs of parsing); larger ones go to the handler threads, so one big body
+/// cannot hold up every other connection's answer.
+pub const INLINE_BODY_BYTES: usize = 16 * 1024;
 
 /// The ingress handler.
 pub struct Ingress {
@@ -273,6 +277,17 @@ impl Handler for Ingress {
         // HEAD is routed like GET; tiny_http leaves the body out.
         let reply = self.route(&mut request);
         respond(request, reply);
+    }
+
+    /// Plain submissions with a small body: admission never waits
+    /// ([`Backpressure::Reject`]), and parsing is bounded by the body, so a
+    /// `queue_full` answer costs no thread hand-over.
+    fn answers_inline(&self, request: &Request) -> bool {
+        *request.method() == tiny_http::Method::Post
+            && request.url().trim_end_matches('/') == "/api/v1/assignments"
+            && request
+                .body_length()
+                .is_some_and(|n| n <= INLINE_BODY_BYTES)
     }
 }
 

@@ -121,7 +121,7 @@ mod client;
 mod common;
 // caf-worker patch: the polled server mode.
 mod poll;
-pub use poll::PollConfig;
+pub use poll::{InlineHook, PollConfig};
 mod connection;
 mod request;
 mod response;

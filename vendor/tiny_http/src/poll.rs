@@ -9,7 +9,8 @@
 //! at a time: pipelined requests stay unread in its socket until the previous
 //! answer has been written, so a client that does not read blocks only itself.
 //! Idle and trickling connections cost a slot and a descriptor, no thread;
-//! deadlines close those that stall (head, body rate, answer rate).
+//! deadlines close those that stall (head, body rate, answer rate). Requests
+//! an `InlineHook` takes are answered on the poller thread itself.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -25,7 +26,21 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::common::{HTTPVersion, Header, Method};
 use crate::util::MessagesQueue;
-use crate::Message;
+use crate::{Message, Request};
+
+/// A hook the poller offers each complete request before queueing it for the
+/// handler threads (`PollConfig::inline`). It answers the request itself and
+/// returns `None`, or gives it back to be queued. It runs on the poller
+/// thread, so it must be quick and must never wait (no long-polls, no locks
+/// held for long): every connection of the server waits while it runs.
+#[derive(Clone)]
+pub struct InlineHook(pub Arc<dyn Fn(Request) -> Option<Request> + Send + Sync>);
+
+impl std::fmt::Debug for InlineHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InlineHook")
+    }
+}
 
 /// Limits of a polled server. When `max_connections` are open, a new
 /// connection replaces the one that has waited longest for a request head;
@@ -58,6 +73,10 @@ pub struct PollConfig {
     /// connections together). Past it, the connection with the most unsent
     /// bytes is closed until the rest fits.
     pub max_pending_bytes: usize,
+    /// Requests this hook answers skip the handler threads: no hand-over to
+    /// another thread and back, so a cheap answer costs one thread's time
+    /// and its latency no longer depends on two wake-ups.
+    pub inline: Option<InlineHook>,
 }
 
 const LISTENER: Token = Token(0);
@@ -100,6 +119,12 @@ struct ReplySink {
     waker: Arc<Waker>,
 }
 
+thread_local! {
+    /// Set on poller threads: a reply dropped there (an `InlineHook`
+    /// answer) is collected by the poller right after, nobody needs waking.
+    static ON_POLLER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 impl Write for ReplySink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.out.extend_from_slice(buf);
@@ -120,7 +145,9 @@ impl Drop for ReplySink {
         };
         // The poller is gone when the server shut down: nothing to deliver.
         if self.tx.send(reply).is_ok() {
-            let _ = self.waker.wake();
+            if !ON_POLLER.with(|p| p.get()) {
+                let _ = self.waker.wake();
+            }
         }
     }
 }
@@ -626,10 +653,13 @@ pub(crate) fn spawn(
 
 impl Poller {
     fn run(&mut self) {
+        ON_POLLER.with(|p| p.set(true));
         let mut events = Events::with_capacity(1024);
         let mut last_sweep = Instant::now();
+        let mut backlog = false;
         while !self.close.load(Ordering::Acquire) {
-            if let Err(e) = self.poll.poll(&mut events, Some(TICK)) {
+            let wait = if backlog { Duration::ZERO } else { TICK };
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() != ErrorKind::Interrupted {
                     log::warn!("poll failed: {}", e);
                     thread::sleep(Duration::from_millis(20));
@@ -643,9 +673,7 @@ impl Poller {
                     Token(t) => self.drive(t - FIRST_CONN),
                 }
             }
-            while let Ok(reply) = self.replies.try_recv() {
-                self.answered(reply);
-            }
+            backlog = self.collect_replies();
             let now = Instant::now();
             if self.accept_retry.is_some_and(|at| now >= at) {
                 self.accept_retry = None;
@@ -658,6 +686,21 @@ impl Poller {
         }
         self.finish(&mut events);
         // Dropping the poller closes the listener and every connection.
+    }
+
+    /// Writes the answers handed back so far, at most about one per open
+    /// connection per call, so a client pipelining requests that an
+    /// `InlineHook` answers (each answer lets its next request in, whose
+    /// answer joins the channel) takes its turn with the others. True when
+    /// answers are left for the next turn.
+    fn collect_replies(&mut self) -> bool {
+        for _ in 0..=self.open {
+            match self.replies.try_recv() {
+                Ok(reply) => self.answered(reply),
+                Err(_) => return false,
+            }
+        }
+        true
     }
 
     /// At shutdown: requests no handler took are answered 500 (dropping a
@@ -804,7 +847,18 @@ impl Poller {
                     length,
                     Box::new(sink),
                 );
-                self.messages.push(request.into());
+                let Some(InlineHook(hook)) = self.config.inline.clone() else {
+                    self.messages.push(request.into());
+                    return;
+                };
+                // A panicking hook drops the request, which answers 500.
+                let hook = std::panic::AssertUnwindSafe(|| hook(request));
+                // Answered: the reply waits in the channel for the loop in
+                // `run` (not written from here: a pipelining client would
+                // recurse through `answered` and `drive`).
+                if let Some(request) = std::panic::catch_unwind(hook).unwrap_or(None) {
+                    self.messages.push(request.into());
+                }
             }
         }
     }
