@@ -318,6 +318,41 @@ fn pooled_connections_closed_by_the_upstream_do_not_fail_steps() {
     assert!(up.served.load(Ordering::SeqCst) >= 200);
 }
 
+/// A pooled connection idle for longer than the probe threshold (100 ms,
+/// SPEC §12.15) is probed before reuse: one the upstream closed meanwhile is
+/// dropped there, and the step goes out on a fresh connection at once
+/// instead of through the stale-connection resend.
+#[test]
+fn a_connection_idle_past_the_threshold_is_probed_before_reuse() {
+    let up = closing_upstream();
+    let slow = Upstream::start(|_, _| Reply::status(200).delay(Duration::from_millis(400)));
+    let step = |id: &str, url: String| {
+        support::with_options(
+            http_step(id, json!({ "url": url })),
+            json!({"retry": {"max_attempts": 1}, "deadline_ms": 10_000}),
+        )
+    };
+    let steps = [
+        step("first", format!("http://127.0.0.1:{}/x", up.port)),
+        // Holds the only io thread for 400 ms: the first connection sits
+        // idle in the pool meanwhile, and its upstream closes it.
+        step("pause", slow.url("/slow")),
+        step("again", format!("http://127.0.0.1:{}/x", up.port)),
+    ];
+    let env = [("WORKER_IO_POOL_SIZE", "1"), ("RUST_LOG", "debug")];
+    let out = run_lines(&steps, &env, LIMIT);
+    let results = out.results();
+    for id in ["first", "pause", "again"] {
+        assert_eq!(results[id]["status"], "success", "{}", results[id]);
+    }
+    let resent = out
+        .stderr
+        .iter()
+        .filter(|l| l.contains("pooled connection was closed"))
+        .count();
+    assert_eq!(resent, 0, "reused without a probe: {:?}", out.stderr);
+}
+
 #[test]
 fn redirects_followed_hop_by_hop_keep_their_rules() {
     let up = HttpStub::routes(&[
