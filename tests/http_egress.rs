@@ -318,12 +318,12 @@ fn pooled_connections_closed_by_the_upstream_do_not_fail_steps() {
     assert!(up.served.load(Ordering::SeqCst) >= 200);
 }
 
-/// A pooled connection idle for longer than the probe threshold (100 ms,
-/// SPEC §12.15) is probed before reuse: one the upstream closed meanwhile is
-/// dropped there, and the step goes out on a fresh connection at once
-/// instead of through the stale-connection resend.
+/// A pooled connection is probed before reuse (SPEC §12.15): one the
+/// upstream closed while it sat idle is dropped there, and the step goes out
+/// on a fresh connection at once instead of through the stale-connection
+/// resend.
 #[test]
-fn a_connection_idle_past_the_threshold_is_probed_before_reuse() {
+fn an_idle_pooled_connection_is_probed_before_reuse() {
     let up = closing_upstream();
     let slow = Upstream::start(|_, _| Reply::status(200).delay(Duration::from_millis(400)));
     let step = |id: &str, url: String| {

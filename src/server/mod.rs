@@ -365,6 +365,45 @@ mod tests {
         port.stop();
     }
 
+    /// Stopping the port is bounded by its final flush (1 s) even while a
+    /// client pipelines inline-answered requests and reads every answer:
+    /// each answer lets its next request in, so the flush always has work.
+    #[test]
+    fn a_pipelining_client_does_not_hold_the_shutdown() {
+        use std::sync::atomic::AtomicBool;
+        let (port, handler) = start();
+        let mut flood = TcpStream::connect(port.addr()).unwrap();
+        let mut reader = flood.try_clone().unwrap();
+        reader
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let _reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+        });
+        let flag = done.clone();
+        let _writer = std::thread::spawn(move || {
+            let batch = "GET /inline HTTP/1.1\r\nHost: t\r\n\r\n".repeat(100);
+            while !flag.load(Ordering::Acquire) && flood.write_all(batch.as_bytes()).is_ok() {}
+        });
+        let started = std::time::Instant::now();
+        while handler.seen.lock().unwrap().len() < 500 {
+            assert!(started.elapsed() < Duration::from_secs(20), "no flood");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stopping = std::time::Instant::now();
+        std::thread::spawn(move || {
+            port.stop();
+            let _ = tx.send(());
+        });
+        let stopped = rx.recv_timeout(Duration::from_secs(10));
+        done.store(true, Ordering::Release);
+        assert!(stopped.is_ok(), "the port did not stop within 10 s");
+        assert!(stopping.elapsed() < Duration::from_secs(5));
+    }
+
     #[test]
     fn a_panicking_inline_handler_answers_500_and_the_port_goes_on() {
         let (port, _) = start();

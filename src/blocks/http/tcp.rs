@@ -19,10 +19,7 @@
 //! - the liveness probe is one `recv(MSG_PEEK | MSG_DONTWAIT)`, and it is
 //!   skipped when the connection goes back to the pool right after a request
 //!   (the pool probes again before it hands the connection out, which is
-//!   the probe that matters: an idle connection the upstream closed), and
-//!   also skipped at checkout when the connection has been idle for less
-//!   than [`PROBE_IDLE_AFTER`] (one the upstream closed anyway is resent
-//!   once on a fresh connection by the block).
+//!   the probe that matters: an idle connection the upstream closed).
 //!
 //! Connecting is ureq's: every resolved address in turn, the connect budget
 //! shared between them (half to the first, a quarter to the second, …; at
@@ -46,12 +43,6 @@ const MIN_PER_ADDRESS: Duration = Duration::from_millis(10);
 /// Below this much time left a socket timeout is set to exactly the time
 /// left (above it, to 7/8 of it, so the next calls can keep it).
 const EXACT_BELOW: Duration = Duration::from_millis(8);
-
-/// A pooled connection idle for longer than this is probed (one
-/// `recv(MSG_PEEK | MSG_DONTWAIT)`) before it is reused: far below the
-/// keep-alive timeouts servers use (seconds), far above the gaps between
-/// calls of a busy pool thread (microseconds).
-const PROBE_IDLE_AFTER: Duration = Duration::from_millis(100);
 
 /// Opens plain TCP connections (`Either::B`); passes a transport an earlier
 /// connector in the chain made (a proxy's) through unchanged.
@@ -82,7 +73,6 @@ impl<In: Transport> Connector<In> for TcpConnector {
             read_timeout: None,
             write_timeout: None,
             used: false,
-            pooled_at: None,
         };
         let handle: Weak<dyn ShutdownHandle> =
             Arc::downgrade(&transport.stream) as Weak<dyn ShutdownHandle>;
@@ -180,8 +170,6 @@ pub(super) struct TcpTransport {
     write_timeout: Option<Duration>,
     /// I/O happened since the last liveness probe.
     used: bool,
-    /// When the connection last went back to the pool.
-    pooled_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for TcpTransport {
@@ -305,17 +293,6 @@ impl Transport for TcpTransport {
         if std::mem::take(&mut self.used) {
             // Going back to the pool right after a request: the pool
             // probes again before it hands the connection out.
-            self.pooled_at = Some(Instant::now());
-            return true;
-        }
-        if self
-            .pooled_at
-            .is_some_and(|at| at.elapsed() < PROBE_IDLE_AFTER)
-        {
-            // Idle for less than any keep-alive timeout in use: taken out
-            // without a system call. Should the upstream have closed it
-            // anyway, the call fails before any response byte and the block
-            // sends it once more on a fresh connection (`HttpBlock::send`).
             return true;
         }
         let mut byte = [0u8; 1];

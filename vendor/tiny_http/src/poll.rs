@@ -673,7 +673,6 @@ impl Poller {
                     Token(t) => self.drive(t - FIRST_CONN),
                 }
             }
-            backlog = self.collect_replies();
             let now = Instant::now();
             if self.accept_retry.is_some_and(|at| now >= at) {
                 self.accept_retry = None;
@@ -683,16 +682,19 @@ impl Poller {
                 last_sweep = now;
                 self.sweep(now);
             }
+            // Last, so that answers an `InlineHook` gave anywhere above
+            // (they wake nobody) are written in this turn.
+            backlog = self.collect_replies();
         }
         self.finish(&mut events);
         // Dropping the poller closes the listener and every connection.
     }
 
-    /// Writes the answers handed back so far, at most about one per open
-    /// connection per call, so a client pipelining requests that an
-    /// `InlineHook` answers (each answer lets its next request in, whose
-    /// answer joins the channel) takes its turn with the others. True when
-    /// answers are left for the next turn.
+    /// Writes the answers handed back so far, at most one more than there
+    /// are open connections per call, so a client pipelining requests that
+    /// an `InlineHook` answers (each answer lets its next request in, whose
+    /// answer joins the channel) cannot keep the poller from its other
+    /// sockets. True when answers are left for the next turn.
     fn collect_replies(&mut self) -> bool {
         for _ in 0..=self.open {
             match self.replies.try_recv() {
@@ -710,10 +712,11 @@ impl Poller {
         drop(self.messages.take_all());
         let until = Instant::now() + FINAL_FLUSH;
         loop {
-            while let Ok(reply) = self.replies.try_recv() {
-                self.answered(reply);
-            }
-            let busy = self
+            // Bounded per turn: a client pipelining inline-answered requests
+            // must not keep this loop from its deadline.
+            let backlog = self.collect_replies();
+            let busy = backlog
+                || self
                 .conns
                 .iter()
                 .flatten()
@@ -722,7 +725,11 @@ impl Poller {
             if !busy || now >= until {
                 return;
             }
-            let wait = (until - now).min(TICK);
+            let wait = if backlog {
+                Duration::ZERO
+            } else {
+                (until - now).min(TICK)
+            };
             if self.poll.poll(events, Some(wait)).is_err() {
                 return;
             }
