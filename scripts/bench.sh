@@ -180,6 +180,14 @@ blocker() { # blocker ID CLASS: a debug.sleep that holds its pool thread for 10 
 }
 
 LOAD_BEFORE="$(loadavg)"
+# The VM's own speed moves by a third within the hour (other guests on the
+# host): a fixed single-core workload before and after puts each run's
+# figures in scale.
+cpu_index() { python3 -c 'import hashlib, time
+d = b"\0" * (1 << 20); t = time.perf_counter()
+for _ in range(128): hashlib.sha256(d).digest()
+print("%.0f" % (128 / (time.perf_counter() - t)))'; }
+CPU_INDEX_START="$(cpu_index)"
 START_NS="$(now_ns)"
 BUSY_START="$(machine_busy_s)"
 STEAL_START="$(steal_s)"
@@ -612,6 +620,7 @@ elapsed_s="$(awk -v a="$START_NS" -v b="$(now_ns)" 'BEGIN {printf "%.1f", (b - a
 rec OTHER_CPU_PCT "$(awk -v b0="$BUSY_START" -v b1="$(machine_busy_s)" -v o0="$OWN_START" -v o1="$OWN_END" \
     -v e="$elapsed_s" -v c="$(nproc)" 'BEGIN {x = ((b1 - b0) - (o1 - o0)) / (e * c) * 100; printf "%.0f", (x < 0 ? 0 : x)}')"
 rec STEAL_PCT "$(steal_pct "$START_NS" "$STEAL_START")"
+rec CPU_INDEX "$CPU_INDEX_START / $(cpu_index)"
 rec LOAD_BEFORE "$LOAD_BEFORE"
 rec LOAD_AFTER "$(loadavg)"
 rec ELAPSED_S "$elapsed_s"
@@ -751,7 +760,8 @@ print(f"{'-' * w[0]}  {'-' * w[1]}  {'-' * w[2]}  ------")
 for name, value, target, ok in rows:
     print(f"{name:<{w[0]}}  {value:<{w[1]}}  {target:<{w[2]}}  {verdict(ok)}")
 print(f"\n({res['ELAPSED_S']} s; other processes used ~{res['OTHER_CPU_PCT']} % of the CPUs meanwhile; "
-      f"the hypervisor took {res.get('STEAL_PCT', '?')} % of the vCPUs' time (steal))")
+      f"the hypervisor took {res.get('STEAL_PCT', '?')} % of the vCPUs' time (steal); "
+      f"single-core speed index {res.get('CPU_INDEX', '?')} MB/s before / after)")
 
 if doc == "-":
     sys.exit(0)
@@ -768,6 +778,7 @@ md.append(f"| Commit | {res['COMMIT']} |")
 md.append(f"| Load average (1/5/15 min) | before {res['LOAD_BEFORE']}, after {res['LOAD_AFTER']} |")
 md.append(f"| CPU used by other processes during the run | ~{res['OTHER_CPU_PCT']} % of all cores |")
 md.append(f"| vCPU time taken by the hypervisor (steal) | {res.get('STEAL_PCT', '?')} % |")
+md.append(f"| Single-core speed (SHA-256 of 1 MiB blocks, MB/s), before / after | {res.get('CPU_INDEX', '?')} |")
 md.append(f"| Run time | {res['ELAPSED_S']} s |")
 if loaded:
     md.append(f"\n**The machine was loaded during this run**: other processes (builds, test runs) used "
