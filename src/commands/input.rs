@@ -7,7 +7,7 @@
 //! An array is read whole (it must be valid JSON as a whole, else exit 2).
 
 use crate::contract::{
-    Assignment, Checked, IntakeRules, RejectReason, Rejection, parse_assignment,
+    Assignment, Checked, IntakeRules, RejectReason, Rejection, find_string_stop, parse_assignment,
     validate_assignment,
 };
 use rayon::prelude::*;
@@ -348,9 +348,8 @@ struct Stream {
     eof: bool,
 }
 
-/// The bytes [`Open::scan`] stops at inside a string: `"` and `\`.
-const IN_STRING: [bool; 256] = byte_set(b"\"\\");
-/// The bytes it stops at outside strings: `"` and brackets.
+/// The bytes [`Open::scan`] stops at outside strings: `"` and brackets
+/// (inside one, [`find_string_stop`] finds `"` and `\`).
 const OUTSIDE: [bool; 256] = byte_set(b"\"{}[]");
 
 /// A lookup table (one load per byte, where a chain of comparisons took
@@ -396,10 +395,12 @@ impl Open {
                     i += 1;
                     continue;
                 }
-                i += text[i..].iter().position(|&b| IN_STRING[usize::from(b)])?;
+                i += find_string_stop(&text[i..])?;
                 match text[i] {
                     b'\\' => self.escaped = true,
-                    _ => self.in_string = false,
+                    b'"' => self.in_string = false,
+                    // A control character: the parse refuses it later.
+                    _ => {}
                 }
             } else {
                 i += text[i..].iter().position(|&b| OUTSIDE[usize::from(b)])?;

@@ -138,9 +138,7 @@ impl<'a> Lexer<'a> {
         let start = self.i;
         self.eat(b'"')?;
         let body = self.i;
-        let len = self.bytes()[body..]
-            .iter()
-            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        let len = super::scan::find_string_stop(&self.bytes()[body..])?;
         if self.bytes()[body + len] == b'"' {
             self.i = body + len + 1;
             return Some(Cow::Borrowed(&self.text[body..body + len]));
@@ -155,12 +153,16 @@ impl<'a> Lexer<'a> {
         let b = self.bytes();
         let mut i = self.i + 1;
         loop {
-            i += b.get(i..)?.iter().position(|&c| c == b'"' || c == b'\\')?;
-            if b[i] == b'"' {
-                self.i = i + 1;
-                return Some(());
+            i += super::scan::find_string_stop(b.get(i..)?)?;
+            match b[i] {
+                b'"' => {
+                    self.i = i + 1;
+                    return Some(());
+                }
+                b'\\' => i += 2,
+                // A control character: left for the full parse to refuse.
+                _ => i += 1,
             }
-            i += 2;
         }
     }
 

@@ -9,6 +9,7 @@ mod fast_intake;
 mod ids;
 mod json;
 mod result;
+mod scan;
 mod secret;
 
 pub use ack::{Ack, AckStatus};
@@ -20,4 +21,5 @@ pub use error_code::{ErrorCode, Status};
 pub use ids::{is_trace_id, is_ulid, is_uuid};
 pub use json::{Checked, from_slice_unique};
 pub use result::{ExecResult, JobRef, Outcome, StepStats};
+pub(crate) use scan::find_string_stop;
 pub use secret::is_secret_key;
