@@ -25,6 +25,8 @@
 # Knobs (environment): CARGO_TARGET_DIR (default: <repo>/target),
 #   BENCH_ECHO_STEPS (100000), BENCH_HTTP_STEPS (30000), BENCH_IO_POOL (8),
 #   BENCH_CP1_BACKLOG (100000), BENCH_WRK_SECS (10), BENCH_ROUNDS (3),
+#   BENCH_ENGINE_ROUNDS (7; a round is three runs of under a second each, and
+#   with three rounds the overhead rows swung by ±15 % on this VM),
 #   BENCH_SQL_STEPS (100000), BENCH_SQL_ROWS (100000), BENCH_SQL_THREADS (1),
 #   BENCH_MIX_STEPS (90000), BENCH_APPROVALS (10000),
 #   BENCH_DOC (docs/BENCHMARKS.md; "-" to skip writing it),
@@ -48,6 +50,7 @@ IO_POOL="${BENCH_IO_POOL:-8}"
 CP1_BACKLOG="${BENCH_CP1_BACKLOG:-100000}"
 WRK_SECS="${BENCH_WRK_SECS:-10}"
 ROUNDS="${BENCH_ROUNDS:-3}"
+ENGINE_ROUNDS="${BENCH_ENGINE_ROUNDS:-7}"
 SQL_STEPS="${BENCH_SQL_STEPS:-100000}"
 SQL_ROWS="${BENCH_SQL_ROWS:-100000}"
 SQL_THREADS="${BENCH_SQL_THREADS:-1}"
@@ -199,7 +202,7 @@ rec() { printf '%s=%s\n' "$1" "$2" >>"$R"; }
 
 if [[ "$ONLY" != nats ]]; then
 # --- 1. engine throughput -------------------------------------------------------
-log "1/8 engine: $ROUNDS× interleaved runs of $ECHO_STEPS debug.echo steps, plain / metrics on / CP2 timeouts on"
+log "1/8 engine: $ENGINE_ROUNDS× interleaved runs of $ECHO_STEPS debug.echo steps, plain / metrics on / CP2 timeouts on"
 ECHO_FILE="$TMP/echo.jsonl"
 awk -v n="$ECHO_STEPS" 'BEGIN { for (i = 1; i <= n; i++)
     printf "{\"version\":\"1\",\"assignment_id\":\"echo-%d\",\"request_id\":\"req-%d\",\"tenant_id\":\"bench\",\"job\":{\"type\":\"debug.echo\",\"payload\":{\"n\":%d}}}\n", i, i, i }' >"$ECHO_FILE"
@@ -216,7 +219,7 @@ engine_run() { # engine_run LABEL [ENV...] -> "steps_per_s rss_kb cpu_us_per_ste
 }
 plain_rates=(); metrics_rates=(); plain_rss=(); metrics_rss=(); plain_cpu=(); metrics_cpu=()
 timeouts_rates=(); timeouts_cpu=()
-for i in $(seq 1 "$ROUNDS"); do
+for i in $(seq 1 "$ENGINE_ROUNDS"); do
     read -r rate rss cpu < <(engine_run "plain$i")
     plain_rates+=("$rate"); plain_rss+=("$rss"); plain_cpu+=("$cpu")
     read -r rate rss cpu < <(engine_run "metrics$i" CP2_OBSERVABILITY_METRICS_ENABLED=1)
@@ -638,6 +641,7 @@ rec ECHO_STEPS "$ECHO_STEPS"
 rec HTTP_STEPS "$HTTP_STEPS"
 rec IO_POOL "$IO_POOL"
 rec ROUNDS "$ROUNDS"
+rec ENGINE_ROUNDS "$ENGINE_ROUNDS"
 rec SQL_STEPS "$SQL_STEPS"
 rec SQL_ROWS "$SQL_ROWS"
 rec SQL_THREADS "$SQL_THREADS"
@@ -795,7 +799,7 @@ for name, value, target, ok in rows:
     md.append(f"| {name} | {value} | {target or '—'} | {verdict(ok)} |")
 md.append("\n### Details\n")
 md.append(f"- Engine: `caf-worker run` over {n(f('ECHO_STEPS'))} `debug.echo` JSON lines, stdout to "
-          f"/dev/null, default pools (cpu 4); wall time from process start to exit. Rounds: {res['ROUNDS']}, "
+          f"/dev/null, default pools (cpu 4); wall time from process start to exit. Rounds: {res['ENGINE_ROUNDS']}, "
           f"interleaved (plain, metrics on, timeouts on, plain, …); the median is reported. Plain: {res['ENGINE_PLAIN_ALL']} steps/s; "
           f"metrics on (`CP2_OBSERVABILITY_METRICS_ENABLED=1`): {res['ENGINE_METRICS_ALL']} steps/s; CP2 timeouts on "
           f"(`CP2_COMPLETE_TIMEOUT_ENABLED=1`, a third run in each round: every step is watched by the deadline "
