@@ -553,7 +553,10 @@ impl Engine {
             self.shared
                 .parking
                 .park_approval(&handle, expires_at, max)
-                .map_err(|_| RejectReason::QueueFull)
+                .map_err(|refused| match refused {
+                    parking::ApprovalRefused::Full => RejectReason::QueueFull,
+                    parking::ApprovalRefused::ShuttingDown => RejectReason::ShuttingDown,
+                })
         };
         match self.shared.tracker.insert_with(&handle, park) {
             Ok(true) => Admission::Accepted(handle),

@@ -35,7 +35,13 @@ pub(super) enum Parked {
 
 /// Why an approval could not park.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct ApprovalsFull;
+pub(super) enum ApprovalRefused {
+    /// `max` approvals are already pending.
+    Full,
+    /// Shutdown has taken the pending approvals: one parking now would
+    /// never be answered.
+    ShuttingDown,
+}
 
 struct State {
     timers: BTreeMap<TimerKey, Parked>,
@@ -43,6 +49,8 @@ struct State {
     approvals: usize,
     seq: u64,
     stopped: bool,
+    /// Set when shutdown takes the approvals; no approval parks after.
+    approvals_closed: bool,
 }
 
 /// The timer map, under one lock.
@@ -59,6 +67,7 @@ impl Parking {
                 approvals: 0,
                 seq: 0,
                 stopped: false,
+                approvals_closed: false,
             }),
             wake: Condvar::new(),
         }
@@ -91,16 +100,21 @@ impl Parking {
         self.insert(&mut st, &h, due, Parked::Retry { handle, last });
     }
 
-    /// Parks an approval until `expires`, unless `max` are already pending.
+    /// Parks an approval until `expires`, unless `max` are already pending
+    /// or shutdown has already taken the pending ones
+    /// ([`Parking::take_approvals`]).
     pub fn park_approval(
         &self,
         handle: &Arc<StepHandle>,
         expires: Instant,
         max: usize,
-    ) -> Result<(), ApprovalsFull> {
+    ) -> Result<(), ApprovalRefused> {
         let mut st = self.lock();
+        if st.approvals_closed {
+            return Err(ApprovalRefused::ShuttingDown);
+        }
         if st.approvals >= max {
-            return Err(ApprovalsFull);
+            return Err(ApprovalRefused::Full);
         }
         st.approvals += 1;
         self.insert(&mut st, handle, expires, Parked::Approval(handle.clone()));
@@ -146,9 +160,12 @@ impl Parking {
         Ok(true)
     }
 
-    /// Claims every pending approval (shutdown).
+    /// Claims every pending approval and refuses any later one (shutdown:
+    /// an approval admitted just before the drain began, but parking after
+    /// this, would otherwise wait unanswered until the process exits).
     pub fn take_approvals(&self) -> Vec<Arc<StepHandle>> {
         let mut st = self.lock();
+        st.approvals_closed = true;
         let keys: Vec<TimerKey> = st
             .timers
             .iter()
@@ -243,4 +260,45 @@ impl Parking {
 /// The handle's timer key (only touched under the parking lock).
 fn key_slot(h: &StepHandle) -> MutexGuard<'_, Option<TimerKey>> {
     h.park_key.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::{IntakeRules, parse_assignment};
+    use std::time::Duration;
+
+    fn handle(id: &str) -> Arc<StepHandle> {
+        let a = format!(
+            r#"{{"version":"1","assignment_id":"{id}","request_id":"r","tenant_id":"t","job":{{"type":"debug.echo"}}}}"#
+        );
+        let rules = IntakeRules {
+            max_body_bytes: 1 << 20,
+            strict_ids: false,
+            default_deadline_ms: 30_000,
+        };
+        let a = parse_assignment(a.as_bytes(), &rules).expect("a valid assignment");
+        let now = Instant::now();
+        Arc::new(StepHandle::new(a, now, now + Duration::from_secs(30), None))
+    }
+
+    /// Shutdown takes the pending approvals once; an approval admitted just
+    /// before (it passed the draining check) must not park after that, where
+    /// nothing would ever answer it.
+    #[test]
+    fn no_approval_parks_after_shutdown_took_them() {
+        let parking = Parking::new();
+        let later = Instant::now() + Duration::from_secs(60);
+        assert_eq!(parking.park_approval(&handle("a"), later, 1), Ok(()));
+        assert_eq!(
+            parking.park_approval(&handle("b"), later, 1),
+            Err(ApprovalRefused::Full)
+        );
+        assert_eq!(parking.take_approvals().len(), 1);
+        assert_eq!(
+            parking.park_approval(&handle("c"), later, 10),
+            Err(ApprovalRefused::ShuttingDown)
+        );
+        assert_eq!(parking.approvals_pending(), 0);
+    }
 }
