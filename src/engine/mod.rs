@@ -1163,3 +1163,20 @@ fn timer_loop(parking: &Parking, weak: &std::sync::Weak<Shared>) {
         }
     }
 }
+
+/// A pending `debug.echo` step `id` with a 30 s deadline, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_handle(id: &str) -> Arc<StepHandle> {
+    use crate::contract::{IntakeRules, parse_assignment};
+    let a = format!(
+        r#"{{"version":"1","assignment_id":"{id}","request_id":"r","tenant_id":"t","job":{{"type":"debug.echo"}}}}"#
+    );
+    let rules = IntakeRules {
+        max_body_bytes: 1 << 20,
+        strict_ids: false,
+        default_deadline_ms: 30_000,
+    };
+    let a = parse_assignment(a.as_bytes(), &rules).expect("a valid assignment");
+    let now = Instant::now();
+    Arc::new(StepHandle::new(a, now, now + Duration::from_secs(30), None))
+}

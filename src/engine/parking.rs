@@ -265,22 +265,8 @@ fn key_slot(h: &StepHandle) -> MutexGuard<'_, Option<TimerKey>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::{IntakeRules, parse_assignment};
+    use crate::engine::test_handle as handle;
     use std::time::Duration;
-
-    fn handle(id: &str) -> Arc<StepHandle> {
-        let a = format!(
-            r#"{{"version":"1","assignment_id":"{id}","request_id":"r","tenant_id":"t","job":{{"type":"debug.echo"}}}}"#
-        );
-        let rules = IntakeRules {
-            max_body_bytes: 1 << 20,
-            strict_ids: false,
-            default_deadline_ms: 30_000,
-        };
-        let a = parse_assignment(a.as_bytes(), &rules).expect("a valid assignment");
-        let now = Instant::now();
-        Arc::new(StepHandle::new(a, now, now + Duration::from_secs(30), None))
-    }
 
     /// Shutdown takes the pending approvals once; an approval admitted just
     /// before (it passed the draining check) must not park after that, where

@@ -274,21 +274,8 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::{IntakeRules, Outcome, StepStats, parse_assignment};
-
-    fn handle(id: &str) -> Arc<StepHandle> {
-        let a = format!(
-            r#"{{"version":"1","assignment_id":"{id}","request_id":"r","tenant_id":"t","job":{{"type":"debug.echo"}}}}"#
-        );
-        let rules = IntakeRules {
-            max_body_bytes: 1 << 20,
-            strict_ids: false,
-            default_deadline_ms: 30_000,
-        };
-        let a = parse_assignment(a.as_bytes(), &rules).expect("a valid assignment");
-        let now = Instant::now();
-        Arc::new(StepHandle::new(a, now, now + Duration::from_secs(30), None))
-    }
+    use crate::contract::{Outcome, StepStats};
+    use crate::engine::test_handle as handle;
 
     fn finish(t: &Tracker, h: &StepHandle) -> bool {
         let worker: Arc<str> = "w".into();
