@@ -1081,6 +1081,59 @@ fn core_mode_decisions_over_nats_are_answered_like_the_ingress() {
     assert_eq!((messages("in"), messages("out")), (Some(14.0), Some(11.0)));
 }
 
+/// Refusals nobody hears (no reply subject) are logged at most 10 a second;
+/// the rest are counted in one "suppressed" line, so whoever may publish on
+/// the approval subject cannot flood the worker's log.
+#[test]
+fn unanswered_refusals_cannot_flood_the_log() {
+    let server = NatsServer::start();
+    let c = client(&server.url());
+    let mut w = worker(&server.url(), "core", &[]);
+    wait_ready(&w);
+    c.publish(
+        ASSIGN,
+        approval("flood-1", "acme", &["ann"]).to_string().as_bytes(),
+    )
+    .unwrap();
+    wait_pending(&w, 1);
+    let bob = decision("flood-1", "approve", "bob").to_string();
+    for _ in 0..300 {
+        c.publish(APPROVALS, bob.as_bytes()).unwrap();
+    }
+    let forbidden = || {
+        metric(
+            &w,
+            "worker_nats_approval_refusals_total{reason=\"forbidden\"}",
+        )
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || (forbidden() == Some(300.0))
+            .then_some(()))
+        .is_some(),
+        "refusals counted: {:?}",
+        forbidden()
+    );
+    w.sigterm();
+    assert_eq!(w.wait_exit(Duration::from_secs(10)), 0);
+    let stderr = w.stderr.lock().unwrap();
+    let logged = stderr
+        .iter()
+        .filter(|l| l.contains("no reply subject"))
+        .count();
+    assert!((1..=40).contains(&logged), "{logged} refusal lines logged");
+    let suppressed: u64 = stderr
+        .iter()
+        .filter(|l| l.contains("similar lines suppressed") && l.contains("approval"))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["context"]["suppressed"].as_u64())
+        .sum();
+    assert_eq!(
+        logged as u64 + suppressed,
+        300,
+        "{logged} logged, {suppressed} suppressed"
+    );
+}
+
 #[test]
 fn jetstream_two_workers_a_decision_reaches_the_worker_holding_the_approval() {
     let (server, results, js) = jetstream_setup();

@@ -10,6 +10,7 @@
 use super::{SLICE, Shared};
 use crate::contract::ExecResult;
 use crate::engine::{DecideError, Engine};
+use crate::telemetry::logging::RateLimit;
 use crate::telemetry::{ApprovalRefusal, Direction, MessageKind};
 use crate::transport::nats::{Headers, Message};
 use serde_json::{Value, json};
@@ -21,6 +22,11 @@ use std::time::Duration;
 /// counts them, as NATS does for slow consumers). Each is handled in
 /// microseconds, so this only absorbs bursts.
 const SUBSCRIPTION_BUFFER: usize = 1024;
+
+/// INFO lines per second for refused decisions that have no reply subject
+/// (the rest are counted in one "suppressed" line): anyone who may publish
+/// on the approval subject must not be able to flood the worker's log.
+const REFUSAL_LINES_PER_SEC: u32 = 10;
 
 /// What this worker does with one decision message.
 #[derive(Debug)]
@@ -57,11 +63,16 @@ pub(super) fn decision_loop(s: &Shared) {
     }
     s.approvals_ready.store(true, Ordering::Release);
     let rx = sub.receiver().clone();
+    let refusals = RateLimit::new(
+        REFUSAL_LINES_PER_SEC,
+        "NATS approval decisions refused without a reply subject",
+    );
     while !s.draining.load(Ordering::Acquire) {
         if let Ok(msg) = rx.recv_timeout(SLICE) {
-            take(s, &msg);
+            take(s, &msg, &refusals);
         }
     }
+    refusals.flush();
     // Draining: the engine answers pending approvals `cancelled`; later
     // decisions would only meet 409s.
     sub.unsubscribe();
@@ -69,7 +80,7 @@ pub(super) fn decision_loop(s: &Shared) {
 
 /// Handles one decision message: applies or refuses it, answers the reply
 /// subject, counts and logs.
-fn take(s: &Shared, msg: &Message) {
+fn take(s: &Shared, msg: &Message, refusals: &RateLimit) {
     s.observer.message(Direction::In, MessageKind::Approval);
     let Some(engine) = s.engine() else { return };
     let (id, answer) = decide(
@@ -95,7 +106,7 @@ fn take(s: &Shared, msg: &Message) {
             // the worker's: INFO).
             if msg.reply.is_some() {
                 log::debug!(assignment_id = id, reason = reason.as_str(); "NATS decision refused: {message}");
-            } else {
+            } else if refusals.admit() {
                 log::info!(assignment_id = id, reason = reason.as_str(); "NATS decision refused (no reply subject): {message}");
             }
             refusal_body(*reason, message).to_string()
