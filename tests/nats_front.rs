@@ -673,6 +673,59 @@ fn server_restart_buffers_results_and_reconnects() {
     wait_stream(&js, "CAF_ASSIGN", 0, Duration::from_secs(5));
 }
 
+/// The result buffer is bounded in bytes as well as in count (64 MiB,
+/// SPEC §12): results of ~0.9 MB finishing while the server is down fill it
+/// after about 70, and the rest are dropped, counted and logged instead of
+/// growing the worker's memory.
+#[test]
+fn the_result_buffer_is_bounded_in_bytes() {
+    let mut server = NatsServer::start_core(&[]);
+    let c = client(&server.url());
+    let w = worker(
+        &server.url(),
+        "core",
+        &[
+            ("WORKER_CPU_POOL_SIZE", "1"),
+            ("WORKER_MAX_QUEUE_SIZE", "200"),
+        ],
+    );
+    wait_ready(&w);
+    let acks = sub(&c, "caf.exec.assign.v1.ack");
+    // One cpu thread: the echoes wait behind the sleep, and finish once the
+    // server is gone.
+    c.publish(ASSIGN, sleep("big-sleep", 5000).to_string().as_bytes())
+        .unwrap();
+    let pad = "x".repeat(900_000);
+    for i in 0..80 {
+        let a = assignment(&format!("big-{i}"), "debug.echo", json!({ "pad": pad }));
+        c.publish(ASSIGN, a.to_string().as_bytes()).unwrap();
+    }
+    // Every one accepted by the engine (acked) before the server goes:
+    // messages still in the subscription when the connection drops are
+    // core NATS's to lose.
+    let got = collect(&acks, Duration::from_secs(30), |m| m.len() >= 81);
+    assert_eq!(got.len(), 81, "acks before the outage");
+    server.kill();
+    let full = wait_for(Duration::from_secs(20), || {
+        w.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("NATS result buffer full"))
+            .then_some(())
+    });
+    assert!(
+        full.is_some(),
+        "no result was dropped: {:?} buffered",
+        metric(&w, "worker_nats_publish_buffered")
+    );
+    let buffered = metric(&w, "worker_nats_publish_buffered").unwrap_or(0.0);
+    assert!(
+        (40.0..=75.0).contains(&buffered),
+        "{buffered} results of ~0.9 MB buffered"
+    );
+}
+
 #[test]
 fn wrong_credentials_log_each_attempt_back_off_and_stay_unready() {
     let server = NatsServer::start_with(&["--user", "caf", "--pass", "right"]);

@@ -326,11 +326,7 @@ fn republish(s: &Shared, id: &str, result: std::sync::Arc<crate::contract::ExecR
         }
         entry.traceparent.clone()
     };
-    s.enqueue(Outgoing {
-        result,
-        traceparent,
-        json: None,
-    });
+    s.enqueue(Outgoing::new(result, traceparent, None));
 }
 
 impl Shared {

@@ -31,7 +31,7 @@ use crate::server::{ExtraCheck, HealthCheck};
 use crate::telemetry::{Direction, JsAckKind, MessageKind, TransportObserver};
 use crate::transport::nats::{self, Client, Event, Headers, Message};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -39,6 +39,12 @@ use std::time::{Duration, Instant};
 /// Results kept while the connection is down (SPEC §13.5); beyond it the
 /// newest are dropped and counted (JetStream redelivery covers them).
 pub const RESULT_BUFFER: usize = 10_000;
+
+/// Serialized bytes of the buffered results, at most: 10,000 results of a
+/// few MiB each would otherwise be gigabytes (the buffer holds each result
+/// alive even after retention let it go). One result is always taken,
+/// whatever its size.
+pub const RESULT_BUFFER_BYTES: usize = 64 << 20;
 
 /// Results serialized up to this size are buffered with their JSON line.
 const KEEP_JSON_UP_TO: usize = 16 * 1024;
@@ -56,6 +62,31 @@ struct Outgoing {
     traceparent: Option<String>,
     /// The result as the engine serialized it, when it came that way.
     json: Option<String>,
+    /// Its serialized size (counted against [`RESULT_BUFFER_BYTES`]).
+    size: usize,
+}
+
+impl Outgoing {
+    /// `json`: the result's line if the engine serialized it (else it is
+    /// serialized here, once, to know its size).
+    fn new(result: Arc<ExecResult>, traceparent: Option<String>, json: Option<&str>) -> Outgoing {
+        let serialized;
+        let json = match json {
+            Some(line) => line,
+            None => {
+                serialized = result.to_json_line();
+                serialized.as_str()
+            }
+        };
+        Outgoing {
+            size: json.len(),
+            // A large result is serialized again when published rather than
+            // held twice while it waits in the buffer.
+            json: (json.len() <= KEEP_JSON_UP_TO).then(|| json.to_owned()),
+            result,
+            traceparent,
+        }
+    }
 }
 
 /// A JetStream delivery the worker holds until it ACKs, NAKs or TERMs it.
@@ -80,6 +111,8 @@ struct InHand {
 #[derive(Default)]
 struct Outbox {
     items: Mutex<VecDeque<Outgoing>>,
+    /// Sum of the `size` of `items` (changed only under its lock).
+    bytes: AtomicUsize,
     ready: Condvar,
     overflow: AtomicU64,
 }
@@ -332,11 +365,7 @@ fn too_large(out: &Outgoing, size: usize, max: usize) -> Outgoing {
         "the result is {size} bytes, more than the NATS server's max_payload ({max}); its outputs were dropped"
     ));
     r.retryable = Some(false);
-    Outgoing {
-        result: Arc::new(r),
-        traceparent: out.traceparent.clone(),
-        json: None,
-    }
+    Outgoing::new(Arc::new(r), out.traceparent.clone(), None)
 }
 
 impl ResultSink for FrontSink {
@@ -406,28 +435,24 @@ impl Shared {
                 }
             }
         };
-        self.enqueue(Outgoing {
-            result: result.clone(),
-            traceparent,
-            // A large result is serialized again when published rather than
-            // held twice while it waits in the buffer.
-            json: json
-                .filter(|j| j.len() <= KEEP_JSON_UP_TO)
-                .map(str::to_owned),
-        });
+        self.enqueue(Outgoing::new(result.clone(), traceparent, json));
     }
 
     /// Adds a result to the bounded buffer; a full buffer drops it (counted, logged).
     fn enqueue(&self, out: Outgoing) {
         let mut items = self.outbox.items.lock().unwrap_or_else(|p| p.into_inner());
-        if items.len() >= RESULT_BUFFER {
+        let bytes = self.outbox.bytes.load(Ordering::Acquire);
+        if items.len() >= RESULT_BUFFER
+            || (!items.is_empty() && bytes.saturating_add(out.size) > RESULT_BUFFER_BYTES)
+        {
             drop(items);
             let n = self.outbox.overflow.fetch_add(1, Ordering::AcqRel) + 1;
             if n.is_power_of_two() {
                 log::warn!(
                     assignment_id = out.result.assignment_id.as_str(),
                     dropped_total = n;
-                    "NATS result buffer full ({RESULT_BUFFER}); result dropped (JetStream redelivers, core loses it)"
+                    "NATS result buffer full ({RESULT_BUFFER} results or {} MiB); result dropped (JetStream redelivers, core loses it)",
+                    RESULT_BUFFER_BYTES >> 20
                 );
             }
             // JetStream: forget the held message (no +WPI for it), so its
@@ -441,6 +466,7 @@ impl Shared {
             }
             return;
         }
+        self.outbox.bytes.fetch_add(out.size, Ordering::AcqRel);
         items.push_back(out);
         self.observer.buffered(items.len());
         drop(items);
@@ -451,6 +477,7 @@ impl Shared {
     fn requeue_front(&self, mut back: Vec<Outgoing>) {
         let mut items = self.outbox.items.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(o) = back.pop() {
+            self.outbox.bytes.fetch_add(o.size, Ordering::AcqRel);
             items.push_front(o);
         }
         self.observer.buffered(items.len());
@@ -514,6 +541,8 @@ impl Shared {
                 }
                 let n = items.len().min(BATCH);
                 batch.extend(items.drain(..n));
+                let sent: usize = batch.iter().map(|o| o.size).sum();
+                self.outbox.bytes.fetch_sub(sent, Ordering::AcqRel);
                 self.observer.buffered(items.len());
             }
             let mut sent = 0;
