@@ -31,7 +31,8 @@ pub(crate) fn find_string_stop(bytes: &[u8]) -> Option<usize> {
     let mut at = 0;
     for chunk in words.by_ref() {
         let Ok(word) = <[u8; 8]>::try_from(chunk) else {
-            break;
+            // Never (the chunks are exact), but stay right if it were.
+            return bytes[at..].iter().position(stop).map(|i| at + i);
         };
         // Little-endian: byte 0 is the lowest, so the lowest flag is first.
         let word = u64::from_le_bytes(word);
