@@ -691,9 +691,9 @@ fn the_result_buffer_is_bounded_in_bytes() {
     );
     wait_ready(&w);
     let acks = sub(&c, "caf.exec.assign.v1.ack");
-    // One cpu thread: the echoes wait behind the sleep, and finish once the
-    // server is gone.
-    c.publish(ASSIGN, sleep("big-sleep", 5000).to_string().as_bytes())
+    // One cpu thread: the echoes wait behind the sleep, which is cancelled
+    // once the server is gone, so they all finish during the outage.
+    c.publish(ASSIGN, sleep("big-sleep", 600_000).to_string().as_bytes())
         .unwrap();
     let pad = "x".repeat(900_000);
     for i in 0..80 {
@@ -705,7 +705,18 @@ fn the_result_buffer_is_bounded_in_bytes() {
     // core NATS's to lose.
     let got = collect(&acks, Duration::from_secs(30), |m| m.len() >= 81);
     assert_eq!(got.len(), 81, "acks before the outage");
+    assert_eq!(
+        metric(&w, "worker_active_tasks{resource_pool=\"cpu\"}"),
+        Some(1.0),
+        "the sleep ahead of the echoes is not running"
+    );
     server.kill();
+    let cancel = format!("http://{}/api/v1/assignments/big-sleep/cancel", w.ingress);
+    let (status, _, body) = support::http("POST", &cancel, None);
+    assert!(
+        (200..300).contains(&status) && body.contains("cancel"),
+        "cancel: {status} {body}"
+    );
     let full = wait_for(Duration::from_secs(20), || {
         w.stderr
             .lock()
@@ -721,7 +732,7 @@ fn the_result_buffer_is_bounded_in_bytes() {
     );
     let buffered = metric(&w, "worker_nats_publish_buffered").unwrap_or(0.0);
     assert!(
-        (40.0..=75.0).contains(&buffered),
+        (40.0..=81.0).contains(&buffered),
         "{buffered} results of ~0.9 MB buffered"
     );
 }

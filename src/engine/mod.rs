@@ -727,8 +727,8 @@ impl Engine {
         }
         let drained = exited == total;
         let mut cancelled = 0;
-        // An approval that raced the start of the drain.
-        cancelled += self.shared.cancel_approvals();
+        // Pending approvals were answered by `begin_shutdown`, and parking
+        // refuses any after that (`Parking::take_approvals`).
         if !drained {
             grace_over();
             for h in self.shared.tracker.all_pending() {

@@ -106,7 +106,7 @@ fn take(s: &Shared, msg: &Message, refusals: &RateLimit) {
             // the worker's: INFO).
             if msg.reply.is_some() {
                 log::debug!(assignment_id = id, reason = reason.as_str(); "NATS decision refused: {message}");
-            } else if refusals.admit() {
+            } else if log::log_enabled!(log::Level::Info) && refusals.admit() {
                 log::info!(assignment_id = id, reason = reason.as_str(); "NATS decision refused (no reply subject): {message}");
             }
             refusal_body(*reason, message).to_string()
