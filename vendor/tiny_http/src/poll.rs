@@ -854,7 +854,7 @@ impl Poller {
                     length,
                     Box::new(sink),
                 );
-                let Some(InlineHook(hook)) = self.config.inline.clone() else {
+                let Some(InlineHook(hook)) = &self.config.inline else {
                     self.messages.push(request.into());
                     return;
                 };
