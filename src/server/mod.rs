@@ -284,19 +284,27 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::TcpStream;
-    use std::sync::Mutex;
+    use std::sync::{Mutex, mpsc};
 
     /// Answers `/inline` on the poller and everything else on a handler
     /// thread, with the name of the thread that answered; `/inline/panic`
-    /// panics on the poller.
+    /// panics on the poller; `/inline/block` holds the poller until the
+    /// test releases it through `gate`.
     struct Named {
         seen: Mutex<Vec<String>>,
+        gate: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
     }
 
     impl Handler for Named {
         fn handle(&self, request: Request) {
             if request.url() == "/inline/panic" {
                 panic!("inline handler panicked on purpose");
+            }
+            if request.url() == "/inline/block" {
+                if let Some((entered, release)) = self.gate.lock().unwrap().take() {
+                    let _ = entered.send(());
+                    let _ = release.recv_timeout(Duration::from_secs(10));
+                }
             }
             let name = std::thread::current().name().unwrap_or("").to_owned();
             self.seen.lock().unwrap().push(name.clone());
@@ -311,6 +319,7 @@ mod tests {
     fn start() -> (HttpPort, Arc<Named>) {
         let handler = Arc::new(Named {
             seen: Mutex::new(Vec::new()),
+            gate: Mutex::new(None),
         });
         let limits = PortLimits {
             max_connections: 8,
@@ -402,6 +411,61 @@ mod tests {
         done.store(true, Ordering::Release);
         assert!(stopped.is_ok(), "the port did not stop within 10 s");
         assert!(stopping.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A full port makes room by closing the connection that has waited
+    /// longest for a request head. A connection accepted before its client
+    /// wrote, whose head has since arrived but was not yet read (its
+    /// readiness still queued behind the listener's), is busy, not idle: the
+    /// connection with a half-sent head is closed instead.
+    #[test]
+    fn a_full_port_closes_the_idle_head_not_an_unread_busy_one() {
+        let (port, handler) = start(); // 8 connections, no reserve
+        let connect = |bytes: &[u8]| {
+            let mut s = TcpStream::connect(port.addr()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(bytes).unwrap();
+            s
+        };
+        // Each answer is small and written at once: one read shows its start.
+        let answer = |s: &mut TcpStream| {
+            let mut got = [0u8; 512];
+            let n = s.read(&mut got).unwrap_or(0);
+            String::from_utf8_lossy(&got[..n]).into_owned()
+        };
+        let head = b"POST /queued HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{";
+        let mut busy: Vec<TcpStream> = (0..5).map(|_| connect(head)).collect();
+        let mut late = connect(b"");
+        // Accepted in order: once this one is answered, `late` is accepted.
+        let mut probe = connect(b"GET /queued HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        assert!(answer(&mut probe).starts_with("HTTP/1.1 200"));
+        assert_eq!(probe.read(&mut [0u8; 64]).ok(), Some(0));
+        // The poller waits in an inline handler while two more clients
+        // connect and `late` sends its head; then it accepts both in a burst.
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        *handler.gate.lock().unwrap() = Some((entered_tx, release_rx));
+        // Its next request follows at once, so it stays busy and counted
+        // whether the poller took it in the burst or in an earlier turn.
+        let block = b"GET /inline/block HTTP/1.1\r\nHost: t\r\n\r\n";
+        let mut blocker = connect(&[&block[..], &head[..]].concat());
+        entered.recv_timeout(Duration::from_secs(10)).unwrap();
+        let mut idle = connect(b"GET /que");
+        let mut new = connect(b"GET /queued HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        // Last: its readiness queues behind the listener's.
+        late.write_all(head).unwrap();
+        release.send(()).unwrap();
+        assert!(answer(&mut blocker).starts_with("HTTP/1.1 200"));
+        let got = answer(&mut new);
+        assert!(got.starts_with("HTTP/1.1 200"), "new: {got:?}");
+        assert_eq!(idle.read(&mut [0u8; 64]).ok(), Some(0), "idle not closed");
+        busy.extend([late, blocker]);
+        for (i, s) in busy.iter_mut().enumerate() {
+            s.write_all(&[b'x'; 99]).unwrap();
+            let got = answer(s);
+            assert!(got.starts_with("HTTP/1.1 200"), "busy {i}: {got:?}");
+        }
+        port.stop();
     }
 
     #[test]

@@ -777,21 +777,40 @@ impl Poller {
     /// Makes room for a new connection on a full port: closes the connection
     /// that has waited longest for a request head (idle or trickling), or
     /// else uses the reserve. False when neither is possible.
+    ///
+    /// The candidate is read once before it is judged: a connection accepted
+    /// in the same burst may already hold a whole head in its socket that no
+    /// poll turn has read yet, and it is busy, not idle. Each extra read
+    /// either ends in the candidate's eviction or moves it out of the head
+    /// phase on bytes its client sent, so the loop is bounded by the port's
+    /// connections and a trickler cannot turn one accept into many reads.
     fn make_room(&mut self) -> bool {
-        let oldest = self
-            .conns
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
-            .filter(|(_, c)| matches!(c.phase, Phase::Head))
-            .min_by_key(|(_, c)| c.since)
-            .map(|(i, _)| i);
-        match oldest {
-            Some(i) => {
-                self.close_conn(i);
-                true
+        loop {
+            let oldest = self
+                .conns
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+                .filter(|(_, c)| matches!(c.phase, Phase::Head))
+                .min_by_key(|(_, c)| c.since)
+                .map(|(i, _)| i);
+            let Some(i) = oldest else {
+                return self.open < self.config.max_connections + self.config.reserve;
+            };
+            let open = self.open;
+            self.drive(i);
+            if self.open < open {
+                return true; // The read found it closed (or it broke the rules).
             }
-            None => self.open < self.config.max_connections + self.config.reserve,
+            let waiting = self
+                .conns
+                .get(i)
+                .and_then(Option::as_ref)
+                .is_some_and(|c| matches!(c.phase, Phase::Head));
+            if waiting {
+                self.close_conn(i);
+                return true;
+            }
         }
     }
 
