@@ -10,7 +10,8 @@
 mod support;
 
 use caf_worker::transport::nats::{
-    Client, ConsumerConfig, Headers, JetStream, Message, Options, PullItem, Subscription,
+    Client, ConsumerConfig, Headers, JetStream, Message, Options, PullItem, Retention,
+    StreamConfig, Subscription,
 };
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
@@ -735,6 +736,57 @@ fn the_result_buffer_is_bounded_in_bytes() {
         (40.0..=81.0).contains(&buffered),
         "{buffered} results of ~0.9 MB buffered"
     );
+}
+
+/// Results waiting for their PubAck are bounded in bytes too (64 MiB, SPEC
+/// §12): with the result stream gone, publishes reach this test's
+/// subscriber but no PubAck comes back. The worker pauses after about 70
+/// results of ~0.9 MB, and the first to publish again is an old one (its
+/// PubAck time-out), not the 100th. Once the stream is back, every result
+/// is stored: the pause loses nothing.
+#[test]
+fn jetstream_results_waiting_for_a_puback_are_bounded_in_bytes() {
+    let (server, results, js) = jetstream_setup();
+    let w = worker(&server.url(), "jetstream", &[]);
+    wait_ready(&w);
+    wait_js_setup(&js);
+    assert!(js.delete_stream("CAF_RESULTS").unwrap());
+    let pad = "x".repeat(900_000);
+    let items: Vec<Value> = (0..100)
+        .map(|i| assignment(&format!("big-{i}"), "debug.echo", json!({ "pad": pad })))
+        .collect();
+    js_publish(&js, &items);
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut seen = HashSet::new();
+    let out_before_a_repeat = loop {
+        assert!(
+            Instant::now() < until,
+            "{} results out after 60 s",
+            seen.len()
+        );
+        let Ok(m) = results.receiver().recv_timeout(Duration::from_millis(100)) else {
+            continue;
+        };
+        let id = body(&m)["assignment_id"].as_str().unwrap_or("").to_owned();
+        if !seen.insert(id) || seen.len() == items.len() {
+            break seen.len();
+        }
+    };
+    eprintln!("{out_before_a_repeat} distinct results out before the first was sent again");
+    assert!(
+        (40..=76).contains(&out_before_a_repeat),
+        "{out_before_a_repeat} results of ~0.9 MB were out before a PubAck time-out"
+    );
+    js.add_stream(&StreamConfig {
+        name: "CAF_RESULTS".into(),
+        subjects: vec![RESULTS.into()],
+        retention: Retention::Limits,
+        storage_file: true,
+        duplicate_window: Duration::from_secs(120),
+    })
+    .unwrap();
+    wait_stream(&js, "CAF_RESULTS", 100, Duration::from_secs(60));
+    drop(w);
 }
 
 #[test]

@@ -11,8 +11,9 @@ use crate::transport::nats::{
     self, ConsumerConfig, JetStream, Message, PullItem, Retention, StreamConfig,
 };
 use serde_json::Value;
-use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Most messages asked for in one pull request.
@@ -27,19 +28,90 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Timeout of JetStream API requests.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Serialized bytes of the results waiting for their PubAck before the
+/// publisher pauses. A stream that takes results but does not answer
+/// (no responders, a full or stalled stream) leaves each one waiting for
+/// [`PUBACK_TIMEOUT`]; without this bound the waiting results were bounded
+/// only by the messages in hand (10,000 of up to `WORKER_MAX_RESPONSE_BYTES`
+/// each). Paused, new results wait in the bounded buffer instead.
+pub const PUBACK_WAIT_BYTES: usize = 64 << 20;
+
 /// A result publish waiting for its PubAck.
 #[derive(Debug)]
-pub(super) struct PubWait {
+struct PubWait {
     out: Outgoing,
     sent: Instant,
 }
 
-impl PubWait {
-    pub(super) fn new(out: Outgoing) -> PubWait {
-        PubWait {
+/// The result publishes waiting for their PubAck, by reply token, with the
+/// sum of their serialized sizes kept beside them (read without the lock
+/// by the publisher, which pauses at [`PUBACK_WAIT_BYTES`]).
+#[derive(Debug, Default)]
+pub(super) struct PubWaits {
+    waits: Mutex<HashMap<u64, PubWait>>,
+    bytes: AtomicUsize,
+}
+
+impl PubWaits {
+    fn waits(&self) -> MutexGuard<'_, HashMap<u64, PubWait>> {
+        self.waits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts waiting for the PubAck of `out`, published with `token`.
+    pub(super) fn insert(&self, token: u64, out: Outgoing) {
+        let mut waits = self.waits();
+        self.bytes.fetch_add(out.size, Ordering::AcqRel);
+        let wait = PubWait {
             out,
             sent: Instant::now(),
+        };
+        if let Some(old) = waits.insert(token, wait) {
+            self.bytes.fetch_sub(old.out.size, Ordering::AcqRel);
         }
+    }
+
+    /// Stops waiting for `token`'s PubAck (it came, or the publish failed).
+    pub(super) fn remove(&self, token: u64) -> Option<Outgoing> {
+        let wait = self.waits().remove(&token)?;
+        self.bytes.fetch_sub(wait.out.size, Ordering::AcqRel);
+        Some(wait.out)
+    }
+
+    /// The assignment whose result waits for `token`'s PubAck.
+    fn assignment_id(&self, token: u64) -> Option<String> {
+        let waits = self.waits();
+        waits
+            .get(&token)
+            .map(|w| w.out.result.assignment_id.clone())
+    }
+
+    /// Takes the waits older than [`PUBACK_TIMEOUT`] (every wait if `all`),
+    /// oldest publish first.
+    fn take_due(&self, all: bool) -> Vec<Outgoing> {
+        let mut waits = self.waits();
+        let mut due: Vec<u64> = waits
+            .iter()
+            .filter(|(_, w)| all || w.sent.elapsed() >= PUBACK_TIMEOUT)
+            .map(|(t, _)| *t)
+            .collect();
+        due.sort_unstable();
+        let out: Vec<Outgoing> = due
+            .iter()
+            .filter_map(|t| waits.remove(t))
+            .map(|w| w.out)
+            .collect();
+        let bytes: usize = out.iter().map(|o| o.size).sum();
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        out
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.waits().is_empty()
+    }
+
+    /// At least [`PUBACK_WAIT_BYTES`] wait: the publisher pauses.
+    pub(super) fn full(&self) -> bool {
+        self.bytes.load(Ordering::Acquire) >= PUBACK_WAIT_BYTES
     }
 }
 
@@ -359,12 +431,11 @@ impl Shared {
             let body: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
             let good =
                 status.is_none() && body.get("stream").is_some() && body.get("error").is_none();
-            let mut pubacks = self.pubacks.lock().unwrap_or_else(|p| p.into_inner());
             if !good {
                 // Left waiting: the time-out publishes it again.
-                if let Some(w) = pubacks.get(&token) {
+                if let Some(id) = self.pubacks.assignment_id(token) {
                     log::warn!(
-                        assignment_id = w.out.result.assignment_id.as_str(),
+                        assignment_id = id.as_str(),
                         status = status;
                         "result not stored by JetStream ({}); publishing it again later",
                         body.get("error").map_or_else(|| "no PubAck".to_owned(), |e| e.to_string())
@@ -372,13 +443,15 @@ impl Shared {
                 }
                 continue;
             }
-            let Some(wait) = pubacks.remove(&token) else {
+            let Some(out) = self.pubacks.remove(token) else {
                 continue;
             };
-            drop(pubacks);
+            if !self.pubacks.full() {
+                self.outbox.ready.notify_one(); // The publisher may be paused.
+            }
             let held = self
                 .hand()
-                .remove(&wait.out.result.assignment_id)
+                .remove(&out.result.assignment_id)
                 .and_then(|e| e.js);
             if let Some(js) = held {
                 self.js_ack(&js.msg, JsAckKind::Ack);
@@ -389,20 +462,7 @@ impl Shared {
 
     /// Publishes again results whose PubAck did not come (all of them after a reconnect).
     pub(super) fn retry_pubacks(&self, all: bool) {
-        let again: Vec<Outgoing> = {
-            let mut pubacks = self.pubacks.lock().unwrap_or_else(|p| p.into_inner());
-            let due: Vec<u64> = pubacks
-                .iter()
-                .filter(|(_, w)| all || w.sent.elapsed() >= PUBACK_TIMEOUT)
-                .map(|(t, _)| *t)
-                .collect();
-            let mut out: Vec<(u64, Outgoing)> = due
-                .into_iter()
-                .filter_map(|t| pubacks.remove(&t).map(|w| (t, w.out)))
-                .collect();
-            out.sort_by_key(|(t, _)| *t);
-            out.into_iter().map(|(_, o)| o).collect()
-        };
+        let again = self.pubacks.take_due(all);
         if !again.is_empty() {
             log::debug!(results = again.len(); "publishing results again (no PubAck yet)");
             self.requeue_front(again);

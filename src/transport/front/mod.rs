@@ -141,7 +141,7 @@ pub(crate) struct Shared {
     approvals_ready: AtomicBool,
     started: Instant,
     /// JetStream publishes waiting for their PubAck, by reply token.
-    pubacks: Mutex<HashMap<u64, jetstream::PubWait>>,
+    pubacks: jetstream::PubWaits,
     next_token: AtomicU64,
     /// Reply prefix of PubAcks (`<inbox>.`).
     puback_prefix: String,
@@ -207,7 +207,7 @@ impl Front {
             intake_ready: AtomicBool::new(false),
             approvals_ready: AtomicBool::new(false),
             started: Instant::now(),
-            pubacks: Mutex::new(HashMap::new()),
+            pubacks: jetstream::PubWaits::default(),
             next_token: AtomicU64::new(1),
             puback_prefix,
             pool_mix: Mutex::new([0; 3]),
@@ -398,13 +398,7 @@ impl Shared {
 
     /// Nothing left to publish or acknowledge.
     fn settled(&self) -> bool {
-        self.outbox_len() == 0
-            && self.hand().is_empty()
-            && self
-                .pubacks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_empty()
+        self.outbox_len() == 0 && self.hand().is_empty() && self.pubacks.is_empty()
     }
 
     /// A result from the engine: ours if the assignment came from NATS.
@@ -523,7 +517,8 @@ impl Shared {
         loop {
             {
                 let mut items = self.outbox.items.lock().unwrap_or_else(|p| p.into_inner());
-                while (items.is_empty() || !self.client.is_connected())
+                // Paused too while too many bytes wait for PubAcks (JetStream).
+                while (items.is_empty() || !self.client.is_connected() || self.pubacks.full())
                     && !self.stop.load(Ordering::Acquire)
                 {
                     items = self
@@ -547,7 +542,8 @@ impl Shared {
             }
             let mut sent = 0;
             for out in &batch {
-                if self.publish_result(out).is_err() {
+                let paused = self.pubacks.full() && !self.stop.load(Ordering::Acquire);
+                if paused || self.publish_result(out).is_err() {
                     break;
                 }
                 sent += 1;
@@ -585,18 +581,12 @@ impl Shared {
             NatsMode::JetStream => {
                 let token = self.next_token.fetch_add(1, Ordering::Relaxed);
                 let reply = format!("{}{token}", self.puback_prefix);
-                self.pubacks
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(token, jetstream::PubWait::new(out.clone()));
+                self.pubacks.insert(token, out.clone());
                 let sent =
                     self.client
                         .publish_with_headers(subject, Some(&reply), &h, payload.as_bytes());
                 if sent.is_err() {
-                    self.pubacks
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&token);
+                    self.pubacks.remove(token);
                 }
                 sent
             }
