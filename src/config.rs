@@ -91,6 +91,7 @@ keys! {
     "nats_consumer", "WORKER_NATS_CONSUMER", Some("caf-workers"), "durable pull consumer shared by all workers";
     "nats_ack_wait_ms", "WORKER_NATS_ACK_WAIT_MS", Some("30000"), "consumer ack_wait when the worker creates it";
     "nats_max_deliver", "WORKER_NATS_MAX_DELIVER", Some("5"), "consumer max_deliver when the worker creates it";
+    "nats_puback_timeout_ms", "WORKER_NATS_PUBACK_TIMEOUT_MS", Some("2000"), "JetStream: a result with no PubAck after this long is published again";
     "nats_ca_file", "WORKER_NATS_CA_FILE", None, "extra root certificate (PEM) for tls:// NATS servers";
     "heartbeat_interval_ms", "WORKER_HEARTBEAT_INTERVAL_MS", Some("5000"), "NATS heartbeat period";
 }
@@ -288,6 +289,9 @@ pub struct NatsSettings {
     pub ack_wait: Duration,
     /// Consumer `max_deliver` when the worker creates it.
     pub max_deliver: i64,
+    /// A result publish with no PubAck after this long is sent again (same
+    /// `Nats-Msg-Id`: the stream drops the copy if the first one landed).
+    pub puback_timeout: Duration,
     /// Extra PEM root for TLS.
     pub ca_file: Option<PathBuf>,
 }
@@ -795,6 +799,7 @@ impl Reader {
             consumer: self.js_name("nats_consumer")?,
             ack_wait: self.millis("nats_ack_wait_ms", 3_600_000)?,
             max_deliver: self.int("nats_max_deliver", 1, 10_000)? as i64,
+            puback_timeout: self.millis("nats_puback_timeout_ms", 600_000)?,
             ca_file: self.optional("nats_ca_file").map(PathBuf::from),
         }))
     }
@@ -1087,8 +1092,8 @@ mod tests {
             ("CAF_ASSIGN", "CAF_RESULTS")
         );
         assert_eq!(
-            (n.ack_wait, n.max_deliver),
-            (Duration::from_millis(30_000), 5)
+            (n.ack_wait, n.max_deliver, n.puback_timeout),
+            (Duration::from_millis(30_000), 5, Duration::from_secs(2))
         );
         let text = s.effective_json().to_string();
         assert!(!text.contains("pw") && !text.contains("tok@"), "{text}");
@@ -1101,6 +1106,8 @@ mod tests {
             ("WORKER_NATS_STREAM", "A.B"),
             ("WORKER_NATS_ACK_WAIT_MS", "0"),
             ("WORKER_NATS_MAX_DELIVER", "0"),
+            ("WORKER_NATS_PUBACK_TIMEOUT_MS", "0"),
+            ("WORKER_NATS_PUBACK_TIMEOUT_MS", "600001"),
             ("WORKER_HEARTBEAT_INTERVAL_MS", "x"),
         ] {
             let mut pairs = vec![("WORKER_NATS_URL", "nats://127.0.0.1:4222")];

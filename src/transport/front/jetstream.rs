@@ -20,9 +20,6 @@ use std::time::{Duration, Instant};
 const MAX_BATCH: usize = 256;
 /// How long one pull request waits on the server for messages.
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
-/// A result publish with no PubAck after this long is sent again (same
-/// `Nats-Msg-Id`: the stream drops the copy if the first one landed).
-const PUBACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Duplicate window of the result stream when the worker creates it (≥ 2 min).
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Timeout of JetStream API requests.
@@ -31,7 +28,7 @@ const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// Serialized bytes of the results waiting for their PubAck before the
 /// publisher pauses. A stream that takes results but does not answer
 /// (no responders, a full or stalled stream) leaves each one waiting for
-/// [`PUBACK_TIMEOUT`]; without this bound the waiting results were bounded
+/// `WORKER_NATS_PUBACK_TIMEOUT_MS`; without this bound the waiting results were bounded
 /// only by the messages in hand (10,000 of up to `WORKER_MAX_RESPONSE_BYTES`
 /// each). Paused, new results wait in the bounded buffer instead.
 pub const PUBACK_WAIT_BYTES: usize = 64 << 20;
@@ -41,6 +38,11 @@ pub const PUBACK_WAIT_BYTES: usize = 64 << 20;
 struct PubWait {
     out: Outgoing,
     sent: Instant,
+    /// Counted against [`PUBACK_WAIT_BYTES`]: no answer came yet. An error
+    /// PubAck (say, the result is over the stream's message size) leaves
+    /// the result waiting for its time-out, but no longer counted, so such
+    /// results cannot stop the ones behind them.
+    counted: bool,
 }
 
 /// The result publishes waiting for their PubAck, by reply token, with the
@@ -57,6 +59,12 @@ impl PubWaits {
         self.waits.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn uncount(&self, wait: &PubWait) {
+        if wait.counted {
+            self.bytes.fetch_sub(wait.out.size, Ordering::AcqRel);
+        }
+    }
+
     /// Starts waiting for the PubAck of `out`, published with `token`.
     pub(super) fn insert(&self, token: u64, out: Outgoing) {
         let mut waits = self.waits();
@@ -64,44 +72,47 @@ impl PubWaits {
         let wait = PubWait {
             out,
             sent: Instant::now(),
+            counted: true,
         };
         if let Some(old) = waits.insert(token, wait) {
-            self.bytes.fetch_sub(old.out.size, Ordering::AcqRel);
+            self.uncount(&old);
         }
     }
 
     /// Stops waiting for `token`'s PubAck (it came, or the publish failed).
     pub(super) fn remove(&self, token: u64) -> Option<Outgoing> {
         let wait = self.waits().remove(&token)?;
-        self.bytes.fetch_sub(wait.out.size, Ordering::AcqRel);
+        self.uncount(&wait);
         Some(wait.out)
     }
 
-    /// The assignment whose result waits for `token`'s PubAck.
-    fn assignment_id(&self, token: u64) -> Option<String> {
-        let waits = self.waits();
-        waits
-            .get(&token)
-            .map(|w| w.out.result.assignment_id.clone())
+    /// An error PubAck for `token`: the result stays for its time-out but
+    /// stops counting. Returns its assignment id (`None`: not waiting).
+    fn refused(&self, token: u64) -> Option<String> {
+        let mut waits = self.waits();
+        let wait = waits.get_mut(&token)?;
+        if wait.counted {
+            wait.counted = false;
+            self.bytes.fetch_sub(wait.out.size, Ordering::AcqRel);
+        }
+        Some(wait.out.result.assignment_id.clone())
     }
 
-    /// Takes the waits older than [`PUBACK_TIMEOUT`] (every wait if `all`),
-    /// oldest publish first.
-    fn take_due(&self, all: bool) -> Vec<Outgoing> {
+    /// Takes the waits older than `timeout` (every wait if `all`), oldest
+    /// publish first.
+    fn take_due(&self, all: bool, timeout: Duration) -> Vec<Outgoing> {
         let mut waits = self.waits();
         let mut due: Vec<u64> = waits
             .iter()
-            .filter(|(_, w)| all || w.sent.elapsed() >= PUBACK_TIMEOUT)
+            .filter(|(_, w)| all || w.sent.elapsed() >= timeout)
             .map(|(t, _)| *t)
             .collect();
         due.sort_unstable();
-        let out: Vec<Outgoing> = due
-            .iter()
-            .filter_map(|t| waits.remove(t))
-            .map(|w| w.out)
-            .collect();
-        let bytes: usize = out.iter().map(|o| o.size).sum();
-        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        let mut out = Vec::with_capacity(due.len());
+        for wait in due.iter().filter_map(|t| waits.remove(t)) {
+            self.uncount(&wait);
+            out.push(wait.out);
+        }
         out
     }
 
@@ -433,7 +444,8 @@ impl Shared {
                 status.is_none() && body.get("stream").is_some() && body.get("error").is_none();
             if !good {
                 // Left waiting: the time-out publishes it again.
-                if let Some(id) = self.pubacks.assignment_id(token) {
+                if let Some(id) = self.pubacks.refused(token) {
+                    self.outbox.ready.notify_one(); // The publisher may be paused.
                     log::warn!(
                         assignment_id = id.as_str(),
                         status = status;
@@ -462,7 +474,7 @@ impl Shared {
 
     /// Publishes again results whose PubAck did not come (all of them after a reconnect).
     pub(super) fn retry_pubacks(&self, all: bool) {
-        let again = self.pubacks.take_due(all);
+        let again = self.pubacks.take_due(all, self.nats.puback_timeout);
         if !again.is_empty() {
             log::debug!(results = again.len(); "publishing results again (no PubAck yet)");
             self.requeue_front(again);
@@ -541,4 +553,52 @@ pub fn ensure_streams(
         &mut warned,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::ExecResult;
+    use std::sync::Arc;
+
+    /// A result whose serialized size is about `pad` bytes.
+    fn outgoing(id: &str, pad: usize) -> Outgoing {
+        let r: ExecResult = serde_json::from_value(serde_json::json!({
+            "version": "1", "assignment_id": id, "request_id": "r", "tenant_id": "t",
+            "provider_id": "caf-worker", "job": {"type": "debug.echo"}, "status": "success",
+            "latency_ms": 0, "queue_ms": 0, "cost": 0.0, "timestamp": 0, "attempts": 1,
+            "retries_used": 0, "worker_id": "w", "outputs": {"pad": "x".repeat(pad)}
+        }))
+        .unwrap();
+        Outgoing::new(Arc::new(r), None, None)
+    }
+
+    /// The waiting bytes follow every way out of the map, and an error
+    /// PubAck stops counting its result (once) without dropping it.
+    #[test]
+    fn waiting_bytes_are_counted_once_and_error_pubacks_stop_counting() {
+        let waits = PubWaits::default();
+        let big = PUBACK_WAIT_BYTES / 2;
+        waits.insert(1, outgoing("a", big));
+        assert!(!waits.full());
+        waits.insert(2, outgoing("b", big));
+        assert!(waits.full());
+        assert_eq!(waits.refused(2).as_deref(), Some("b"));
+        assert_eq!(waits.refused(2).as_deref(), Some("b"));
+        assert!(!waits.full(), "an error PubAck still counts");
+        waits.insert(3, outgoing("c", 10));
+        assert_eq!(
+            waits.remove(1).map(|o| o.result.assignment_id.clone()),
+            Some("a".into())
+        );
+        let due = waits.take_due(true, Duration::from_secs(60));
+        let ids: Vec<&str> = due
+            .iter()
+            .map(|o| o.result.assignment_id.as_str())
+            .collect();
+        assert_eq!(ids, ["b", "c"]);
+        assert!(waits.is_empty());
+        assert_eq!(waits.bytes.load(Ordering::Acquire), 0);
+        assert!(waits.take_due(false, Duration::ZERO).is_empty());
+    }
 }
