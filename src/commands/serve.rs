@@ -28,6 +28,9 @@ pub struct Interrupts {
     pub drain: Arc<AtomicBool>,
     /// Set by the second signal.
     pub stop_now: Arc<AtomicBool>,
+    /// The thread that installed the handlers: unparked at each signal, so
+    /// it can wait in [`Interrupts::wait_for_drain`] without polling.
+    waiter: std::thread::Thread,
 }
 
 impl Interrupts {
@@ -39,6 +42,7 @@ impl Interrupts {
         let me = Interrupts {
             drain: Arc::new(AtomicBool::new(false)),
             stop_now: Arc::new(AtomicBool::new(false)),
+            waiter: std::thread::current(),
         };
         let flags = me.clone();
         std::thread::Builder::new()
@@ -47,6 +51,7 @@ impl Interrupts {
             .spawn(move || {
                 for _ in signals.forever() {
                     if !flags.drain.swap(true, Ordering::AcqRel) {
+                        flags.waiter.unpark();
                         continue;
                     }
                     if flags.stop_now.swap(true, Ordering::AcqRel) {
@@ -56,6 +61,15 @@ impl Interrupts {
                 }
             })?;
         Ok(me)
+    }
+
+    /// Blocks the installing thread until the first signal. (Parked, not
+    /// polling: an idle worker should not wake for nothing; the timeout
+    /// only covers a wake-up lost to another use of this thread's park.)
+    pub fn wait_for_drain(&self) {
+        while !self.drain.load(Ordering::Acquire) {
+            std::thread::park_timeout(Duration::from_secs(1));
+        }
     }
 
     /// Logs the one line of the first signal: what drains, for how long,
@@ -209,9 +223,7 @@ pub fn serve(settings: Settings) -> i32 {
         "caf-worker {} listening", env!("CARGO_PKG_VERSION")
     );
 
-    while !interrupts.drain.load(Ordering::Acquire) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    interrupts.wait_for_drain();
     // Stop intake first: /readyz then reports "draining", never "starting".
     // NATS first of all: JetStream hands unstarted steps back before the
     // pools could start them.

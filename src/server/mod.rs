@@ -198,9 +198,16 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
+/// How long an idle handler thread sleeps before it looks at `stop` again.
+/// `HttpPort::stop` wakes every handler at once (`Server::unblock`), so this
+/// is only a safety net; a short one woke each idle handler thread five
+/// times a second (90 wake-ups a second in an idle worker, each of which
+/// can preempt the busy poller on a 2-core host).
+const IDLE_RECHECK: Duration = Duration::from_secs(5);
+
 fn serve_loop(server: &Server, stop: &AtomicBool, handler: &Arc<dyn Handler>) {
     while !stop.load(Ordering::Acquire) {
-        match server.recv_timeout(Duration::from_millis(200)) {
+        match server.recv_timeout(IDLE_RECHECK) {
             Ok(Some(request)) => serve(handler.as_ref(), request),
             Ok(None) => {}
             Err(e) => {
