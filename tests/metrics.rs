@@ -4,7 +4,7 @@ mod support;
 
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use support::{Worker, http};
 
 type Sample = (String, BTreeMap<String, String>, f64);
@@ -537,8 +537,21 @@ fn upstream_status_classes_and_fractional_process_cpu_are_scraped() {
         1.0
     );
     // The crate's own collector truncated this to whole seconds (0 for a
-    // fresh worker); ours reads clock ticks.
-    let cpu = value(&samples, "process_cpu_seconds_total", &[]);
+    // fresh worker); ours reads clock ticks. An idle worker may not have
+    // used one tick (10 ms) yet: give it work until it has.
+    let mut cpu = value(&samples, "process_cpu_seconds_total", &[]);
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    while cpu == 0.0 && Instant::now() < until {
+        for _ in 0..20 {
+            n += 1;
+            execute(
+                &w,
+                &step(&format!("cpu-{n}"), "debug.echo", json!({"n": n})),
+            );
+        }
+        cpu = value(&parse(&scrape(&w)), "process_cpu_seconds_total", &[]);
+    }
     assert!(
         cpu > 0.0 && cpu.fract() != 0.0,
         "process_cpu_seconds_total = {cpu}"

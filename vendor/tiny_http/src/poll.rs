@@ -100,6 +100,8 @@ const SEND_BUFFER: usize = 256 * 1024;
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
 /// Deadline checks run this often.
 const TICK: Duration = Duration::from_millis(100);
+/// The longest a poller with no open connection sleeps between turns.
+const IDLE_WAIT: Duration = Duration::from_secs(5);
 
 /// An answer collected by a handler, on its way back to the poller.
 struct Reply {
@@ -658,7 +660,16 @@ impl Poller {
         let mut last_sweep = Instant::now();
         let mut backlog = false;
         while !self.close.load(Ordering::Acquire) {
-            let wait = if backlog { Duration::ZERO } else { TICK };
+            // No connection, no deadline to keep: an idle port sleeps until
+            // a client, a reply or the close wakes it (IDLE_WAIT is a
+            // safety net), instead of waking ten times a second.
+            let wait = if backlog {
+                Duration::ZERO
+            } else if self.open == 0 && self.accept_retry.is_none() {
+                IDLE_WAIT
+            } else {
+                TICK
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() != ErrorKind::Interrupted {
                     log::warn!("poll failed: {}", e);
