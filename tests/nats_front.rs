@@ -808,6 +808,11 @@ fn jetstream_results_waiting_for_a_puback_are_bounded_in_bytes() {
         "{ran} ran, {} distinct results of ~0.9 MB went out with no PubAck",
         seen.len()
     );
+    let logs = w.stderr.lock().unwrap().clone();
+    let paused = logs
+        .iter()
+        .any(|l| l.contains("JetStream PubAck: publishing paused") && l.contains("WARN"));
+    assert!(paused || ran < 70, "the pause was not logged: {logs:?}");
     js.add_stream(&StreamConfig {
         name: "CAF_RESULTS".into(),
         subjects: vec![RESULTS.into()],

@@ -514,6 +514,8 @@ impl Shared {
     fn publish_loop(&self) {
         const BATCH: usize = 256;
         let mut batch = Vec::with_capacity(BATCH);
+        // Pauses at the PubAck byte bound: this one logged, and how many so far.
+        let (mut pause_logged, mut pauses) = (false, 0u64);
         loop {
             {
                 let mut items = self.outbox.items.lock().unwrap_or_else(|p| p.into_inner());
@@ -521,6 +523,18 @@ impl Shared {
                 while (items.is_empty() || !self.client.is_connected() || self.pubacks.full())
                     && !self.stop.load(Ordering::Acquire)
                 {
+                    if !pause_logged && self.pubacks.full() {
+                        pause_logged = true;
+                        pauses += 1;
+                        if pauses.is_power_of_two() {
+                            log::warn!(
+                                pauses_total = pauses,
+                                buffered = items.len();
+                                "{} MiB of results wait for their JetStream PubAck: publishing paused until PubAcks or their time-out (WORKER_NATS_PUBACK_TIMEOUT_MS) free room",
+                                jetstream::PUBACK_WAIT_BYTES >> 20
+                            );
+                        }
+                    }
                     items = self
                         .outbox
                         .ready
@@ -534,6 +548,7 @@ impl Shared {
                 if self.stop.load(Ordering::Acquire) && !self.client.is_connected() {
                     return;
                 }
+                pause_logged = false;
                 let n = items.len().min(BATCH);
                 batch.extend(items.drain(..n));
                 let sent: usize = batch.iter().map(|o| o.size).sum();
