@@ -182,10 +182,10 @@ fn wakeups(pid: u32) -> u64 {
 }
 
 /// An idle worker sleeps (SPEC §12.18, fifth pass): its threads wait for
-/// work, a client or a signal instead of polling. About one wake-up a
-/// second; polling handler threads, main thread and port pollers made
-/// ~150. (Voluntary switches only: they do not grow with the machine's
-/// load, preemptions do.)
+/// work, a client or a signal instead of polling; their safety-net
+/// timeouts come once a minute. Polling handler threads, main thread and
+/// port pollers made ~150 wake-ups a second. (Voluntary switches only: they
+/// do not grow with the machine's load, preemptions do.)
 #[test]
 fn an_idle_worker_does_not_poll() {
     let w = Worker::start(&[]);

@@ -63,12 +63,14 @@ impl Interrupts {
         Ok(me)
     }
 
-    /// Blocks the installing thread until the first signal. (Parked, not
-    /// polling: an idle worker should not wake for nothing; the timeout
-    /// only covers a wake-up lost to another use of this thread's park.)
+    /// Blocks the installing thread until the first signal (parked, not
+    /// polling: an idle worker should not wake for nothing). The signal
+    /// thread sets the flag before it unparks, so no wake-up is lost; a
+    /// spurious one only re-checks the flag.
     pub fn wait_for_drain(&self) {
+        debug_assert_eq!(std::thread::current().id(), self.waiter.id());
         while !self.drain.load(Ordering::Acquire) {
-            std::thread::park_timeout(Duration::from_secs(1));
+            std::thread::park();
         }
     }
 

@@ -199,11 +199,12 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// How long an idle handler thread sleeps before it looks at `stop` again.
-/// `HttpPort::stop` wakes every handler at once (`Server::unblock`), so this
+/// `HttpPort::stop` wakes every handler at once (`Server::unblock`; each
+/// thread takes at most one marker and markers wait in the queue), so this
 /// is only a safety net; a short one woke each idle handler thread five
 /// times a second (90 wake-ups a second in an idle worker, each of which
 /// can preempt the busy poller on a 2-core host).
-const IDLE_RECHECK: Duration = Duration::from_secs(5);
+const IDLE_RECHECK: Duration = Duration::from_secs(60);
 
 fn serve_loop(server: &Server, stop: &AtomicBool, handler: &Arc<dyn Handler>) {
     while !stop.load(Ordering::Acquire) {

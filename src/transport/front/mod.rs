@@ -52,6 +52,8 @@ const KEEP_JSON_UP_TO: usize = 16 * 1024;
 const FINISH_LIMIT: Duration = Duration::from_secs(5);
 /// Assignments the pool mix remembers (halved beyond it).
 const POOL_MIX_WINDOW: u32 = 256;
+/// At most one WARN about publisher pauses this often (it counts the rest).
+const PAUSE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Poll slice of the front's threads (how fast they see a stop).
 const SLICE: Duration = Duration::from_millis(50);
 
@@ -514,8 +516,9 @@ impl Shared {
     fn publish_loop(&self) {
         const BATCH: usize = 256;
         let mut batch = Vec::with_capacity(BATCH);
-        // Pauses at the PubAck byte bound: this one logged, and how many so far.
-        let (mut pause_logged, mut pauses) = (false, 0u64);
+        // Pauses at the PubAck byte bound (results waiting, connected): this
+        // one counted, how many since the last WARN, and when that was.
+        let (mut pause_counted, mut pauses, mut logged_at) = (false, 0u64, None::<Instant>);
         loop {
             {
                 let mut items = self.outbox.items.lock().unwrap_or_else(|p| p.into_inner());
@@ -523,16 +526,23 @@ impl Shared {
                 while (items.is_empty() || !self.client.is_connected() || self.pubacks.full())
                     && !self.stop.load(Ordering::Acquire)
                 {
-                    if !pause_logged && self.pubacks.full() {
-                        pause_logged = true;
+                    let pausing =
+                        self.pubacks.full() && !items.is_empty() && self.client.is_connected();
+                    if pausing && !pause_counted {
+                        pause_counted = true;
                         pauses += 1;
-                        if pauses.is_power_of_two() {
+                        if logged_at.is_none_or(|t| t.elapsed() >= PAUSE_LOG_EVERY) {
+                            logged_at = Some(Instant::now());
+                            let buffered = items.len();
+                            drop(items); // Not held while stderr is written.
                             log::warn!(
-                                pauses_total = pauses,
-                                buffered = items.len();
+                                pauses = std::mem::take(&mut pauses),
+                                buffered = buffered;
                                 "{} MiB of results wait for their JetStream PubAck: publishing paused until PubAcks or their time-out (WORKER_NATS_PUBACK_TIMEOUT_MS) free room",
                                 jetstream::PUBACK_WAIT_BYTES >> 20
                             );
+                            items = self.outbox.items.lock().unwrap_or_else(|p| p.into_inner());
+                            continue;
                         }
                     }
                     items = self
@@ -548,7 +558,7 @@ impl Shared {
                 if self.stop.load(Ordering::Acquire) && !self.client.is_connected() {
                     return;
                 }
-                pause_logged = false;
+                pause_counted = false;
                 let n = items.len().min(BATCH);
                 batch.extend(items.drain(..n));
                 let sent: usize = batch.iter().map(|o| o.size).sum();

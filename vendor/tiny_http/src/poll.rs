@@ -100,8 +100,9 @@ const SEND_BUFFER: usize = 256 * 1024;
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
 /// Deadline checks run this often.
 const TICK: Duration = Duration::from_millis(100);
-/// The longest a poller with no open connection sleeps between turns.
-const IDLE_WAIT: Duration = Duration::from_secs(5);
+/// The longest a poller with no open connection sleeps between turns (a
+/// safety net: a client, a reply or the close wakes it).
+const IDLE_WAIT: Duration = Duration::from_secs(60);
 
 /// An answer collected by a handler, on its way back to the poller.
 struct Reply {
