@@ -26,11 +26,12 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serialized bytes of the results waiting for their PubAck before the
-/// publisher pauses. A stream that takes results but does not answer
-/// (no responders, a full or stalled stream) leaves each one waiting for
-/// `WORKER_NATS_PUBACK_TIMEOUT_MS`; without this bound the waiting results were bounded
-/// only by the messages in hand (10,000 of up to `WORKER_MAX_RESPONSE_BYTES`
-/// each). Paused, new results wait in the bounded buffer instead.
+/// publisher pauses. A stream that takes results but does not answer (no
+/// responders, a stalled stream) leaves each one waiting for
+/// `WORKER_NATS_PUBACK_TIMEOUT_MS`; without this bound the waiting results
+/// were bounded only by the messages in hand (10,000 of up to
+/// `WORKER_MAX_RESPONSE_BYTES` each). Paused, new results wait in the
+/// bounded buffer instead.
 pub const PUBACK_WAIT_BYTES: usize = 64 << 20;
 
 /// A result publish waiting for its PubAck.

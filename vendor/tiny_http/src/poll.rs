@@ -791,8 +791,9 @@ impl Poller {
     /// else uses the reserve. False when neither is possible.
     ///
     /// The candidate is read once before it is judged: a connection accepted
-    /// in the same burst may already hold a whole head in its socket that no
-    /// poll turn has read yet, and it is busy, not idle. Each extra read
+    /// before its client wrote may since hold a whole head in its socket
+    /// that no poll turn has read (its readiness is queued behind the
+    /// listener's), and it is busy, not idle. Each extra read
     /// either ends in the candidate's eviction or moves it out of the head
     /// phase on bytes its client sent, so the loop is bounded by the port's
     /// connections and a trickler cannot turn one accept into many reads.
