@@ -443,10 +443,18 @@ impl Shared {
             let body: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
             let good =
                 status.is_none() && body.get("stream").is_some() && body.get("error").is_none();
+            // Only a PubAck that ends a pause wakes the publisher (which
+            // otherwise sleeps on the same condvar waiting for results).
+            let was_full = self.pubacks.full();
+            let resume = |s: &Self| {
+                if was_full && !s.pubacks.full() {
+                    s.outbox.ready.notify_one();
+                }
+            };
             if !good {
                 // Left waiting: the time-out publishes it again.
                 if let Some(id) = self.pubacks.refused(token) {
-                    self.outbox.ready.notify_one(); // The publisher may be paused.
+                    resume(self);
                     log::warn!(
                         assignment_id = id.as_str(),
                         status = status;
@@ -459,9 +467,7 @@ impl Shared {
             let Some(out) = self.pubacks.remove(token) else {
                 continue;
             };
-            if !self.pubacks.full() {
-                self.outbox.ready.notify_one(); // The publisher may be paused.
-            }
+            resume(self);
             let held = self
                 .hand()
                 .remove(&out.result.assignment_id)
