@@ -1,6 +1,6 @@
-//! `http.request` (SPEC §4.1, §12.13): one ureq agent per pool thread
-//! (SPEC §12.15), per-attempt timeouts, typed timeout phases, bounded
-//! response bodies.
+//! `http.request` (SPEC §4.1, §12.13): ureq's HTTP/1.1 engine with one
+//! connection pool per pool thread (SPEC §12.15), per-attempt timeouts,
+//! typed timeout phases, bounded response bodies.
 //!
 //! Hostile payloads and upstreams (issue 12):
 //! - redirects are followed here, one hop at a time, so the egress policy
@@ -13,9 +13,12 @@
 //!   of the response arrived (the upstream closed it while it sat idle) is
 //!   sent once more on a fresh connection inside the same attempt.
 //!
-//! Connections are made by ureq's connector chain with our own TCP
-//! transport (`http/tcp.rs`, SPEC §12.15: fewer system calls per pooled request).
+//! Each exchange runs in `http/call.rs` (ureq's protocol engine, without
+//! the agent's per-call layers); connections are made by ureq's connector
+//! chain with our own TCP transport (`http/tcp.rs`, SPEC §12.15: fewer
+//! system calls per pooled request).
 
+mod call;
 mod tcp;
 
 use super::egress::{EgressDenied, EgressPolicy, parse_ipv4_loose};
@@ -24,19 +27,16 @@ use super::{AttemptContext, BlockError, BlockSettings, TimeoutPhase};
 use crate::contract::{ErrorCode, is_secret_key};
 use base64::Engine as _;
 use serde_json::{Map, Value};
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use ureq::config::{Config, IpFamily};
 use ureq::http::{self, HeaderMap, Method, Uri};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{
-    Buffers, ConnectProxyConnector, ConnectionDetails, Connector, NextTimeout, RustlsConnector,
-    Transport,
+    ConnectProxyConnector, ConnectionDetails, Connector, NextTimeout, RustlsConnector, Transport,
 };
 
 const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
@@ -60,14 +60,12 @@ const REFUSED_HEADERS: &[&str] = &[
     "upgrade",
 ];
 
-/// The HTTP block. Each pool thread has its own agent and connection pool.
+/// The HTTP block. Each pool thread has its own connection pool: a shared
+/// pool's lock was taken twice per request by every io thread, and its
+/// contention was most of the futex calls of an HTTP step.
 #[derive(Debug)]
 pub struct HttpBlock {
-    /// One agent (one connection pool) per pool thread, chosen by
-    /// [`HttpBlock::agent`]: a shared agent's pool lock was taken twice per
-    /// request by every io thread, and its contention was most of the
-    /// futex calls of an HTTP step.
-    agents: Vec<ureq::Agent>,
+    client: call::Client,
     max_response_bytes: usize,
     egress: Arc<EgressPolicy>,
 }
@@ -87,71 +85,35 @@ struct Hop {
     body: Vec<u8>,
 }
 
-impl Hop {
-    fn request(&self) -> http::Request<&[u8]> {
-        let mut r = http::Request::new(self.body.as_slice());
-        *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
-        *r.headers_mut() = self.headers.clone();
-        r
-    }
-}
-
 impl HttpBlock {
     pub(super) fn new(s: &BlockSettings) -> HttpBlock {
-        // A thread runs one request at a time: its agent keeps a few idle
-        // connections per host, for the hosts it talked to last.
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            // Redirects are followed by `execute`, hop by hop.
-            .max_redirects(0)
-            .max_redirects_will_error(false)
-            .max_idle_connections(IDLE_PER_AGENT)
-            .max_idle_connections_per_host(IDLE_PER_AGENT_AND_HOST)
-            .user_agent(concat!("caf-worker/", env!("CARGO_PKG_VERSION")))
-            // No proxy from HTTP(S)_PROXY / ALL_PROXY: through one, every
-            // request would pass the egress rules as the proxy's address.
-            .proxy(None)
-            .build();
+        // What the connectors read (TLS roots, TCP_NODELAY, buffer sizes)
+        // and the response-header size limit: ureq's defaults, except
+        // no proxy from HTTP(S)_PROXY / ALL_PROXY: through one, every
+        // request would pass the egress rules as the proxy's address.
+        let config = ureq::Agent::config_builder().proxy(None).build();
         let egress = Arc::new(EgressPolicy::new(
             s.http_deny_nets.clone(),
             s.http_allow_nets.clone(),
         ));
-        let agents = (0..s.pool_threads.clamp(1, MAX_AGENTS))
-            .map(|_| {
-                // ureq's default chain (CONNECT proxy, TCP, rustls) with our
-                // TCP transport (tcp.rs: fewer system calls per pooled request).
-                let connector =
-                    ().chain(ConnectProxyConnector::default())
-                        .chain(tcp::TcpConnector)
-                        .chain(RustlsConnector::default());
-                ureq::Agent::with_parts(
-                    config.clone(),
-                    TrackingConnector(connector),
-                    CachingResolver {
-                        inner: DefaultResolver::default(),
-                        cache: Mutex::default(),
-                        egress: egress.clone(),
-                    },
-                )
-            })
-            .collect();
+        // ureq's default chain (CONNECT proxy, TCP, rustls) with our TCP
+        // transport (tcp.rs: fewer system calls per pooled request).
+        let connector =
+            ().chain(ConnectProxyConnector::default())
+                .chain(tcp::TcpConnector)
+                .chain(RustlsConnector::default());
+        let resolver = CachingResolver {
+            inner: DefaultResolver::default(),
+            cache: Mutex::default(),
+            egress: egress.clone(),
+        };
+        let client =
+            call::Client::new(config, Arc::new(Boxed(connector)), resolver, s.pool_threads);
         HttpBlock {
-            agents,
+            client,
             max_response_bytes: s.max_response_bytes,
             egress,
         }
-    }
-
-    /// This thread's agent: pool threads are numbered on their first
-    /// request and each takes its own (more threads than agents share).
-    fn agent(&self) -> &ureq::Agent {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-        }
-        let n = NUMBER.with(|n| *n);
-        &self.agents[n % self.agents.len()]
     }
 
     /// The egress policy (the serve command adds the worker's own ports).
@@ -168,17 +130,29 @@ impl HttpBlock {
             mut hop,
             follow_redirects,
         } = prepare(p)?;
-        let connect = ctx.connect_timeout;
+        let limit = self.max_response_bytes as u64;
         let mut redirects = 0;
-        let (mut response, total) = loop {
-            let total = ctx.remaining();
-            let mut response = self.send(&hop, ctx)?;
-            let status = response.status().as_u16();
-            let location = response
-                .headers()
+        let (answer, status) = loop {
+            // A redirect that will be followed has its (small) body read, so
+            // its connection goes back to the pool; any other response's body
+            // is read up to the limit.
+            let body_limit = |head: &http::response::Parts| {
+                if follow_redirects
+                    && is_redirect(head.status.as_u16())
+                    && head.headers.contains_key(http::header::LOCATION)
+                {
+                    call::BodyLimit::Cut(REDIRECT_BODY_MAX)
+                } else {
+                    call::BodyLimit::Fail(limit)
+                }
+            };
+            let answer = self.send(&hop, ctx, &body_limit)?;
+            let status = answer.head.status.as_u16();
+            let location = answer
+                .head
+                .headers
                 .get(http::header::LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+                .and_then(|v| v.to_str().ok());
             match location {
                 Some(location) if follow_redirects && is_redirect(status) => {
                     if redirects == MAX_REDIRECTS {
@@ -188,39 +162,19 @@ impl HttpBlock {
                         )
                         .permanent());
                     }
-                    // Read the (small) body so the connection goes back to the pool.
-                    let _ = response
-                        .body_mut()
-                        .with_config()
-                        .limit(REDIRECT_BODY_MAX)
-                        .read_to_vec();
-                    hop = next_hop(hop, status, &location)?;
+                    hop = next_hop(hop, status, location)?;
                     redirects += 1;
                 }
-                _ => break (response, total),
+                _ => break (answer, status),
             }
         };
-        let status = response.status().as_u16();
-        let headers = response_headers(response.headers());
-        let retry_after = response
-            .headers()
+        let call::Answer { head, body: bytes } = answer;
+        let headers = response_headers(&head.headers);
+        let retry_after = head
+            .headers
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let limit = self.max_response_bytes as u64;
-        let bytes = response
-            .body_mut()
-            .with_config()
-            .limit(limit)
-            .read_to_vec()
-            .map_err(|e| match e {
-                ureq::Error::BodyExceedsLimit(_) => BlockError::new(
-                    ErrorCode::ExecutionFailed,
-                    format!("response body exceeds WORKER_MAX_RESPONSE_BYTES ({limit} bytes)"),
-                )
-                .permanent(),
-                other => map_error(other, total, connect),
-            })?;
         if (200..300).contains(&status) {
             let mut out = status_and_headers(status, headers);
             put_body(&mut out, bytes);
@@ -240,17 +194,19 @@ impl HttpBlock {
         Err(e)
     }
 
-    /// Sends one hop with the attempt's remaining time. A failure on a
-    /// reused pooled connection before any response byte came back is sent
-    /// once more on a fresh connection: the upstream closed that connection
-    /// while it sat idle, which says nothing about the upstream now. (Any
-    /// method: the step's own retries would resend it anyway, and the
-    /// request never reached an upstream that was still listening.)
+    /// Sends one hop with the attempt's remaining time and reads its
+    /// response. A failure on a reused pooled connection before any
+    /// response byte came back is sent once more on a fresh connection: the
+    /// upstream closed that connection while it sat idle, which says
+    /// nothing about the upstream now. (Any method: the step's own retries
+    /// would resend it anyway, and the request never reached an upstream
+    /// that was still listening.)
     fn send(
         &self,
         hop: &Hop,
         ctx: &AttemptContext<'_>,
-    ) -> Result<http::Response<ureq::Body>, BlockError> {
+        body_limit: &dyn Fn(&http::response::Parts) -> call::BodyLimit,
+    ) -> Result<call::Answer, BlockError> {
         let connect = ctx.connect_timeout;
         let mut fresh = false;
         loop {
@@ -261,39 +217,42 @@ impl HttpBlock {
                     "no time left for the attempt",
                 ));
             }
-            let agent = self.agent();
-            let mut request = agent
-                .configure_request(hop.request())
-                .timeout_global(total)
-                .timeout_connect(connect);
-            if fresh {
-                // Skips (and closes) idle pooled connections to this host.
-                request = request.max_idle_age(Duration::ZERO);
-            }
-            begin_call();
-            match agent.run(request.build()) {
-                Ok(r) => return Ok(r),
-                Err(e) => {
-                    let trace = call_trace();
-                    if !fresh && trace.reused && !trace.received && is_stale_connection(&e) {
-                        log::debug!(error = e.to_string(); "pooled connection was closed; sending again on a fresh one");
-                        fresh = true;
-                        continue;
-                    }
-                    return Err(map_error(e, total, connect));
+            let request = call::Request {
+                method: &hop.method,
+                uri: &hop.uri,
+                headers: &hop.headers,
+                body: &hop.body,
+                total,
+                connect,
+                fresh,
+            };
+            match self.client.run(&request, body_limit) {
+                Ok(answer) => return Ok(answer),
+                Err(f) if !fresh && f.on_idle_connection && is_stale_connection(&f.error) => {
+                    log::debug!(error = f.error.to_string(); "pooled connection was closed; sending again on a fresh one");
+                    fresh = true;
                 }
+                Err(f) => return Err(self.map_failure(f.error, total, connect)),
             }
         }
     }
-}
 
-/// Agents at most (one per pool thread up to this).
-const MAX_AGENTS: usize = 256;
-/// Idle connections an agent keeps, over all hosts.
-const IDLE_PER_AGENT: usize = 8;
-/// Idle connections an agent keeps per host (its thread uses one at a time;
-/// a spare covers one being closed by the upstream).
-const IDLE_PER_AGENT_AND_HOST: usize = 2;
+    fn map_failure(
+        &self,
+        e: ureq::Error,
+        total: Option<Duration>,
+        connect: Option<Duration>,
+    ) -> BlockError {
+        match e {
+            ureq::Error::BodyExceedsLimit(limit) => BlockError::new(
+                ErrorCode::ExecutionFailed,
+                format!("response body exceeds WORKER_MAX_RESPONSE_BYTES ({limit} bytes)"),
+            )
+            .permanent(),
+            other => map_error(other, total, connect),
+        }
+    }
+}
 
 /// Statuses whose `Location` is followed (with `follow_redirects`).
 fn is_redirect(status: u16) -> bool {
@@ -389,42 +348,6 @@ fn join_location(base: &Uri, location: &str) -> Option<Uri> {
     format!("{scheme}://{authority}{path}").parse().ok()
 }
 
-// ------------------------------------------------ pooled-connection tracking
-
-thread_local! {
-    /// What the current `agent.run` on this thread did with its connection.
-    static CALL: Cell<CallTrace> = const { Cell::new(CallTrace { id: 0, reused: false, received: false }) };
-}
-
-/// Call ids, unique across threads (a pooled transport moves between them).
-static CALL_IDS: AtomicU64 = AtomicU64::new(1);
-
-#[derive(Debug, Clone, Copy)]
-struct CallTrace {
-    id: u64,
-    /// The connection had served an earlier call (it came from the pool).
-    reused: bool,
-    /// At least one byte of the response arrived.
-    received: bool,
-}
-
-/// Starts a new call on this thread (ureq does all of a call's I/O on the
-/// calling thread).
-fn begin_call() {
-    let id = CALL_IDS.fetch_add(1, Ordering::Relaxed);
-    CALL.with(|c| {
-        c.set(CallTrace {
-            id,
-            reused: false,
-            received: false,
-        })
-    });
-}
-
-fn call_trace() -> CallTrace {
-    CALL.with(Cell::get)
-}
-
 /// An I/O error that a connection the upstream closed while idle produces
 /// when it is used again. Timeouts and egress denials are not among them.
 fn is_stale_connection(e: &ureq::Error) -> bool {
@@ -438,76 +361,22 @@ fn is_stale_connection(e: &ureq::Error) -> bool {
     ))
 }
 
-/// A connector chain, with every transport wrapped in [`Tracked`].
+/// A connector chain whose transports are boxed (one type for the pool).
 #[derive(Debug)]
-struct TrackingConnector<C>(C);
+struct Boxed<C>(C);
 
-impl<C: Connector<()>> Connector<()> for TrackingConnector<C> {
-    type Out = Tracked;
+impl<C: Connector<()>> Connector<()> for Boxed<C> {
+    type Out = Box<dyn Transport>;
 
     fn connect(
         &self,
         details: &ConnectionDetails,
         chained: Option<()>,
-    ) -> Result<Option<Tracked>, ureq::Error> {
-        Ok(self.0.connect(details, chained)?.map(|inner| Tracked {
-            inner: Box::new(inner),
-            last_call: 0,
-        }))
-    }
-}
-
-/// A transport that tells the current call whether it was reused and
-/// whether any response byte arrived on it.
-#[derive(Debug)]
-struct Tracked {
-    inner: Box<dyn Transport>,
-    /// The last call that used this transport (0: none yet).
-    last_call: u64,
-}
-
-impl Tracked {
-    fn touch(&mut self) {
-        CALL.with(|c| {
-            let mut t = c.get();
-            if self.last_call != t.id {
-                t.reused |= self.last_call != 0;
-                self.last_call = t.id;
-                c.set(t);
-            }
-        });
-    }
-}
-
-impl Transport for Tracked {
-    fn buffers(&mut self) -> &mut dyn Buffers {
-        self.inner.buffers()
-    }
-
-    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
-        self.touch();
-        self.inner.transmit_output(amount, timeout)
-    }
-
-    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
-        self.touch();
-        let r = self.inner.await_input(timeout);
-        if matches!(r, Ok(true)) {
-            CALL.with(|c| {
-                let mut t = c.get();
-                t.received = true;
-                c.set(t);
-            });
-        }
-        r
-    }
-
-    fn is_open(&mut self) -> bool {
-        self.inner.is_open()
-    }
-
-    fn is_tls(&self) -> bool {
-        self.inner.is_tls()
+    ) -> Result<Option<Box<dyn Transport>>, ureq::Error> {
+        Ok(self
+            .0
+            .connect(details, chained)?
+            .map(|t| Box::new(t) as Box<dyn Transport>))
     }
 }
 
@@ -517,16 +386,14 @@ impl Transport for Tracked {
 /// cached for [`DNS_TTL`], and every resolved address checked against the
 /// egress policy.
 ///
-/// ureq resolves before it looks in its connection pool, and its default
-/// resolver spawns a thread per lookup whenever the request has a timeout
-/// (every attempt here has one) — even for `127.0.0.1` and even when a
-/// pooled connection is then reused: one OS thread per step. Parsing a
-/// literal never blocks; a host name is looked up (with ureq's thread and
-/// timeout) at most once per [`DNS_TTL`] per host and port, so a DNS change
-/// is seen within that time. Failed lookups are not cached. Because ureq
-/// resolves for every request, pooled or not, the egress check here covers
-/// every hop; one denied address denies the hop (a name may not mix an
-/// allowed address with a denied one).
+/// It runs for every new connection (`call.rs`; a pooled connection's
+/// address was checked when it was made). ureq's default resolver spawns a
+/// thread per lookup whenever the request has a timeout (every attempt here
+/// has one), even for `127.0.0.1`. Parsing a literal never blocks; a host
+/// name is looked up (with ureq's thread and timeout) at most once per
+/// [`DNS_TTL`] per host and port, so a DNS change is seen within that time.
+/// Failed lookups are not cached. One denied address denies the hop (a name
+/// may not mix an allowed address with a denied one).
 #[derive(Debug)]
 struct CachingResolver {
     inner: DefaultResolver,

@@ -16,15 +16,15 @@
 //! - a request is first written with `MSG_DONTWAIT` (it nearly always fits
 //!   the socket buffer), so the write timeout is only set when the socket
 //!   would block;
-//! - the liveness probe is one `recv(MSG_PEEK | MSG_DONTWAIT)`, and it is
-//!   skipped when the connection goes back to the pool right after a request
-//!   (the pool probes again before it hands the connection out, which is
-//!   the probe that matters: an idle connection the upstream closed).
+//! - the liveness probe is one `recv(MSG_PEEK | MSG_DONTWAIT)`, made only
+//!   when the pool hands out an idle connection (`call.rs` does not probe
+//!   one going back to the pool right after its response).
 //!
 //! Connecting is ureq's: every resolved address in turn, the connect budget
 //! shared between them (half to the first, a quarter to the second, …; at
-//! least 10 ms each), `TCP_NODELAY` as configured, and the socket registered
-//! with the agent so `Agent::shutdown` can interrupt it.
+//! least 10 ms each), `TCP_NODELAY` as configured, and the socket's
+//! shutdown handle registered as the connector contract asks (a no-op
+//! here: nothing shuts the block's sockets down from another thread).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -72,7 +72,6 @@ impl<In: Transport> Connector<In> for TcpConnector {
             ),
             read_timeout: None,
             write_timeout: None,
-            used: false,
         };
         let handle: Weak<dyn ShutdownHandle> =
             Arc::downgrade(&transport.stream) as Weak<dyn ShutdownHandle>;
@@ -168,8 +167,6 @@ pub(super) struct TcpTransport {
     read_timeout: Option<Duration>,
     /// `SO_SNDTIMEO` as last set.
     write_timeout: Option<Duration>,
-    /// I/O happened since the last liveness probe.
-    used: bool,
 }
 
 impl std::fmt::Debug for TcpTransport {
@@ -249,7 +246,6 @@ impl Transport for TcpTransport {
         if timeout.after.is_zero() {
             return Err(ureq::Error::Timeout(timeout.reason));
         }
-        self.used = true;
         let end = deadline(&timeout);
         // First without blocking: a request head nearly always fits the
         // socket buffer, and then no socket timeout needs setting.
@@ -268,7 +264,6 @@ impl Transport for TcpTransport {
         if timeout.after.is_zero() {
             return Err(ureq::Error::Timeout(timeout.reason));
         }
-        self.used = true;
         let end = deadline(&timeout);
         loop {
             let left = left(end);
@@ -289,12 +284,8 @@ impl Transport for TcpTransport {
         }
     }
 
+    /// The pool's probe before it hands out an idle connection.
     fn is_open(&mut self) -> bool {
-        if std::mem::take(&mut self.used) {
-            // Going back to the pool right after a request: the pool
-            // probes again before it hands the connection out.
-            return true;
-        }
         let mut byte = [0u8; 1];
         let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
         match rustix::net::recv(&*self.stream, &mut byte[..], flags) {

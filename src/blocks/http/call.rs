@@ -1,0 +1,746 @@
+//! One HTTP/1.1 exchange (SPEC §12.15): ureq's protocol engine
+//! (`ureq-proto`, the state machine inside `ureq::Agent`) driven over
+//! ureq's transports (TCP from `tcp.rs`, rustls), with the block's own
+//! per-thread connection pool.
+//!
+//! Why not `Agent::run`: on a pooled keep-alive request, the agent's layers
+//! around the protocol engine (timings for nine kinds of timeout,
+//! middleware, a streaming body handler, a pool keyed by the whole config, a
+//! resolver call before every pool lookup) cost as much CPU as the engine
+//! itself, and the block needs none of them: it has two timeouts (connect,
+//! and the attempt's total), follows redirects itself, and always reads the
+//! whole body. What ureq does is kept: the wire format (request head as the
+//! agent writes it, response parsing with its header-size limit, length,
+//! chunked and close-delimited bodies, 1xx and `Expect: 100-continue`
+//! handling, keep-alive decisions), the transports and the resolver.
+//!
+//! Timeouts: every I/O call gets the time left until the attempt's
+//! deadline; connecting gets the smaller of that and the connect timeout.
+
+use super::CachingResolver;
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use ureq::Timeout;
+use ureq::config::Config;
+use ureq::http::{self, HeaderValue, Method, Uri, header, response::Parts};
+use ureq::unversioned::resolver::Resolver;
+use ureq::unversioned::transport::time::{Duration as UreqDuration, Instant as UreqInstant};
+use ureq::unversioned::transport::{ConnectionDetails, Connector, NextTimeout, Transport};
+use ureq_proto::BodyMode;
+use ureq_proto::client::state::{Await100, RecvBody, RecvResponse, SendBody, SendRequest};
+use ureq_proto::client::{
+    Await100Result, Call, RecvBodyResult, RecvResponseResult, SendRequestResult,
+};
+
+/// How long a request with `Expect: 100-continue` waits for the `100`
+/// before it sends its body anyway (ureq's default).
+const AWAIT_100: Duration = Duration::from_secs(1);
+/// An idle pooled connection older than this is closed, not reused
+/// (ureq's default).
+const MAX_IDLE_AGE: Duration = Duration::from_secs(15);
+/// Idle connections a pool keeps, over all hosts.
+const IDLE_PER_POOL: usize = 8;
+/// Idle connections a pool keeps per host (its thread uses one at a time;
+/// a spare covers one being closed by the upstream).
+const IDLE_PER_HOST: usize = 2;
+/// Pools at most (one per pool thread up to this; more threads share).
+const MAX_POOLS: usize = 256;
+
+/// A boxed transport, as the connector chain makes it.
+type BoxedTransport = Box<dyn Transport>;
+/// The connector chain, boxed.
+type BoxedConnector = dyn Connector<(), Out = BoxedTransport>;
+
+/// What one request may send and how its body is read.
+pub(super) struct Request<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a http::HeaderMap,
+    pub body: &'a [u8],
+    /// The attempt's time left (`None`: no limit).
+    pub total: Option<Duration>,
+    /// The connect timeout (`None`: only `total` applies).
+    pub connect: Option<Duration>,
+    /// Skip pooled connections to this host (and close them).
+    pub fresh: bool,
+}
+
+/// How much of a response body is read, chosen from the response head.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum BodyLimit {
+    /// More than this many bytes is [`ureq::Error::BodyExceedsLimit`].
+    Fail(u64),
+    /// At most this many bytes are kept; the rest (or a read error) ends
+    /// the body and closes the connection.
+    Cut(u64),
+}
+
+/// A response read to its end.
+#[derive(Debug)]
+pub(super) struct Answer {
+    pub head: Parts,
+    pub body: Vec<u8>,
+}
+
+/// A failed exchange.
+#[derive(Debug)]
+pub(super) struct Failure {
+    pub error: ureq::Error,
+    /// It ran on a pooled connection and no response byte came back: the
+    /// upstream may have closed that connection while it sat idle.
+    pub on_idle_connection: bool,
+}
+
+/// Connects, pools and runs exchanges; one pool per pool thread.
+pub(super) struct Client {
+    config: Config,
+    connector: Arc<BoxedConnector>,
+    resolver: CachingResolver,
+    pools: Vec<Mutex<Pool>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("pools", &self.pools.len())
+            .finish()
+    }
+}
+
+impl Client {
+    /// `config` carries what the connectors read (TLS roots, `TCP_NODELAY`,
+    /// buffer sizes) and the response-header size limit.
+    pub(super) fn new(
+        config: Config,
+        connector: Arc<BoxedConnector>,
+        resolver: CachingResolver,
+        pool_threads: usize,
+    ) -> Client {
+        let pools = (0..pool_threads.clamp(1, MAX_POOLS))
+            .map(|_| Mutex::new(Pool::default()))
+            .collect();
+        Client {
+            config,
+            connector,
+            resolver,
+            pools,
+        }
+    }
+
+    /// This thread's pool: pool threads are numbered on their first
+    /// request and each takes its own, so the lock is uncontended.
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        }
+        let n = NUMBER.with(|n| *n);
+        self.pools[n % self.pools.len()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `req` and reads the whole response (its body as `limit` says).
+    pub(super) fn run(
+        &self,
+        req: &Request<'_>,
+        limit: &dyn Fn(&Parts) -> BodyLimit,
+    ) -> Result<Answer, Failure> {
+        let clock = Clock::start(req.total, req.connect);
+        let key = Key::of(req.uri);
+        let pooled = match &key {
+            Some(key) if req.fresh => {
+                self.pool().discard(key);
+                None
+            }
+            Some(key) => self.pool().take(key),
+            None => None,
+        };
+        let reused = pooled.is_some();
+        let transport = match pooled {
+            Some(t) => t,
+            None => self.connect(req.uri, &clock).map_err(|error| Failure {
+                error,
+                on_idle_connection: false,
+            })?,
+        };
+        let mut exchange = Exchange {
+            transport,
+            clock,
+            received: false,
+            max_head: self.config.max_response_header_size(),
+        };
+        match exchange.run(req, limit) {
+            Ok((answer, keep)) => {
+                // Bytes past the response (an upstream sending more than it
+                // framed) mean the connection cannot be trusted again.
+                let clean = exchange.transport.buffers().input().is_empty();
+                if let (true, true, Some(key)) = (keep, clean, key) {
+                    self.pool().put(key, exchange.transport);
+                }
+                Ok(answer)
+            }
+            Err(error) => Err(Failure {
+                on_idle_connection: reused && !exchange.received,
+                error,
+            }),
+        }
+    }
+
+    /// A new connection: resolve (with the egress check), then the
+    /// connector chain. A pooled connection skips this: its address passed
+    /// the same (fixed) egress policy when it was made.
+    fn connect(&self, uri: &Uri, clock: &Clock) -> Result<BoxedTransport, ureq::Error> {
+        let timeout = clock.connect();
+        let addrs = self.resolver.resolve(uri, &self.config, timeout)?;
+        let connector = self.connector.clone();
+        let details = ConnectionDetails {
+            uri,
+            addrs,
+            config: &self.config,
+            request_level: false,
+            resolver: &self.resolver,
+            now: UreqInstant::now(),
+            timeout,
+            current_time: Arc::new(UreqInstant::now),
+            // Used by connectors that connect through another (proxies);
+            // this chain has none, but the contract is kept.
+            run_connector: Arc::new(move |details: &ConnectionDetails| {
+                connector
+                    .connect(details, None)?
+                    .ok_or(ureq::Error::ConnectionFailed)
+            }),
+            // Only `Agent::shutdown` uses registered sockets; there is no agent.
+            register_shutdown: Arc::new(|_| Ok(())),
+        };
+        let transport = self
+            .connector
+            .connect(&details, None)?
+            .ok_or(ureq::Error::ConnectionFailed)?;
+        if details.needs_tls() && !transport.is_tls() {
+            return Err(ureq::Error::TlsRequired);
+        }
+        Ok(transport)
+    }
+}
+
+/// The attempt's deadline and the connect deadline.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    end: Option<Instant>,
+    connect_end: Option<Instant>,
+}
+
+impl Clock {
+    fn start(total: Option<Duration>, connect: Option<Duration>) -> Clock {
+        let now = Instant::now();
+        Clock {
+            end: total.and_then(|t| now.checked_add(t)),
+            connect_end: connect.and_then(|c| now.checked_add(c)),
+        }
+    }
+
+    /// The timeout for I/O: the time left in the attempt.
+    fn io(&self) -> NextTimeout {
+        timeout_until(self.end, Timeout::Global)
+    }
+
+    /// The timeout for connecting: whichever deadline comes first, named
+    /// as ureq names it (the block's error mapping reads the name).
+    fn connect(&self) -> NextTimeout {
+        match (self.end, self.connect_end) {
+            (Some(end), Some(c)) if end <= c => timeout_until(Some(end), Timeout::Global),
+            (_, Some(c)) => timeout_until(Some(c), Timeout::Connect),
+            (end, None) => timeout_until(end, Timeout::Global),
+        }
+    }
+
+    /// Waiting for a `100 Continue`: up to [`AWAIT_100`] from `since`, or
+    /// the attempt's deadline if that comes first.
+    fn await_100(&self, since: Instant) -> NextTimeout {
+        let wait_end = since + AWAIT_100;
+        match self.end {
+            Some(end) if end <= wait_end => timeout_until(Some(end), Timeout::Global),
+            _ => timeout_until(Some(wait_end), Timeout::Await100),
+        }
+    }
+}
+
+fn timeout_until(end: Option<Instant>, reason: Timeout) -> NextTimeout {
+    NextTimeout {
+        after: match end {
+            Some(end) => UreqDuration::Exact(end.saturating_duration_since(Instant::now())),
+            None => UreqDuration::NotHappening,
+        },
+        reason,
+        per_read: None,
+        per_write: None,
+    }
+}
+
+/// The end of the input, as ureq reports it (`Error::disconnected`).
+fn disconnected(why: &'static str) -> ureq::Error {
+    ureq::Error::Io(io::Error::new(io::ErrorKind::UnexpectedEof, why))
+}
+
+/// A protocol step that cannot go on (ureq unwraps these; a value here).
+fn stuck(step: &'static str) -> ureq::Error {
+    ureq::Error::Io(io::Error::other(format!("HTTP exchange stuck in {step}")))
+}
+
+/// One exchange on one connection.
+struct Exchange {
+    transport: BoxedTransport,
+    clock: Clock,
+    /// At least one response byte arrived.
+    received: bool,
+    max_head: usize,
+}
+
+impl Exchange {
+    /// The response, and whether the connection can be pooled.
+    fn run(
+        &mut self,
+        req: &Request<'_>,
+        limit: &dyn Fn(&Parts) -> BodyLimit,
+    ) -> Result<(Answer, bool), ureq::Error> {
+        let call = prepare(req)?;
+        let call = match self.send_request(call)? {
+            SendRequestResult::Await100(call) => match self.await_100(call)? {
+                Await100Result::SendBody(call) => self.send_body(call, req.body)?,
+                Await100Result::RecvResponse(call) => call,
+            },
+            SendRequestResult::SendBody(call) => self.send_body(call, req.body)?,
+            SendRequestResult::RecvResponse(call) => call,
+        };
+        let (response, next) = self.recv_response(call)?;
+        let (head, ()) = response.into_parts();
+        // No body: the head says which kind ends here; either may close.
+        let keep = match next {
+            RecvResponseResult::RecvBody(call) => {
+                let (body, keep) = self.recv_body(call, limit(&head))?;
+                return Ok((Answer { head, body }, keep));
+            }
+            RecvResponseResult::Redirect(call) => !call.must_close_connection(),
+            RecvResponseResult::Cleanup(call) => !call.must_close_connection(),
+        };
+        let body = Vec::new();
+        Ok((Answer { head, body }, keep))
+    }
+
+    fn send_request(
+        &mut self,
+        mut call: Call<SendRequest>,
+    ) -> Result<SendRequestResult, ureq::Error> {
+        while !call.can_proceed() {
+            let amount = call.write(self.transport.buffers().output())?;
+            self.transport.transmit_output(amount, self.clock.io())?;
+        }
+        call.proceed()?
+            .ok_or_else(|| stuck("sending the request head"))
+    }
+
+    /// Waits for a `100 Continue` (or an early final response) before the
+    /// body, as ureq does; silence past [`AWAIT_100`] sends the body.
+    fn await_100(&mut self, mut call: Call<Await100>) -> Result<Await100Result, ureq::Error> {
+        let since = Instant::now();
+        while call.can_keep_await_100() {
+            let timeout = self.clock.await_100(since);
+            if timeout.after.is_zero() {
+                if timeout.reason == Timeout::Await100 {
+                    break;
+                }
+                return Err(ureq::Error::Timeout(timeout.reason));
+            }
+            match self.transport.maybe_await_input(timeout) {
+                Ok(_) => {
+                    let input = self.transport.buffers().input();
+                    if input.is_empty() {
+                        return Err(disconnected("await_100 empty input"));
+                    }
+                    self.received = true;
+                    let amount = call.try_read_100(input)?;
+                    if amount > 0 {
+                        self.transport.buffers().input_consume(amount);
+                        break;
+                    }
+                }
+                Err(ureq::Error::Timeout(Timeout::Await100)) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(call.proceed()?)
+    }
+
+    fn send_body(
+        &mut self,
+        mut call: Call<SendBody>,
+        body: &[u8],
+    ) -> Result<Call<RecvResponse>, ureq::Error> {
+        let mut rest = body;
+        while !call.can_proceed() {
+            let output = self.transport.buffers().output();
+            let n = rest.len().min(output.len());
+            output[..n].copy_from_slice(&rest[..n]);
+            call.consume_direct_write(n)?;
+            rest = &rest[n..];
+            self.transport.transmit_output(n, self.clock.io())?;
+        }
+        call.proceed()
+            .ok_or_else(|| stuck("sending the request body"))
+    }
+
+    fn recv_response(
+        &mut self,
+        mut call: Call<RecvResponse>,
+    ) -> Result<(http::Response<()>, RecvResponseResult), ureq::Error> {
+        let response = loop {
+            let progressed = self.transport.maybe_await_input(self.clock.io())?;
+            let input = self.transport.buffers().input();
+            self.received |= !input.is_empty();
+            // Redirects are followed by the block, so never from a partial head.
+            let (amount, response) = call.try_response(input, false)?;
+            let size = if response.is_some() {
+                amount
+            } else {
+                input.len()
+            };
+            if size > self.max_head {
+                return Err(ureq::Error::LargeResponseHeader(input.len(), self.max_head));
+            }
+            self.transport.buffers().input_consume(amount);
+            match response {
+                Some(r) => break r,
+                None if !progressed => return Err(disconnected("recv_response made no progress")),
+                None => {}
+            }
+        };
+        let next = call
+            .proceed()
+            .ok_or_else(|| stuck("reading the response head"))?;
+        Ok((response, next))
+    }
+
+    /// Reads the body to its end (ureq's body handler, whole): the bytes,
+    /// and whether the connection can be pooled.
+    fn recv_body(
+        &mut self,
+        call: Call<RecvBody>,
+        limit: BodyLimit,
+    ) -> Result<(Vec<u8>, bool), ureq::Error> {
+        let (max, cut) = match limit {
+            BodyLimit::Fail(n) => (n, false),
+            BodyLimit::Cut(n) => (n, true),
+        };
+        SCRATCH.with_borrow_mut(|buf| self.read_body(call, max, cut, buf))
+    }
+
+    fn read_body(
+        &mut self,
+        mut call: Call<RecvBody>,
+        max: u64,
+        cut: bool,
+        buf: &mut [u8],
+    ) -> Result<(Vec<u8>, bool), ureq::Error> {
+        let mut body = Vec::new();
+        let mut remote_closed = false;
+        loop {
+            let fulfilled = match call.body_mode() {
+                BodyMode::NoBody => true,
+                BodyMode::LengthDelimited(_) | BodyMode::Chunked => call.can_proceed(),
+                // Ends only when the upstream closes.
+                BodyMode::CloseDelimited => false,
+            };
+            if fulfilled {
+                break;
+            }
+            let mut read =
+                |call: &mut Call<RecvBody>, t: &mut BoxedTransport, body: &mut Vec<u8>| {
+                    let (used, out) = call.read(t.buffers().input(), buf)?;
+                    t.buffers().input_consume(used);
+                    if out > 0 && !push(body, &buf[..out], max)? {
+                        return Ok::<_, ureq::Error>(None);
+                    }
+                    Ok(Some((used, out)))
+                };
+            if self.transport.buffers().can_use_input() {
+                match read(&mut call, &mut self.transport, &mut body) {
+                    Ok(Some((_, out))) if out > 0 => continue,
+                    Ok(Some((used, _))) if used > 0 => continue,
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) if cut => return Ok((body, false)),
+                    Ok(None) => return Err(ureq::Error::BodyExceedsLimit(max)),
+                    Err(e) => return Err(e),
+                }
+            }
+            if remote_closed {
+                break;
+            }
+            let progressed = match self.transport.maybe_await_input(self.clock.io()) {
+                Ok(p) => p,
+                Err(ureq::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::UnexpectedEof
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    remote_closed = true;
+                    true
+                }
+                Err(_) if cut => return Ok((body, false)),
+                Err(e) => return Err(e),
+            };
+            let ended = self.transport.buffers().input().is_empty();
+            match read(&mut call, &mut self.transport, &mut body) {
+                Ok(Some((_, out))) if out > 0 => {}
+                Ok(Some(_)) if ended => break,
+                Ok(Some(_)) if progressed => {}
+                Ok(Some(_)) if cut => return Ok((body, false)),
+                Ok(Some(_)) => return Err(ureq::Error::BodyStalled),
+                Ok(None) | Err(_) if cut => return Ok((body, false)),
+                Ok(None) => return Err(ureq::Error::BodyExceedsLimit(max)),
+                Err(e) => return Err(e),
+            }
+        }
+        // The end of the body (ureq's `ended`): a chunked body whose last
+        // chunk came before the upstream closed is whole, but the
+        // connection is not reused.
+        if !call.can_proceed() {
+            if call.is_ended_chunked() || cut {
+                return Ok((body, false));
+            }
+            return Err(disconnected("ended call cannot proceed"));
+        }
+        let keep = match call.proceed() {
+            Some(RecvBodyResult::Redirect(c)) => !c.must_close_connection(),
+            Some(RecvBodyResult::Cleanup(c)) => !c.must_close_connection(),
+            None => false,
+        };
+        Ok((body, keep && !remote_closed))
+    }
+}
+
+thread_local! {
+    /// Where a body is decoded before it is appended (zeroed once per
+    /// thread, not once per response).
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; 16 * 1024].into_boxed_slice());
+}
+
+/// Appends `bytes` unless that takes `body` past `max` bytes (`false`).
+fn push(body: &mut Vec<u8>, bytes: &[u8], max: u64) -> Result<bool, ureq::Error> {
+    if (body.len() + bytes.len()) as u64 > max {
+        let room = (max as usize).saturating_sub(body.len());
+        body.extend_from_slice(&bytes[..room.min(bytes.len())]);
+        return Ok(false);
+    }
+    body.extend_from_slice(bytes);
+    Ok(true)
+}
+
+/// The request as the agent would send it: `Content-Length` (payload
+/// headers cannot set framing), then `User-Agent` and `Accept` unless the
+/// payload set them, then `Host` and the payload's headers.
+fn prepare(req: &Request<'_>) -> Result<Call<SendRequest>, ureq::Error> {
+    let mut request = http::Request::new(());
+    *request.method_mut() = req.method.clone();
+    *request.uri_mut() = req.uri.clone();
+    *request.headers_mut() = req.headers.clone();
+    let mut call = Call::new(request)?;
+    let (has_ua, has_accept) = {
+        let h = call.headers();
+        (
+            h.contains_key(header::USER_AGENT),
+            h.contains_key(header::ACCEPT),
+        )
+    };
+    call.header(header::CONTENT_LENGTH, HeaderValue::from(req.body.len()))?;
+    if !has_ua {
+        call.header(header::USER_AGENT, HeaderValue::from_static(USER_AGENT))?;
+    }
+    if !has_accept {
+        call.header(header::ACCEPT, HeaderValue::from_static("*/*"))?;
+    }
+    Ok(call.proceed())
+}
+
+/// The `User-Agent` sent unless a step sets its own.
+pub(super) const USER_AGENT: &str = concat!("caf-worker/", env!("CARGO_PKG_VERSION"));
+
+/// Where a pooled connection goes: scheme, host (lower case), port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Key {
+    https: bool,
+    host: String,
+    port: u16,
+}
+
+impl Key {
+    fn of(uri: &Uri) -> Option<Key> {
+        let https = match uri.scheme_str()? {
+            "http" => false,
+            "https" => true,
+            _ => return None,
+        };
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        Some(Key {
+            https,
+            host: uri.host()?.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+/// An idle connection.
+struct Idle {
+    key: Key,
+    transport: BoxedTransport,
+    since: Instant,
+}
+
+/// One thread's idle connections, oldest first.
+#[derive(Default)]
+struct Pool {
+    idle: VecDeque<Idle>,
+}
+
+impl Pool {
+    /// The newest idle connection to `key` that is young enough and still
+    /// open (a non-blocking peek: the upstream may have closed it).
+    fn take(&mut self, key: &Key) -> Option<BoxedTransport> {
+        let now = Instant::now();
+        while let Some(i) = self.idle.iter().rposition(|c| c.key == *key) {
+            let mut c = self.idle.remove(i)?;
+            if now.saturating_duration_since(c.since) < MAX_IDLE_AGE && c.transport.is_open() {
+                return Some(c.transport);
+            }
+        }
+        None
+    }
+
+    /// Closes every idle connection to `key`.
+    fn discard(&mut self, key: &Key) {
+        self.idle.retain(|c| c.key != *key);
+    }
+
+    fn put(&mut self, key: Key, transport: BoxedTransport) {
+        let now = Instant::now();
+        self.idle
+            .retain(|c| now.saturating_duration_since(c.since) < MAX_IDLE_AGE);
+        if self.idle.iter().filter(|c| c.key == key).count() >= IDLE_PER_HOST {
+            if let Some(i) = self.idle.iter().position(|c| c.key == key) {
+                self.idle.remove(i);
+            }
+        }
+        if self.idle.len() >= IDLE_PER_POOL {
+            self.idle.pop_front();
+        }
+        self.idle.push_back(Idle {
+            key,
+            transport,
+            since: now,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ureq::unversioned::transport::{Buffers, LazyBuffers};
+
+    /// A transport that records which connection the pool probed.
+    #[derive(Debug)]
+    struct Probed {
+        id: usize,
+        open: bool,
+        probes: Arc<Mutex<Vec<usize>>>,
+        buffers: LazyBuffers,
+    }
+
+    impl Transport for Probed {
+        fn buffers(&mut self) -> &mut dyn Buffers {
+            &mut self.buffers
+        }
+        fn transmit_output(&mut self, _: usize, _: NextTimeout) -> Result<(), ureq::Error> {
+            Ok(())
+        }
+        fn await_input(&mut self, _: NextTimeout) -> Result<bool, ureq::Error> {
+            Ok(false)
+        }
+        fn is_open(&mut self) -> bool {
+            self.probes.lock().expect("lock").push(self.id);
+            self.open
+        }
+        fn is_tls(&self) -> bool {
+            false
+        }
+    }
+
+    fn key(host: &str) -> Key {
+        Key::of(&format!("http://{host}/").parse().expect("uri")).expect("key")
+    }
+
+    #[test]
+    fn the_pool_hands_out_the_newest_open_connection_within_its_limits() {
+        let probes = Arc::new(Mutex::new(Vec::new()));
+        let conn = |id: usize, open: bool| -> BoxedTransport {
+            Box::new(Probed {
+                id,
+                open,
+                probes: probes.clone(),
+                buffers: LazyBuffers::new(1, 1),
+            })
+        };
+        let taken = |pool: &mut Pool, k: &Key| {
+            probes.lock().expect("lock").clear();
+            let t = pool.take(k).is_some();
+            (t, probes.lock().expect("lock").clone())
+        };
+        let mut pool = Pool::default();
+        // Two per host: the oldest of three is closed.
+        for id in 1..=3 {
+            pool.put(key("a:1"), conn(id, true));
+        }
+        assert_eq!(pool.idle.len(), 2);
+        // The newest first (host names ignore case); a closed one is
+        // dropped and the next tried. (Putting 4 closed 2.)
+        pool.put(key("a:1"), conn(4, false));
+        assert_eq!(taken(&mut pool, &key("A:1")), (true, vec![4, 3]));
+        assert_eq!(taken(&mut pool, &key("a:1")), (false, vec![]));
+        // Another port is another key.
+        pool.put(key("a:2"), conn(5, true));
+        assert_eq!(taken(&mut pool, &key("a:1")), (false, vec![]));
+        // Eight over all hosts: the oldest goes.
+        for id in 10..20 {
+            pool.put(key(&format!("h{id}:1")), conn(id, true));
+        }
+        assert_eq!(pool.idle.len(), IDLE_PER_POOL);
+        assert_eq!(taken(&mut pool, &key("a:2")), (false, vec![]));
+        assert_eq!(taken(&mut pool, &key("h19:1")), (true, vec![19]));
+        // Discarded: closed without a probe.
+        pool.discard(&key("h18:1"));
+        assert_eq!(taken(&mut pool, &key("h18:1")), (false, vec![]));
+    }
+
+    #[test]
+    fn connecting_stops_at_whichever_deadline_comes_first() {
+        let ms = Duration::from_millis;
+        let c = Clock::start(Some(ms(5_000)), Some(ms(200))).connect();
+        assert_eq!(c.reason, Timeout::Connect);
+        let c = Clock::start(Some(ms(100)), Some(ms(200))).connect();
+        assert_eq!(c.reason, Timeout::Global);
+        let c = Clock::start(None, None).connect();
+        assert_eq!(c.after, UreqDuration::NotHappening);
+        assert_eq!(
+            Clock::start(None, None).io().after,
+            UreqDuration::NotHappening
+        );
+        let io = Clock::start(Some(ms(100)), Some(ms(50))).io();
+        assert_eq!(io.reason, Timeout::Global);
+        assert!(matches!(io.after, UreqDuration::Exact(d) if d <= ms(100)));
+    }
+}
