@@ -25,8 +25,9 @@
 # Knobs (environment): CARGO_TARGET_DIR (default: <repo>/target),
 #   BENCH_ECHO_STEPS (100000), BENCH_HTTP_STEPS (30000), BENCH_IO_POOL (8),
 #   BENCH_CP1_BACKLOG (100000), BENCH_WRK_SECS (10), BENCH_ROUNDS (3),
-#   BENCH_ENGINE_ROUNDS (7; a round is three runs of under a second each, and
-#   with three rounds the overhead rows swung by ±15 % on this VM),
+#   BENCH_ENGINE_ROUNDS (9; a round is three runs of under a second each, and
+#   with three rounds the overhead rows swung by ±15 % on this VM; a multiple
+#   of 3 puts each variant first, second and third equally often),
 #   BENCH_SQL_STEPS (100000), BENCH_SQL_ROWS (100000), BENCH_SQL_THREADS (1),
 #   BENCH_MIX_STEPS (90000), BENCH_APPROVALS (10000),
 #   BENCH_DOC (docs/BENCHMARKS.md; "-" to skip writing it),
@@ -50,7 +51,7 @@ IO_POOL="${BENCH_IO_POOL:-8}"
 CP1_BACKLOG="${BENCH_CP1_BACKLOG:-100000}"
 WRK_SECS="${BENCH_WRK_SECS:-10}"
 ROUNDS="${BENCH_ROUNDS:-3}"
-ENGINE_ROUNDS="${BENCH_ENGINE_ROUNDS:-7}"
+ENGINE_ROUNDS="${BENCH_ENGINE_ROUNDS:-9}"
 SQL_STEPS="${BENCH_SQL_STEPS:-100000}"
 SQL_ROWS="${BENCH_SQL_ROWS:-100000}"
 SQL_THREADS="${BENCH_SQL_THREADS:-1}"
@@ -219,13 +220,28 @@ engine_run() { # engine_run LABEL [ENV...] -> "steps_per_s rss_kb cpu_us_per_ste
 }
 plain_rates=(); metrics_rates=(); plain_rss=(); metrics_rss=(); plain_cpu=(); metrics_cpu=()
 timeouts_rates=(); timeouts_cpu=()
+# The order rotates each round: this host's speed drifts by a fifth or more
+# within a minute, and a fixed order (plain first, timeouts last) charged
+# that drift to the variant that always ran last.
+engine_variant() { # engine_variant ROUND VARIANT
+    local rate rss cpu
+    case "$2" in
+    plain)
+        read -r rate rss cpu < <(engine_run "plain$1")
+        plain_rates+=("$rate"); plain_rss+=("$rss"); plain_cpu+=("$cpu") ;;
+    metrics)
+        read -r rate rss cpu < <(engine_run "metrics$1" CP2_OBSERVABILITY_METRICS_ENABLED=1)
+        metrics_rates+=("$rate"); metrics_rss+=("$rss"); metrics_cpu+=("$cpu") ;;
+    timeouts)
+        read -r rate rss cpu < <(engine_run "timeouts$1" CP2_COMPLETE_TIMEOUT_ENABLED=1)
+        timeouts_rates+=("$rate"); timeouts_cpu+=("$cpu") ;;
+    esac
+}
+variants=(plain metrics timeouts)
 for i in $(seq 1 "$ENGINE_ROUNDS"); do
-    read -r rate rss cpu < <(engine_run "plain$i")
-    plain_rates+=("$rate"); plain_rss+=("$rss"); plain_cpu+=("$cpu")
-    read -r rate rss cpu < <(engine_run "metrics$i" CP2_OBSERVABILITY_METRICS_ENABLED=1)
-    metrics_rates+=("$rate"); metrics_rss+=("$rss"); metrics_cpu+=("$cpu")
-    read -r rate rss cpu < <(engine_run "timeouts$i" CP2_COMPLETE_TIMEOUT_ENABLED=1)
-    timeouts_rates+=("$rate"); timeouts_cpu+=("$cpu")
+    for k in 0 1 2; do
+        engine_variant "$i" "${variants[$(((i + k) % 3))]}"
+    done
     log "  round $i: plain ${plain_rates[-1]} steps/s (${plain_cpu[-1]} µs CPU/step), metrics ${metrics_rates[-1]} steps/s (${metrics_cpu[-1]} µs CPU/step), timeouts ${timeouts_rates[-1]} steps/s (${timeouts_cpu[-1]} µs CPU/step)"
 done
 rec ENGINE_PLAIN_CPU_US "$(median "${plain_cpu[@]}")"
@@ -800,9 +816,9 @@ for name, value, target, ok in rows:
 md.append("\n### Details\n")
 md.append(f"- Engine: `caf-worker run` over {n(f('ECHO_STEPS'))} `debug.echo` JSON lines, stdout to "
           f"/dev/null, default pools (cpu 4); wall time from process start to exit. Rounds: {res['ENGINE_ROUNDS']}, "
-          f"interleaved (plain, metrics on, timeouts on, plain, …); the median is reported. Plain: {res['ENGINE_PLAIN_ALL']} steps/s; "
+          f"interleaved, the order rotating each round (metrics on, timeouts on, plain; timeouts on, plain, metrics on; …); the median is reported. Plain: {res['ENGINE_PLAIN_ALL']} steps/s; "
           f"metrics on (`CP2_OBSERVABILITY_METRICS_ENABLED=1`): {res['ENGINE_METRICS_ALL']} steps/s; CP2 timeouts on "
-          f"(`CP2_COMPLETE_TIMEOUT_ENABLED=1`, a third run in each round: every step is watched by the deadline "
+          f"(`CP2_COMPLETE_TIMEOUT_ENABLED=1`: every step is watched by the deadline "
           f"thread, none expires): {res['ENGINE_TIMEOUTS_ALL']} steps/s. Peak RSS and "
           f"CPU time (user + system, all threads) from `/usr/bin/time -v`; CPU time per step is far less "
           f"sensitive to other load on the machine than throughput.")
