@@ -72,7 +72,8 @@ pub(super) fn run(shared: &Shared, h: &StepHandle, resume: Option<BlockError>) -
         if let Some(reason) = h.cancel.reason() {
             return never_started(final_failure(BlockError::cancelled(reason), false, None));
         }
-        if s.flags.complete_timeout && Instant::now() >= h.deadline {
+        // `now` serves: only cheap checks ran since it was read.
+        if s.flags.complete_timeout && now >= h.deadline {
             // Claim the step as the deadline thread would; whoever sets the
             // token counts the timeout, so it is counted once.
             if !h.cancel.cancel(CancelReason::Deadline) {
