@@ -491,8 +491,11 @@ fn ip_literal(uri: &http::Uri) -> Option<SocketAddr> {
 /// Validates the payload and builds the request (no I/O).
 pub(super) fn prepare(p: &Map<String, Value>) -> Result<Prepared, BlockError> {
     let url = required_str(p, "url")?;
-    let lower = url.to_ascii_lowercase();
-    if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+    let has_prefix = |prefix: &str| {
+        url.get(..prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+    };
+    if !(has_prefix("http://") || has_prefix("https://")) {
         return Err(BlockError::input(
             ErrorCode::InvalidInput,
             format!(

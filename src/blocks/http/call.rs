@@ -150,22 +150,25 @@ impl Client {
         limit: &dyn Fn(&Parts) -> BodyLimit,
     ) -> Result<Answer, Failure> {
         let clock = Clock::start(req.total, req.connect);
-        let key = Key::of(req.uri);
-        let pooled = match &key {
-            Some(key) if req.fresh => {
-                self.pool().discard(key);
+        let target = Target::of(req.uri);
+        let pooled = match &target {
+            Some(t) if req.fresh => {
+                self.pool().discard(t);
                 None
             }
-            Some(key) => self.pool().take(key),
+            Some(t) => self.pool().take(t),
             None => None,
         };
         let reused = pooled.is_some();
-        let transport = match pooled {
-            Some(t) => t,
-            None => self.connect(req.uri, &clock).map_err(|error| Failure {
-                error,
-                on_idle_connection: false,
-            })?,
+        let (key, transport) = match pooled {
+            Some((key, t)) => (Some(key), t),
+            None => {
+                let t = self.connect(req.uri, &clock).map_err(|error| Failure {
+                    error,
+                    on_idle_connection: false,
+                })?;
+                (target.as_ref().map(Target::key), t)
+            }
         };
         let mut exchange = Exchange {
             transport,
@@ -580,18 +583,41 @@ struct Key {
 }
 
 impl Key {
-    fn of(uri: &Uri) -> Option<Key> {
+    fn is(&self, t: &Target<'_>) -> bool {
+        self.https == t.https && self.port == t.port && self.host.eq_ignore_ascii_case(t.host)
+    }
+}
+
+/// Where a request goes, borrowed from its URI (a [`Key`] without the
+/// allocation: a pooled connection keeps the key it was made with).
+#[derive(Debug, Clone, Copy)]
+struct Target<'a> {
+    https: bool,
+    host: &'a str,
+    port: u16,
+}
+
+impl<'a> Target<'a> {
+    fn of(uri: &'a Uri) -> Option<Target<'a>> {
         let https = match uri.scheme_str()? {
             "http" => false,
             "https" => true,
             _ => return None,
         };
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        Some(Key {
+        Some(Target {
             https,
-            host: uri.host()?.to_ascii_lowercase(),
+            host: uri.host()?,
             port,
         })
+    }
+
+    fn key(&self) -> Key {
+        Key {
+            https: self.https,
+            host: self.host.to_ascii_lowercase(),
+            port: self.port,
+        }
     }
 }
 
@@ -609,22 +635,22 @@ struct Pool {
 }
 
 impl Pool {
-    /// The newest idle connection to `key` that is young enough and still
+    /// The newest idle connection to `target` that is young enough and still
     /// open (a non-blocking peek: the upstream may have closed it).
-    fn take(&mut self, key: &Key) -> Option<BoxedTransport> {
+    fn take(&mut self, target: &Target<'_>) -> Option<(Key, BoxedTransport)> {
         let now = Instant::now();
-        while let Some(i) = self.idle.iter().rposition(|c| c.key == *key) {
+        while let Some(i) = self.idle.iter().rposition(|c| c.key.is(target)) {
             let mut c = self.idle.remove(i)?;
             if now.saturating_duration_since(c.since) < MAX_IDLE_AGE && c.transport.is_open() {
-                return Some(c.transport);
+                return Some((c.key, c.transport));
             }
         }
         None
     }
 
-    /// Closes every idle connection to `key`.
-    fn discard(&mut self, key: &Key) {
-        self.idle.retain(|c| c.key != *key);
+    /// Closes every idle connection to `target`.
+    fn discard(&mut self, target: &Target<'_>) {
+        self.idle.retain(|c| !c.key.is(target));
     }
 
     fn put(&mut self, key: Key, transport: BoxedTransport) {
@@ -680,8 +706,12 @@ mod tests {
         }
     }
 
+    fn uri(host: &str) -> Uri {
+        format!("http://{host}/").parse().expect("uri")
+    }
+
     fn key(host: &str) -> Key {
-        Key::of(&format!("http://{host}/").parse().expect("uri")).expect("key")
+        Target::of(&uri(host)).expect("target").key()
     }
 
     #[test]
@@ -695,9 +725,10 @@ mod tests {
                 buffers: LazyBuffers::new(1, 1),
             })
         };
-        let taken = |pool: &mut Pool, k: &Key| {
+        let taken = |pool: &mut Pool, host: &str| {
             probes.lock().expect("lock").clear();
-            let t = pool.take(k).is_some();
+            let u = uri(host);
+            let t = pool.take(&Target::of(&u).expect("target")).is_some();
             (t, probes.lock().expect("lock").clone())
         };
         let mut pool = Pool::default();
@@ -709,21 +740,21 @@ mod tests {
         // The newest first (host names ignore case); a closed one is
         // dropped and the next tried. (Putting 4 closed 2.)
         pool.put(key("a:1"), conn(4, false));
-        assert_eq!(taken(&mut pool, &key("A:1")), (true, vec![4, 3]));
-        assert_eq!(taken(&mut pool, &key("a:1")), (false, vec![]));
+        assert_eq!(taken(&mut pool, "A:1"), (true, vec![4, 3]));
+        assert_eq!(taken(&mut pool, "a:1"), (false, vec![]));
         // Another port is another key.
         pool.put(key("a:2"), conn(5, true));
-        assert_eq!(taken(&mut pool, &key("a:1")), (false, vec![]));
+        assert_eq!(taken(&mut pool, "a:1"), (false, vec![]));
         // Eight over all hosts: the oldest goes.
         for id in 10..20 {
             pool.put(key(&format!("h{id}:1")), conn(id, true));
         }
         assert_eq!(pool.idle.len(), IDLE_PER_POOL);
-        assert_eq!(taken(&mut pool, &key("a:2")), (false, vec![]));
-        assert_eq!(taken(&mut pool, &key("h19:1")), (true, vec![19]));
+        assert_eq!(taken(&mut pool, "a:2"), (false, vec![]));
+        assert_eq!(taken(&mut pool, "h19:1"), (true, vec![19]));
         // Discarded: closed without a probe.
-        pool.discard(&key("h18:1"));
-        assert_eq!(taken(&mut pool, &key("h18:1")), (false, vec![]));
+        pool.discard(&Target::of(&uri("h18:1")).expect("target"));
+        assert_eq!(taken(&mut pool, "h18:1"), (false, vec![]));
     }
 
     #[test]
