@@ -137,9 +137,12 @@ impl HttpBlock {
             // its connection goes back to the pool; any other response's body
             // is read up to the limit.
             let body_limit = |head: &http::response::Parts| {
+                // The same test as the loop's below, or a body cut short
+                // could be the final answer.
+                let location = head.headers.get(http::header::LOCATION);
                 if follow_redirects
                     && is_redirect(head.status.as_u16())
-                    && head.headers.contains_key(http::header::LOCATION)
+                    && location.is_some_and(|v| v.to_str().is_ok())
                 {
                     call::BodyLimit::Cut(REDIRECT_BODY_MAX)
                 } else {

@@ -5,14 +5,19 @@
 //! Cheap per step, because almost no step ever reaches its deadline: the
 //! heap holds plain numbers (deadline, pool, sequence number), and the steps
 //! themselves wait in one FIFO ring per pool, in admission order, which is
-//! the order the pool's queue hands them out. Each admission first drops the
-//! ring's leading steps that started (or were cancelled): those left their
-//! queue, so the ring holds about what the queue holds, and a step's `Arc` is
+//! the order the pool's queue hands them out. A ring holds a `Weak` to each
+//! step: the step is freed by whichever thread drops it last (its pool
+//! thread, with the step still warm in its cache), not by the admitting
+//! thread; with an `Arc` in the ring, the admitting thread freed most steps,
+//! cold, and CP2 timeouts cost +11.5 % CPU per echo step against +2.6 %
+//! (SPEC §12.16). Each admission first drops the ring's leading steps that
+//! started (or were cancelled, or are gone): those left their queue, so the
+//! ring holds about what the queue holds, and a step's allocation is
 //! released soon after it starts: at the next admission to its pool, or by
 //! the deadline thread, which sweeps the rings at least once a second while
-//! they hold steps. (Holding finished steps, or even
-//! a `Weak` to each, until a compaction made allocations cold and cost 3×
-//! more per step; measured, SPEC §12.16.)
+//! they hold steps. (Holding finished steps, or even a `Weak` to each, until
+//! a compaction made allocations cold and cost 3× more per step; measured,
+//! SPEC §12.16.)
 //!
 //! Heap entries are removed lazily: an entry whose step left its ring is
 //! skipped when it comes due, and a push that finds the heap beyond its
@@ -23,7 +28,7 @@
 use super::StepHandle;
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
 /// Entries kept beyond twice the ringed steps before a compaction.
@@ -70,14 +75,19 @@ impl Eq for Entry {}
 /// `base` is the sequence number of the front.
 #[derive(Default)]
 struct Ring {
-    steps: VecDeque<Arc<StepHandle>>,
+    steps: VecDeque<Weak<StepHandle>>,
     base: u64,
 }
 
 impl Ring {
-    /// Pops the front if its step left the queue (started or cancelled).
-    fn pop_done(&mut self) -> Option<Arc<StepHandle>> {
-        if self.steps.front().is_some_and(|h| !waiting(h)) {
+    /// Pops the front if its step left the queue (started, cancelled or
+    /// already gone).
+    fn pop_done(&mut self) -> Option<Weak<StepHandle>> {
+        let done = match self.steps.front()?.upgrade() {
+            None => true,
+            Some(h) => !waiting(&h),
+        };
+        if done {
             self.base += 1;
             return self.steps.pop_front();
         }
@@ -132,7 +142,7 @@ impl Deadlines {
         let at = h.deadline;
         let pool = h.assignment.pool.index();
         // Dropped after the lock: one may be a step's last reference.
-        let mut released: [Option<Arc<StepHandle>>; TRIM] = Default::default();
+        let mut released: [Option<Weak<StepHandle>>; TRIM] = Default::default();
         let mut st = self.lock();
         if st.stopped {
             return; // no thread to drain it: hold nothing
@@ -146,7 +156,7 @@ impl Deadlines {
             }
         }
         let seq = ring.base + ring.steps.len() as u64;
-        ring.steps.push_back(h.clone());
+        ring.steps.push_back(Arc::downgrade(h));
         st.heap.push(Entry {
             at,
             pool: pool as u8,
@@ -191,8 +201,8 @@ impl Deadlines {
                         continue; // left its ring: started long ago
                     };
                     let h = usize::try_from(offset).ok().and_then(|i| ring.steps.get(i));
-                    if let Some(h) = h.filter(|h| waiting(h)) {
-                        due.push(h.clone());
+                    if let Some(h) = h.and_then(Weak::upgrade).filter(|h| waiting(h)) {
+                        due.push(h);
                     }
                 }
                 drop(st); // before `released`: a step's last reference may go
@@ -318,7 +328,11 @@ mod tests {
         let st = d.lock();
         let ringed: Vec<_> = st.rings.iter().flat_map(|r| r.steps.iter()).collect();
         for q in &queue {
-            assert!(ringed.iter().any(|h| Arc::ptr_eq(h, q)));
+            assert!(
+                ringed
+                    .iter()
+                    .any(|h| std::ptr::eq(h.as_ptr(), Arc::as_ptr(q)))
+            );
         }
         let bases = st.rings.each_ref().map(|r| r.base);
         let live = st
@@ -386,18 +400,16 @@ mod tests {
         for h in &steps {
             let _ = h.started.set(Instant::now());
         }
-        let watched: Vec<_> = steps.iter().map(Arc::downgrade).collect();
         drop(steps);
         let t0 = Instant::now();
-        while watched.iter().any(|w| w.strong_count() > 0) && t0.elapsed() < Duration::from_secs(10)
-        {
+        while d.ringed() > 0 && t0.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let held = watched.iter().filter(|w| w.strong_count() > 0).count();
+        let held = d.ringed();
         assert_eq!(
             held,
             0,
-            "{held} started steps still held after {:?}",
+            "{held} started steps still ringed after {:?}",
             t0.elapsed()
         );
         assert!(

@@ -14,8 +14,14 @@
 //! chunked and close-delimited bodies, 1xx and `Expect: 100-continue`
 //! handling, keep-alive decisions), the transports and the resolver.
 //!
-//! Timeouts: every I/O call gets the time left until the attempt's
-//! deadline; connecting gets the smaller of that and the connect timeout.
+//! Timeouts: every I/O call, and a host-name lookup, gets the time left
+//! until the attempt's deadline; connecting then gets the smaller of that
+//! and the connect timeout (counted from the end of the lookup, as in ureq).
+//!
+//! Pooling: a connection goes back to its thread's pool only after its
+//! response was read to the end, with keep-alive allowed and no byte past
+//! the response buffered; it is probed (`is_open`, one non-blocking peek)
+//! when taken out, not when put back (ureq probed both times).
 
 use super::CachingResolver;
 use std::collections::VecDeque;
@@ -150,6 +156,11 @@ impl Client {
         limit: &dyn Fn(&Parts) -> BodyLimit,
     ) -> Result<Answer, Failure> {
         let clock = Clock::start(req.total, req.connect);
+        // A request that cannot be built costs no pooled connection.
+        let call = prepare(req).map_err(|error| Failure {
+            error,
+            on_idle_connection: false,
+        })?;
         let target = Target::of(req.uri);
         let pooled = match &target {
             Some(t) if req.fresh => {
@@ -176,7 +187,7 @@ impl Client {
             received: false,
             max_head: self.config.max_response_header_size(),
         };
-        match exchange.run(req, limit) {
+        match exchange.run(call, req.body, limit) {
             Ok((answer, keep)) => {
                 // Bytes past the response (an upstream sending more than it
                 // framed) mean the connection cannot be trusted again.
@@ -193,12 +204,18 @@ impl Client {
         }
     }
 
-    /// A new connection: resolve (with the egress check), then the
-    /// connector chain. A pooled connection skips this: its address passed
-    /// the same (fixed) egress policy when it was made.
+    /// A new connection: resolve (with the egress check) within the
+    /// attempt's time, then the connector chain within the connect timeout,
+    /// which starts after the lookup (as in ureq). A pooled connection skips
+    /// this: its address passed the same (fixed) egress policy when made.
     fn connect(&self, uri: &Uri, clock: &Clock) -> Result<BoxedTransport, ureq::Error> {
+        let addrs = self.resolver.resolve(uri, &self.config, clock.io())?;
         let timeout = clock.connect();
-        let addrs = self.resolver.resolve(uri, &self.config, timeout)?;
+        // ureq gives an exhausted connect budget one more second; the
+        // attempt's deadline is firm here.
+        if timeout.after.is_zero() {
+            return Err(ureq::Error::Timeout(timeout.reason));
+        }
         let connector = self.connector.clone();
         let details = ConnectionDetails {
             uri,
@@ -230,19 +247,18 @@ impl Client {
     }
 }
 
-/// The attempt's deadline and the connect deadline.
+/// The attempt's deadline and the connect timeout.
 #[derive(Debug, Clone, Copy)]
 struct Clock {
     end: Option<Instant>,
-    connect_end: Option<Instant>,
+    connect: Option<Duration>,
 }
 
 impl Clock {
     fn start(total: Option<Duration>, connect: Option<Duration>) -> Clock {
-        let now = Instant::now();
         Clock {
-            end: total.and_then(|t| now.checked_add(t)),
-            connect_end: connect.and_then(|c| now.checked_add(c)),
+            end: total.and_then(|t| Instant::now().checked_add(t)),
+            connect,
         }
     }
 
@@ -251,10 +267,11 @@ impl Clock {
         timeout_until(self.end, Timeout::Global)
     }
 
-    /// The timeout for connecting: whichever deadline comes first, named
-    /// as ureq names it (the block's error mapping reads the name).
+    /// The timeout for connecting, from now: whichever deadline comes
+    /// first, named as ureq names it (the block's error mapping reads it).
     fn connect(&self) -> NextTimeout {
-        match (self.end, self.connect_end) {
+        let connect_end = self.connect.and_then(|c| Instant::now().checked_add(c));
+        match (self.end, connect_end) {
             (Some(end), Some(c)) if end <= c => timeout_until(Some(end), Timeout::Global),
             (_, Some(c)) => timeout_until(Some(c), Timeout::Connect),
             (end, None) => timeout_until(end, Timeout::Global),
@@ -307,16 +324,16 @@ impl Exchange {
     /// The response, and whether the connection can be pooled.
     fn run(
         &mut self,
-        req: &Request<'_>,
+        call: Call<SendRequest>,
+        body: &[u8],
         limit: &dyn Fn(&Parts) -> BodyLimit,
     ) -> Result<(Answer, bool), ureq::Error> {
-        let call = prepare(req)?;
         let call = match self.send_request(call)? {
             SendRequestResult::Await100(call) => match self.await_100(call)? {
-                Await100Result::SendBody(call) => self.send_body(call, req.body)?,
+                Await100Result::SendBody(call) => self.send_body(call, body)?,
                 Await100Result::RecvResponse(call) => call,
             },
-            SendRequestResult::SendBody(call) => self.send_body(call, req.body)?,
+            SendRequestResult::SendBody(call) => self.send_body(call, body)?,
             SendRequestResult::RecvResponse(call) => call,
         };
         let (response, next) = self.recv_response(call)?;
@@ -366,8 +383,11 @@ impl Exchange {
                     }
                     self.received = true;
                     let amount = call.try_read_100(input)?;
+                    // Consuming nothing clears the buffer's progress flag,
+                    // so the next wait reads more instead of returning at
+                    // once on the partial answer (a busy loop in ureq).
+                    self.transport.buffers().input_consume(amount);
                     if amount > 0 {
-                        self.transport.buffers().input_consume(amount);
                         break;
                     }
                 }
