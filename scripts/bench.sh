@@ -24,7 +24,7 @@
 # Usage: scripts/bench.sh            (from any directory)
 # Knobs (environment): CARGO_TARGET_DIR (default: <repo>/target),
 #   BENCH_ECHO_STEPS (100000), BENCH_HTTP_STEPS (30000), BENCH_IO_POOL (8),
-#   BENCH_CP1_BACKLOG (100000), BENCH_WRK_SECS (10), BENCH_ROUNDS (3),
+#   BENCH_CP1_BACKLOG (100000), BENCH_WRK_SECS (10), BENCH_ROUNDS (5),
 #   BENCH_ENGINE_ROUNDS (9; a round is three runs of under a second each, and
 #   with three rounds the overhead rows swung by ±15 % on this VM; a multiple
 #   of 3 puts each variant first, second and third equally often),
@@ -50,7 +50,7 @@ HTTP_STEPS="${BENCH_HTTP_STEPS:-30000}"
 IO_POOL="${BENCH_IO_POOL:-8}"
 CP1_BACKLOG="${BENCH_CP1_BACKLOG:-100000}"
 WRK_SECS="${BENCH_WRK_SECS:-10}"
-ROUNDS="${BENCH_ROUNDS:-3}"
+ROUNDS="${BENCH_ROUNDS:-5}"
 ENGINE_ROUNDS="${BENCH_ENGINE_ROUNDS:-9}"
 SQL_STEPS="${BENCH_SQL_STEPS:-100000}"
 SQL_ROWS="${BENCH_SQL_ROWS:-100000}"
@@ -378,6 +378,8 @@ done
 stop_pid "$UP_PID"
 rec HTTP_RAW "$(median "${raw_rates[@]}")"
 rec HTTP_WORKER "$(median "${worker_rates[@]}")"
+rec HTTP_RAW_ALL "$(IFS=,; echo "${raw_rates[*]}")"
+rec HTTP_WORKER_ALL "$(IFS=,; echo "${worker_rates[*]}")"
 if ((${#host_rates[@]})); then
     rec HTTP_WORKER_HOST "$(median "${host_rates[@]}")"
 else
@@ -833,7 +835,8 @@ md.append(f"- HTTP: `examples/bench_upstream` (std `TcpListener`, one thread per
           f"keep-alive). Raw: wrk 1 thread × {res['IO_POOL']} connections for 5 s. Worker: `caf-worker run` "
           f"over {n(f('HTTP_STEPS'))} `http.request` GET steps to `http://127.0.0.1:<port>/x`, "
           f"`WORKER_IO_POOL_SIZE={res['IO_POOL']}`, wall time from process start to exit; then the same "
-          f"steps to `http://localhost:<port>/x`. Median of {res['ROUNDS']} interleaved rounds.")
+          f"steps to `http://localhost:<port>/x`. Median of {res['ROUNDS']} interleaved rounds; raw: "
+          f"{res['HTTP_RAW_ALL']} req/s, worker: {res['HTTP_WORKER_ALL']} steps/s.")
 md.append(f"- SQL: a {n(f('SQL_ROWS'))}-row table `items(id INTEGER PRIMARY KEY, name, qty, price)` "
           f"(`examples/bench_sql make`). Plain: `bench_sql plain`, {res['SQL_THREADS']} thread(s) with a read-only "
           f"connection and a cached prepared statement each, `SELECT id, name, qty, price FROM items WHERE id = ?` "
