@@ -324,6 +324,9 @@ mod tests {
             0,
             "a finished step is still held"
         );
+        // The rings hold no step alive: the queue's reference is the only
+        // one, so the pool thread that runs a step frees it.
+        assert!(queue.iter().all(|q| Arc::strong_count(q) == 1));
         // Every step still queued is in a ring and in the heap.
         let st = d.lock();
         let ringed: Vec<_> = st.rings.iter().flat_map(|r| r.steps.iter()).collect();
