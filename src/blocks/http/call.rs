@@ -470,6 +470,7 @@ impl Exchange {
     ) -> Result<(Vec<u8>, bool), ureq::Error> {
         let mut body = Vec::new();
         let mut remote_closed = false;
+        let limit = (max, cut);
         loop {
             let fulfilled = match call.body_mode() {
                 BodyMode::NoBody => true,
@@ -480,23 +481,14 @@ impl Exchange {
             if fulfilled {
                 break;
             }
-            let mut read =
-                |call: &mut Call<RecvBody>, t: &mut BoxedTransport, body: &mut Vec<u8>| {
-                    let (used, out) = call.read(t.buffers().input(), buf)?;
-                    t.buffers().input_consume(used);
-                    if out > 0 && !push(body, &buf[..out], max)? {
-                        return Ok::<_, ureq::Error>(None);
-                    }
-                    Ok(Some((used, out)))
-                };
+            // `None` from `decode`: the body ends here (a cut one).
             if self.transport.buffers().can_use_input() {
-                match read(&mut call, &mut self.transport, &mut body) {
-                    Ok(Some((_, out))) if out > 0 => continue,
-                    Ok(Some((used, _))) if used > 0 => continue,
-                    Ok(Some(_)) => {}
-                    Ok(None) | Err(_) if cut => return Ok((body, false)),
-                    Ok(None) => return Err(ureq::Error::BodyExceedsLimit(max)),
-                    Err(e) => return Err(e),
+                let t = &mut self.transport;
+                let Some((used, out)) = decode(&mut call, t, &mut body, buf, limit)? else {
+                    return Ok((body, false));
+                };
+                if out > 0 || used > 0 {
+                    continue;
                 }
             }
             if remote_closed {
@@ -519,15 +511,21 @@ impl Exchange {
                 Err(e) => return Err(e),
             };
             let ended = self.transport.buffers().input().is_empty();
-            match read(&mut call, &mut self.transport, &mut body) {
-                Ok(Some((_, out))) if out > 0 => {}
-                Ok(Some(_)) if ended => break,
-                Ok(Some(_)) if progressed => {}
-                Ok(Some(_)) if cut => return Ok((body, false)),
-                Ok(Some(_)) => return Err(ureq::Error::BodyStalled),
-                Ok(None) | Err(_) if cut => return Ok((body, false)),
-                Ok(None) => return Err(ureq::Error::BodyExceedsLimit(max)),
-                Err(e) => return Err(e),
+            let t = &mut self.transport;
+            let Some((_, out)) = decode(&mut call, t, &mut body, buf, limit)? else {
+                return Ok((body, false));
+            };
+            if out > 0 {
+                continue;
+            }
+            if ended {
+                break;
+            }
+            if !progressed {
+                if cut {
+                    return Ok((body, false));
+                }
+                return Err(ureq::Error::BodyStalled);
             }
         }
         // The end of the body (ureq's `ended`): a chunked body whose last
@@ -554,15 +552,41 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; 16 * 1024].into_boxed_slice());
 }
 
+/// Decodes what the transport holds into `body`: input used and bytes
+/// decoded. Past the limit, or on an error, a cut body (`limit.1`) ends:
+/// `None`; a full one fails.
+fn decode(
+    call: &mut Call<RecvBody>,
+    t: &mut BoxedTransport,
+    body: &mut Vec<u8>,
+    buf: &mut [u8],
+    (max, cut): (u64, bool),
+) -> Result<Option<(usize, usize)>, ureq::Error> {
+    let (used, out) = match call.read(t.buffers().input(), buf) {
+        Ok(r) => r,
+        Err(_) if cut => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    t.buffers().input_consume(used);
+    if out > 0 && !push(body, &buf[..out], max) {
+        return if cut {
+            Ok(None)
+        } else {
+            Err(ureq::Error::BodyExceedsLimit(max))
+        };
+    }
+    Ok(Some((used, out)))
+}
+
 /// Appends `bytes` unless that takes `body` past `max` bytes (`false`).
-fn push(body: &mut Vec<u8>, bytes: &[u8], max: u64) -> Result<bool, ureq::Error> {
+fn push(body: &mut Vec<u8>, bytes: &[u8], max: u64) -> bool {
     if (body.len() + bytes.len()) as u64 > max {
         let room = (max as usize).saturating_sub(body.len());
         body.extend_from_slice(&bytes[..room.min(bytes.len())]);
-        return Ok(false);
+        return false;
     }
     body.extend_from_slice(bytes);
-    Ok(true)
+    true
 }
 
 /// The request as the agent would send it: `Content-Length` (payload
