@@ -235,24 +235,8 @@ impl HttpBlock {
                     log::debug!(error = f.error.to_string(); "pooled connection was closed; sending again on a fresh one");
                     fresh = true;
                 }
-                Err(f) => return Err(self.map_failure(f.error, total, connect)),
+                Err(f) => return Err(map_error(f.error, total, connect)),
             }
-        }
-    }
-
-    fn map_failure(
-        &self,
-        e: ureq::Error,
-        total: Option<Duration>,
-        connect: Option<Duration>,
-    ) -> BlockError {
-        match e {
-            ureq::Error::BodyExceedsLimit(limit) => BlockError::new(
-                ErrorCode::ExecutionFailed,
-                format!("response body exceeds WORKER_MAX_RESPONSE_BYTES ({limit} bytes)"),
-            )
-            .permanent(),
-            other => map_error(other, total, connect),
         }
     }
 }
@@ -720,6 +704,11 @@ fn map_error(e: ureq::Error, total: Option<Duration>, connect: Option<Duration>)
         ureq::Error::RedirectFailed => {
             BlockError::new(ErrorCode::ExecutionFailed, "redirect failed").permanent()
         }
+        ureq::Error::BodyExceedsLimit(limit) => BlockError::new(
+            ErrorCode::ExecutionFailed,
+            format!("response body exceeds WORKER_MAX_RESPONSE_BYTES ({limit} bytes)"),
+        )
+        .permanent(),
         other => BlockError::new(
             ErrorCode::ExecutionFailed,
             format!("request failed: {other}"),
