@@ -81,7 +81,9 @@ struct Ring {
 
 impl Ring {
     /// Pops the front if its step left the queue (started, cancelled or
-    /// already gone).
+    /// already gone). The check holds the step for a moment: should its
+    /// pool thread drop it meanwhile, the step is freed here, under the
+    /// lock (rare: the thread ran it to the end in that moment).
     fn pop_done(&mut self) -> Option<Weak<StepHandle>> {
         let done = match self.steps.front()?.upgrade() {
             None => true,
@@ -141,7 +143,8 @@ impl Deadlines {
     pub fn push(&self, h: &Arc<StepHandle>) {
         let at = h.deadline;
         let pool = h.assignment.pool.index();
-        // Dropped after the lock: one may be a step's last reference.
+        // Dropped after the lock: one may be the last hold on a step's
+        // allocation (the step itself is freed by its last `Arc`).
         let mut released: [Option<Weak<StepHandle>>; TRIM] = Default::default();
         let mut st = self.lock();
         if st.stopped {
@@ -205,7 +208,7 @@ impl Deadlines {
                         due.push(h);
                     }
                 }
-                drop(st); // before `released`: a step's last reference may go
+                drop(st); // before `released`: a step's allocation may go
                 drop(released);
                 if !due.is_empty() {
                     return Some(due);
@@ -237,7 +240,7 @@ impl Deadlines {
                 released.extend(std::iter::from_fn(|| ring.pop_done()));
             }
             if !released.is_empty() {
-                drop(st); // before `released`: a step's last reference may go
+                drop(st); // before `released`: a step's allocation may go
                 drop(released);
                 st = self.lock();
             }
