@@ -131,33 +131,19 @@ impl HttpBlock {
             follow_redirects,
         } = prepare(p)?;
         let limit = self.max_response_bytes as u64;
+        // A redirect that will be followed has its (small) body read, so its
+        // connection goes back to the pool; any other response's body is
+        // read up to the limit.
+        let body_limit = |head: &http::response::Parts| match redirect_to(head, follow_redirects) {
+            Some(_) => call::BodyLimit::Cut(REDIRECT_BODY_MAX),
+            None => call::BodyLimit::Fail(limit),
+        };
         let mut redirects = 0;
         let (answer, status) = loop {
-            // A redirect that will be followed has its (small) body read, so
-            // its connection goes back to the pool; any other response's body
-            // is read up to the limit.
-            let body_limit = |head: &http::response::Parts| {
-                // The same test as the loop's below, or a body cut short
-                // could be the final answer.
-                let location = head.headers.get(http::header::LOCATION);
-                if follow_redirects
-                    && is_redirect(head.status.as_u16())
-                    && location.is_some_and(|v| v.to_str().is_ok())
-                {
-                    call::BodyLimit::Cut(REDIRECT_BODY_MAX)
-                } else {
-                    call::BodyLimit::Fail(limit)
-                }
-            };
             let answer = self.send(&hop, ctx, &body_limit)?;
             let status = answer.head.status.as_u16();
-            let location = answer
-                .head
-                .headers
-                .get(http::header::LOCATION)
-                .and_then(|v| v.to_str().ok());
-            match location {
-                Some(location) if follow_redirects && is_redirect(status) => {
+            match redirect_to(&answer.head, follow_redirects) {
+                Some(location) => {
                     if redirects == MAX_REDIRECTS {
                         return Err(BlockError::new(
                             ErrorCode::ExecutionFailed,
@@ -168,7 +154,7 @@ impl HttpBlock {
                     hop = next_hop(hop, status, location)?;
                     redirects += 1;
                 }
-                _ => break (answer, status),
+                None => break (answer, status),
             }
         };
         let call::Answer { head, body: bytes } = answer;
@@ -239,6 +225,17 @@ impl HttpBlock {
             }
         }
     }
+}
+
+/// Where a response sends the next hop, when it is followed: a redirect
+/// status with a readable `Location`, and `follow_redirects` set. (Also
+/// decides how much of its body is read, so a cut body is never the
+/// final answer.)
+fn redirect_to(head: &http::response::Parts, follow: bool) -> Option<&str> {
+    if !follow || !is_redirect(head.status.as_u16()) {
+        return None;
+    }
+    head.headers.get(http::header::LOCATION)?.to_str().ok()
 }
 
 /// Statuses whose `Location` is followed (with `follow_redirects`).
