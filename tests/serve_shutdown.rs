@@ -145,33 +145,7 @@ fn sigterm_on_an_idle_worker_exits_promptly() {
         took < Duration::from_millis(1500),
         "idle exit took {took:?}"
     );
-    let stopped = support::wait_for(Duration::from_secs(2), || {
-        let logs = w.stderr.lock().unwrap();
-        logs.iter()
-            .any(|l| l.contains("caf-worker stopped"))
-            .then_some(())
-    });
-    assert!(
-        stopped.is_some(),
-        "no stop line: {:?}",
-        w.stderr.lock().unwrap()
-    );
-}
-
-/// Waits for a stderr line of `w` containing every one of `needles`.
-fn log_line(w: &Worker, needles: &[&str], limit: Duration) -> String {
-    support::wait_for(limit, || {
-        let logs = w.stderr.lock().unwrap();
-        logs.iter()
-            .find(|l| needles.iter().all(|n| l.contains(n)))
-            .cloned()
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "no log line with {needles:?}: {:?}",
-            w.stderr.lock().unwrap()
-        )
-    })
+    w.log_line(&["caf-worker stopped"], Duration::from_secs(2));
 }
 
 #[test]
@@ -200,14 +174,12 @@ fn a_second_signal_stops_now_with_one_cancelled_result_per_unfinished_step() {
     };
     let t0 = Instant::now();
     kill("-INT");
-    log_line(
-        &w,
+    w.log_line(
         &["draining 3 step(s)", "30 s", "Ctrl-C again"],
         Duration::from_secs(5),
     );
     kill("-INT");
-    let warn = log_line(
-        &w,
+    let warn = w.log_line(
         &["3 unfinished step(s) ended cancelled", "results.jsonl"],
         Duration::from_secs(5),
     );
@@ -236,8 +208,7 @@ fn a_drain_out_of_grace_without_a_results_file_says_the_results_are_lost() {
     );
     serve::wait_pool(&w, "cpu", 1, 0, Duration::from_secs(5));
     w.sigterm();
-    let warn = log_line(
-        &w,
+    let warn = w.log_line(
         &[
             "ran out of grace",
             "1 unfinished step(s)",

@@ -417,15 +417,20 @@ impl Worker {
         let sink = lines.clone();
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if v["message"]
-                        .as_str()
-                        .is_some_and(|m| m.contains("listening"))
-                    {
-                        let _ = tx.send(v["context"].clone());
-                    }
-                }
+                let listening = serde_json::from_str::<Value>(&line)
+                    .ok()
+                    .filter(|v| {
+                        v["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("listening"))
+                    })
+                    .map(|v| v["context"].clone());
+                // Stored before `start` returns: every line up to and
+                // including "listening" is in `stderr` when a test begins.
                 sink.lock().unwrap().push(line);
+                if let Some(ctx) = listening {
+                    let _ = tx.send(ctx);
+                }
             }
         });
         let ctx = match rx.recv_timeout(Duration::from_secs(20)) {
@@ -460,13 +465,7 @@ impl Worker {
         let pid = self.child.id();
         let state = match self.child.try_wait() {
             Ok(Some(status)) => {
-                // The pipe is closed: let the reader take the last lines.
-                if let Some(r) = self.reader.take() {
-                    let until = Instant::now() + Duration::from_secs(2);
-                    while !r.is_finished() && Instant::now() < until {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
+                self.drain_stderr();
                 format!("serve (pid {pid}) had exited: {status}")
             }
             Ok(None) => {
@@ -507,11 +506,43 @@ impl Worker {
             .status();
     }
 
-    /// Waits for exit; returns the exit code.
+    /// Waits for a stderr line containing every one of `needles` and returns
+    /// it. Lines reach `stderr` through a reader thread, so a line the
+    /// worker has written may land a moment after what it wrote next (a
+    /// metric, a reply): poll, never look once.
+    pub fn log_line(&self, needles: &[&str], limit: Duration) -> String {
+        wait_for(limit, || {
+            let logs = self.stderr.lock().unwrap();
+            logs.iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+                .cloned()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no log line with {needles:?}: {:?}",
+                self.stderr.lock().unwrap()
+            )
+        })
+    }
+
+    /// Lets the reader thread take the last lines once the process has
+    /// exited (its end of the pipe is closed, so the reader ends soon).
+    fn drain_stderr(&mut self) {
+        if let Some(r) = self.reader.take() {
+            let until = Instant::now() + Duration::from_secs(2);
+            while !r.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// Waits for exit; returns the exit code. Every line the process wrote
+    /// is in `stderr` afterwards.
     pub fn wait_exit(&mut self, limit: Duration) -> i32 {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(s) = self.child.try_wait().expect("wait") {
+                self.drain_stderr();
                 return s.code().unwrap_or(-1);
             }
             if Instant::now() > deadline {
