@@ -1,23 +1,30 @@
-//! CP2 deadlines of queued steps: a min-heap ordered by deadline, filled at
-//! admission and drained by one deadline thread that sleeps until the
-//! earliest deadline (no scan of the assignment table, no polling).
+//! CP2 deadlines of queued steps, handed to one deadline thread that sleeps
+//! until the earliest one (no scan of the assignment table, no polling).
 //!
-//! Cheap per step, because almost no step ever reaches its deadline: the
-//! heap holds plain numbers (deadline, pool, sequence number), and the steps
-//! themselves wait in one FIFO ring per pool, in admission order, which is
-//! the order the pool's queue hands them out. A ring holds a `Weak` to each
-//! step: the step is freed by whichever thread drops it last (its pool
-//! thread, with the step still warm in its cache), not by the admitting
-//! thread; with an `Arc` in the ring, the admitting thread freed most steps,
-//! cold, and CP2 timeouts cost +11.5 % CPU per echo step against +2.6 %
-//! (SPEC §12.16). Each admission first drops the ring's leading steps that
-//! started (or were cancelled, or are gone): those left their queue, so the
-//! ring holds about what the queue holds, and a step's allocation is
-//! released soon after it starts: at the next admission to its pool, or by
-//! the deadline thread, which sweeps the rings at least once a second while
-//! they hold steps. (Holding finished steps, or even a `Weak` to each, until
-//! a compaction made allocations cold and cost 3× more per step; measured,
-//! SPEC §12.16.)
+//! Cheap per step, because almost no step ever reaches its deadline. The
+//! steps wait in one FIFO ring per pool, in admission order, which is the
+//! order the pool's queue hands them out. Most steps arrive with a deadline
+//! no earlier than the one ringed before them (every `run` step has the
+//! default deadline): such an *in-order* step needs no other entry, since the
+//! in-order steps of a ring are already sorted, and the thread follows each
+//! ring with a cursor. Only a step whose deadline is earlier than its ring's
+//! latest goes on a min-heap of plain numbers (deadline, pool, sequence
+//! number). Issue 13 asked for ≤ 1 % of throughput: the heap push, its
+//! compactions and the release of each popped slot after the lock were half
+//! of this module's cost per step (SPEC §12.16).
+//!
+//! A ring holds a `Weak` to each step: the step is freed by whichever thread
+//! drops it last (its pool thread, with the step still warm in its cache),
+//! not by the admitting thread; with an `Arc` in the ring, the admitting
+//! thread freed most steps, cold, and CP2 timeouts cost +11.5 % CPU per echo
+//! step against +2.6 % (SPEC §12.16). Each admission first drops the ring's
+//! leading steps that started (or were cancelled, or are gone): those left
+//! their queue, so the ring holds about what the queue holds, and a step's
+//! allocation is released soon after it starts: at the next admission to its
+//! pool, or by the deadline thread, which sweeps the rings at least once a
+//! second while they hold steps. (Holding finished steps, or even a `Weak`
+//! to each, until a compaction made allocations cold and cost 3× more per
+//! step; measured, SPEC §12.16.)
 //!
 //! Heap entries are removed lazily: an entry whose step left its ring is
 //! skipped when it comes due, and a push that finds the heap beyond its
@@ -43,7 +50,7 @@ const BATCH: usize = 1024;
 const SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Started steps a push releases from its ring at most (a push adds one, so
-/// the ring keeps up with its queue); released after the lock.
+/// the ring keeps up with its queue).
 const TRIM: usize = 4;
 
 /// One queued step's deadline: its ring and place in it.
@@ -71,29 +78,72 @@ impl PartialEq for Entry {
 }
 impl Eq for Entry {}
 
+/// One ringed step.
+struct Slot {
+    step: Weak<StepHandle>,
+    /// Its deadline is in the heap: it was earlier than one ringed before
+    /// it. Otherwise the ring's cursor finds it.
+    heaped: bool,
+}
+
 /// The steps of one pool admitted and not yet seen started, oldest first;
 /// `base` is the sequence number of the front.
 #[derive(Default)]
 struct Ring {
-    steps: VecDeque<Weak<StepHandle>>,
+    steps: VecDeque<Slot>,
     base: u64,
+    /// The latest deadline of an in-order slot since the ring was last
+    /// empty: the in-order slots are sorted by deadline.
+    last_at: Option<Instant>,
+    /// Sequence number of the first in-order slot the deadline thread has
+    /// neither handed out nor passed (the ring's next deadline).
+    cursor: u64,
 }
 
 impl Ring {
     /// Pops the front if its step left the queue (started, cancelled or
-    /// already gone). The check holds the step for a moment: should its
-    /// pool thread drop it meanwhile, the step is freed here, under the
-    /// lock (rare: the thread ran it to the end in that moment).
-    fn pop_done(&mut self) -> Option<Weak<StepHandle>> {
-        let done = match self.steps.front()?.upgrade() {
-            None => true,
-            Some(h) => !waiting(&h),
+    /// already gone) and says whether it did. The popped `Weak` is dropped
+    /// here, under the lock: at most the handle's allocation goes with it
+    /// (its pool thread dropped the step itself). The check holds the step
+    /// for a moment: should its pool thread drop it meanwhile, the step is
+    /// freed here (rare: the thread ran it to the end in that moment).
+    fn pop_done(&mut self) -> bool {
+        let Some(front) = self.steps.front() else {
+            return false;
         };
+        // A step that is gone never comes back: a load, not an upgrade.
+        let done =
+            front.step.strong_count() == 0 || front.step.upgrade().is_none_or(|h| !waiting(&h));
         if done {
             self.base += 1;
-            return self.steps.pop_front();
+            self.steps.pop_front();
+            if self.steps.is_empty() {
+                self.last_at = None;
+            }
         }
-        None
+        done
+    }
+
+    /// Moves the cursor over the in-order slots due by `now`, adding those
+    /// that still wait to `due` (up to [`BATCH`] in all), and returns the
+    /// deadline of the next in-order step that waits, if any.
+    fn take_due(&mut self, now: Instant, due: &mut Vec<Arc<StepHandle>>) -> Option<Instant> {
+        self.cursor = self.cursor.max(self.base);
+        while due.len() < BATCH {
+            let slot = usize::try_from(self.cursor - self.base)
+                .ok()
+                .and_then(|i| self.steps.get(i))?;
+            if !slot.heaped {
+                if let Some(h) = slot.step.upgrade().filter(|h| waiting(h)) {
+                    if h.deadline > now {
+                        return Some(h.deadline);
+                    }
+                    due.push(h);
+                }
+            }
+            self.cursor += 1;
+        }
+        None // a full batch: the caller hands it out and comes back
     }
 }
 
@@ -143,32 +193,37 @@ impl Deadlines {
     pub fn push(&self, h: &Arc<StepHandle>) {
         let at = h.deadline;
         let pool = h.assignment.pool.index();
-        // Dropped after the lock: one may be the last hold on a step's
-        // allocation (the step itself is freed by its last `Arc`).
-        let mut released: [Option<Weak<StepHandle>>; TRIM] = Default::default();
         let mut st = self.lock();
         if st.stopped {
             return; // no thread to drain it: hold nothing
         }
         let st = &mut *st;
         let ring = &mut st.rings[pool];
-        for slot in &mut released {
-            *slot = ring.pop_done();
-            if slot.is_none() {
+        for _ in 0..TRIM {
+            if !ring.pop_done() {
                 break;
             }
         }
         let seq = ring.base + ring.steps.len() as u64;
-        ring.steps.push_back(Arc::downgrade(h));
-        st.heap.push(Entry {
-            at,
-            pool: pool as u8,
-            seq,
+        let heaped = ring.last_at.is_some_and(|last| at < last);
+        if !heaped {
+            ring.last_at = Some(at);
+        }
+        ring.steps.push_back(Slot {
+            step: Arc::downgrade(h),
+            heaped,
         });
-        if st.heap.len() > st.compact_at {
-            let bases = st.rings.each_ref().map(|r| r.base);
-            st.heap.retain(|e| e.seq >= bases[usize::from(e.pool)]);
-            st.compact_at = 2 * st.heap.len() + COMPACT_SLACK;
+        if heaped {
+            st.heap.push(Entry {
+                at,
+                pool: pool as u8,
+                seq,
+            });
+            if st.heap.len() > st.compact_at {
+                let bases = st.rings.each_ref().map(|r| r.base);
+                st.heap.retain(|e| e.seq >= bases[usize::from(e.pool)]);
+                st.compact_at = 2 * st.heap.len() + COMPACT_SLACK;
+            }
         }
         if let Some(until) = st.asleep_until {
             if until.is_none_or(|u| at < u) {
@@ -187,45 +242,44 @@ impl Deadlines {
             if st.stopped {
                 return None;
             }
+            let st_ = &mut *st;
+            // Steps that started leave their rings here too, should their
+            // pool see no further admission.
+            for ring in &mut st_.rings {
+                while ring.pop_done() {}
+            }
             let now = Instant::now();
-            let first = st.heap.peek().map(|e| e.at);
-            if first.is_some_and(|at| at <= now) {
-                // Steps that started meanwhile leave their rings here too,
-                // should their pool see no further admission.
-                let mut released = Vec::new();
-                for ring in &mut st.rings {
-                    released.extend(std::iter::from_fn(|| ring.pop_done()));
+            let mut due = Vec::new();
+            while due.len() < BATCH && st_.heap.peek().is_some_and(|e| e.at <= now) {
+                let Some(e) = st_.heap.pop() else { break };
+                let ring = &st_.rings[usize::from(e.pool)];
+                let Some(offset) = e.seq.checked_sub(ring.base) else {
+                    continue; // left its ring: started long ago
+                };
+                let h = usize::try_from(offset).ok().and_then(|i| ring.steps.get(i));
+                if let Some(h) = h.and_then(|s| s.step.upgrade()).filter(|h| waiting(h)) {
+                    due.push(h);
                 }
-                let mut due = Vec::new();
-                while due.len() < BATCH && st.heap.peek().is_some_and(|e| e.at <= now) {
-                    let Some(e) = st.heap.pop() else { break };
-                    let ring = &st.rings[usize::from(e.pool)];
-                    let Some(offset) = e.seq.checked_sub(ring.base) else {
-                        continue; // left its ring: started long ago
-                    };
-                    let h = usize::try_from(offset).ok().and_then(|i| ring.steps.get(i));
-                    if let Some(h) = h.and_then(Weak::upgrade).filter(|h| waiting(h)) {
-                        due.push(h);
-                    }
+            }
+            let mut first = st_.heap.peek().map(|e| e.at);
+            for ring in &mut st_.rings {
+                if let Some(at) = ring.take_due(now, &mut due) {
+                    first = Some(first.map_or(at, |f| f.min(at)));
                 }
-                drop(st); // before `released`: a step's allocation may go
-                drop(released);
-                if !due.is_empty() {
-                    return Some(due);
-                }
-                st = self.lock();
-                continue; // only leftovers were due
+            }
+            if !due.is_empty() {
+                return Some(due);
             }
             // While steps are ringed, wake at least every SWEEP to release
             // those that started: a pool that sees no further admission
             // would otherwise keep them (payloads and all) until the
             // earliest deadline, which may be an hour away.
-            let ringed = st.rings.iter().any(|r| !r.steps.is_empty());
+            let ringed = st_.rings.iter().any(|r| !r.steps.is_empty());
             let until = match (first, ringed.then(|| now + SWEEP)) {
                 (Some(at), Some(sweep)) => Some(at.min(sweep)),
                 (at, sweep) => at.or(sweep),
             };
-            st.asleep_until = Some(first);
+            st_.asleep_until = Some(first);
             st = match until {
                 Some(at) => self
                     .wake
@@ -235,15 +289,6 @@ impl Deadlines {
                 None => self.wake.wait(st).unwrap_or_else(|p| p.into_inner()),
             };
             st.asleep_until = None;
-            let mut released = Vec::new();
-            for ring in &mut st.rings {
-                released.extend(std::iter::from_fn(|| ring.pop_done()));
-            }
-            if !released.is_empty() {
-                drop(st); // before `released`: a step's allocation may go
-                drop(released);
-                st = self.lock();
-            }
         }
     }
 
@@ -289,25 +334,66 @@ mod tests {
         Arc::new(StepHandle::new(a, Instant::now(), deadline, None))
     }
 
+    /// Steps in a pool's queue: at most this many wait (FIFO, as a pool's
+    /// channel); each admission beyond it starts the oldest.
+    const QUEUE: usize = 100;
+
+    /// Admits `h` to `d` and `queue`; returns the step it made start, if any.
+    fn admit(
+        d: &Deadlines,
+        queue: &mut VecDeque<Arc<StepHandle>>,
+        h: Arc<StepHandle>,
+    ) -> Option<Arc<StepHandle>> {
+        d.push(&h);
+        queue.push_back(h);
+        if queue.len() <= QUEUE {
+            return None;
+        }
+        let started = queue.pop_front()?;
+        let _ = started.started.set(Instant::now());
+        Some(started)
+    }
+
+    /// A deadline thread over `d` that claims each due step as the engine
+    /// does (so it is not handed out again) and sends its id and the time;
+    /// returns once the thread is asleep.
+    fn deadline_thread(
+        d: &Arc<Deadlines>,
+    ) -> (
+        std::thread::JoinHandle<()>,
+        std::sync::mpsc::Receiver<(String, Instant)>,
+    ) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                while let Some(due) = d.next_due() {
+                    for h in due {
+                        h.cancel.cancel(crate::cancel::CancelReason::Deadline);
+                        let _ = tx.send((h.assignment.assignment_id.clone(), Instant::now()));
+                    }
+                }
+            })
+        };
+        let t0 = Instant::now();
+        while d.lock().asleep_until.is_none() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (thread, rx)
+    }
+
     #[test]
     fn the_heap_and_rings_stay_near_the_queue_and_release_started_steps() {
         let d = Deadlines::new();
         let far = Instant::now() + Duration::from_secs(60);
-        // A queue of 100 (FIFO, as a pool's channel): each admission, the
-        // oldest queued step starts. Deadlines are far (the usual case: 30 s
-        // against a queue of milliseconds), so nothing is popped.
-        const QUEUE: usize = 100;
+        // Deadlines are far (the usual case: 30 s against a queue of
+        // milliseconds), so nothing is popped.
         let mut queue = VecDeque::new();
         let mut running = Vec::new();
         let mut first_done = None;
         let (mut max_len, mut max_ringed) = (0, 0);
         for i in 0..20_000 {
-            let h = handle(i, far);
-            d.push(&h);
-            queue.push_back(h);
-            if queue.len() > QUEUE {
-                let started = queue.pop_front().expect("a queued step");
-                let _ = started.started.set(Instant::now());
+            if let Some(started) = admit(&d, &mut queue, handle(i, far)) {
                 if i % 100 == 0 {
                     running.push(started); // still running: alive
                 } else if first_done.is_none() {
@@ -318,8 +404,7 @@ mod tests {
             max_ringed = max_ringed.max(d.ringed());
         }
         assert!(max_ringed <= QUEUE + 2, "rings grew to {max_ringed}");
-        let bound = 2 * max_ringed + COMPACT_SLACK;
-        assert!(max_len <= bound, "heap grew to {max_len} (bound {bound})");
+        assert_eq!(max_len, 0, "in-order deadlines went on the heap");
         // A finished step is not held until its deadline or a compaction.
         let first_done = first_done.expect("a finished step");
         assert_eq!(
@@ -330,22 +415,88 @@ mod tests {
         // The rings hold no step alive: the queue's reference is the only
         // one, so the pool thread that runs a step frees it.
         assert!(queue.iter().all(|q| Arc::strong_count(q) == 1));
-        // Every step still queued is in a ring and in the heap.
+        // Every step still queued is in a ring.
         let st = d.lock();
         let ringed: Vec<_> = st.rings.iter().flat_map(|r| r.steps.iter()).collect();
         for q in &queue {
             assert!(
                 ringed
                     .iter()
-                    .any(|h| std::ptr::eq(h.as_ptr(), Arc::as_ptr(q)))
+                    .any(|s| std::ptr::eq(s.step.as_ptr(), Arc::as_ptr(q)))
             );
         }
+    }
+
+    #[test]
+    fn out_of_order_deadlines_go_on_the_heap_and_the_heap_stays_near_the_queue() {
+        // Every third step has an earlier deadline than the one before it.
+        let d = Deadlines::new();
+        let t0 = Instant::now() + Duration::from_secs(60);
+        let mut queue = VecDeque::new();
+        let mut max_len = 0;
+        for i in 0..20_000u64 {
+            let at = t0 + Duration::from_millis(if i % 3 == 2 { i } else { 10 * i });
+            admit(&d, &mut queue, handle(i as usize, at));
+            max_len = max_len.max(d.len());
+        }
+        let bound = 2 * (QUEUE + 2) + COMPACT_SLACK;
+        assert!(max_len <= bound, "heap grew to {max_len} (bound {bound})");
+        // Each heaped slot still ringed has its entry; the rest is leftovers.
+        let st = d.lock();
+        let heaped = st
+            .rings
+            .iter()
+            .flat_map(|r| r.steps.iter())
+            .filter(|s| s.heaped);
         let bases = st.rings.each_ref().map(|r| r.base);
         let live = st
             .heap
             .iter()
             .filter(|e| e.seq >= bases[usize::from(e.pool)]);
-        assert!(live.count() >= queue.len());
+        assert_eq!(heaped.count(), live.count());
+        assert!(!st.heap.is_empty(), "no deadline went on the heap");
+    }
+
+    #[test]
+    fn heap_and_ring_deadlines_are_handed_out_in_order_and_started_steps_never() {
+        let d = Arc::new(Deadlines::new());
+        // The thread sleeps with nothing to watch: the first push (in order,
+        // its ring empty) must wake it.
+        let (thread, rx) = deadline_thread(&d);
+        let base = Instant::now();
+        let ms = |m: u64| base + Duration::from_millis(m);
+        // Ring order: 300 (in order), 100 and 200 (earlier: heap), 400 (in
+        // order), 500 (in order, but started: never handed out), 450 (heap).
+        let steps: Vec<Arc<StepHandle>> = [300, 100, 200, 400, 500, 450]
+            .iter()
+            .enumerate()
+            .map(|(i, &m)| handle(i, ms(m)))
+            .collect();
+        for h in &steps {
+            d.push(h);
+        }
+        let _ = steps[4].started.set(Instant::now());
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            match rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(x) => got.push(x),
+                Err(_) => break,
+            }
+        }
+        let ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["a-1", "a-2", "a-0", "a-3", "a-5"]);
+        for (id, at) in &got {
+            let i: usize = id[2..].parse().expect("an index");
+            let late = at.saturating_duration_since(steps[i].deadline);
+            assert!(
+                *at >= steps[i].deadline && late < Duration::from_secs(1),
+                "{id}: {late:?} late"
+            );
+        }
+        // The started step is not handed out (its deadline passed meanwhile).
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        d.stop();
+        thread.join().expect("the deadline thread ended");
     }
 
     #[test]
@@ -354,22 +505,8 @@ mod tests {
         d.push(&handle(0, Instant::now() + Duration::from_secs(60)));
         let far = handle(1, Instant::now() + Duration::from_secs(60));
         d.push(&far);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = {
-            let d = d.clone();
-            std::thread::spawn(move || {
-                while let Some(due) = d.next_due() {
-                    for h in due {
-                        let _ = tx.send((h.assignment.assignment_id.clone(), Instant::now()));
-                    }
-                }
-            })
-        };
-        // Let the thread fall asleep until the far deadline first.
-        let t0 = Instant::now();
-        while d.lock().asleep_until.is_none() && t0.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        // The thread falls asleep until the far deadline first.
+        let (thread, rx) = deadline_thread(&d);
         let near = handle(2, Instant::now() + Duration::from_millis(100));
         d.push(&near);
         let (id, at) = rx

@@ -5,8 +5,9 @@
 //! [`ExecResult`] → result sinks. Between attempts a retry parks in the
 //! timer map (`parking.rs`) instead of sleeping on its thread, and comes back
 //! on its pool's retry channel; a `human.approval` parks there until it is
-//! decided (`approvals.rs`). Under CP2 timeouts a queued step's deadline
-//! waits in a min-heap (`deadlines.rs`) that one deadline thread sleeps on.
+//! decided (`approvals.rs`). Under CP2 timeouts a queued step waits in its
+//! pool's deadline ring (`deadlines.rs`, a min-heap only for a deadline
+//! earlier than its ring's latest) that one deadline thread sleeps on.
 //! The engine reports what happened to an [`Observer`]; it never touches
 //! metrics or transports itself.
 //!
