@@ -224,3 +224,35 @@ fn a_response_head_past_the_limit_fails_the_step_without_hanging() {
     let message = results[0]["error_message"].as_str().unwrap_or_default();
     assert!(message.contains("header"), "{}", results[0]);
 }
+
+#[test]
+fn the_request_head_is_the_one_ureq_s_agent_sent() {
+    // Pinned byte for byte (SPEC §12.15: the block builds its requests
+    // itself; the wire must not drift): framing, the default headers, then
+    // Host (with the port: not the scheme's default), then the payload's
+    // (in name order, as the payload's object keeps them).
+    let up = RawUpstream::start(|_| answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"));
+    let post = support::assignment(
+        "h-2",
+        "http.request",
+        json!({"url": up.url("/in?q=1"), "method": "POST", "body": "abc",
+               "headers": {"X-Trace": "t-1", "Accept": "text/plain"}}),
+    );
+    let results = run(&[get("h-1", &up.url("/a")), post]);
+    assert_ok(&results[0], "ok");
+    assert_ok(&results[1], "ok");
+    let got = up.got();
+    let ua = format!("user-agent: caf-worker/{}\r\n", env!("CARGO_PKG_VERSION"));
+    let host = format!("host: {}\r\n", up.addr);
+    assert_eq!(
+        got[0].head,
+        format!("GET /a HTTP/1.1\r\ncontent-length: 0\r\n{ua}accept: */*\r\n{host}\r\n")
+    );
+    assert_eq!(
+        got[1].head,
+        format!(
+            "POST /in?q=1 HTTP/1.1\r\ncontent-length: 3\r\n{ua}{host}accept: text/plain\r\nx-trace: t-1\r\n\r\n"
+        )
+    );
+    assert_eq!(got[1].body, b"abc");
+}

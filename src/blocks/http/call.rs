@@ -598,11 +598,12 @@ fn prepare(req: &Request<'_>) -> Result<Call<SendRequest>, ureq::Error> {
     *request.uri_mut() = req.uri.clone();
     *request.headers_mut() = req.headers.clone();
     let mut call = Call::new(request)?;
-    let (has_ua, has_accept) = {
+    let (has_ua, has_accept, has_host) = {
         let h = call.headers();
         (
             h.contains_key(header::USER_AGENT),
             h.contains_key(header::ACCEPT),
+            h.contains_key(header::HOST),
         )
     };
     call.header(header::CONTENT_LENGTH, HeaderValue::from(req.body.len()))?;
@@ -612,7 +613,46 @@ fn prepare(req: &Request<'_>) -> Result<Call<SendRequest>, ureq::Error> {
     if !has_accept {
         call.header(header::ACCEPT, HeaderValue::from_static("*/*"))?;
     }
+    // The `Host` ureq-proto would add next, at the same place, built here
+    // without the `format!` it uses whenever the port is not the default
+    // (callgrind: ~170 instructions a step fewer, net). Putting every
+    // header in the request's own map instead of `Call::header` measured
+    // no better (the map's inserts and drop cost what the rescans saved).
+    if let (false, Some(host)) = (has_host, req.uri.host()) {
+        call.header(header::HOST, host_header(host, req.uri))?;
+    }
     Ok(call.proceed())
+}
+
+/// `Host` for `uri`: the host, and `:port` only when the port is not the
+/// scheme's default (an unknown scheme: never; a missing one counts as
+/// `http`), as ureq-proto writes it.
+fn host_header(host: &str, uri: &Uri) -> String {
+    let default = match uri.scheme_str() {
+        None | Some("http") => Some(80),
+        Some("https") => Some(443),
+        Some(_) => None,
+    };
+    let mut value = String::with_capacity(host.len() + 6);
+    value.push_str(host);
+    if let (Some(port), Some(default)) = (uri.port_u16(), default) {
+        if port != default {
+            value.push(':');
+            let mut digits = [0u8; 5];
+            let mut at = digits.len();
+            let mut n = port;
+            loop {
+                at -= 1;
+                digits[at] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            value.extend(digits[at..].iter().map(|&d| char::from(d)));
+        }
+    }
+    value
 }
 
 /// The `User-Agent` sent unless a step sets its own.
@@ -721,6 +761,40 @@ impl Pool {
 mod tests {
     use super::*;
     use ureq::unversioned::transport::{Buffers, LazyBuffers};
+
+    #[test]
+    fn host_header_is_the_one_ureq_proto_writes() {
+        // The oracle: ureq-proto's own `Host`, from a request without one.
+        fn theirs(url: &str) -> String {
+            let mut request = http::Request::new(());
+            *request.uri_mut() = url.parse().expect("a URL");
+            let mut call = Call::new(request).expect("a call").proceed();
+            let mut out = [0u8; 512];
+            let n = call.write(&mut out).expect("a head");
+            let head = String::from_utf8_lossy(&out[..n]).into_owned();
+            head.lines()
+                .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+                .expect("a host line")
+        }
+        for url in [
+            "http://a.example/x",
+            "http://a.example:80/x",
+            "http://a.example:8080/x",
+            "https://a.example/x",
+            "https://a.example:443/x",
+            "https://a.example:80/x",
+            "http://a.example:443/x",
+            "http://127.0.0.1:1/x",
+            "http://127.0.0.1:65535/x",
+            "http://[::1]:8080/x",
+            "http://[::1]/x",
+            "http://user:pw@a.example:81/x",
+        ] {
+            let uri: Uri = url.parse().expect("a URL");
+            let ours = host_header(uri.host().expect("a host"), &uri);
+            assert_eq!(ours, theirs(url), "{url}");
+        }
+    }
 
     /// A transport that records which connection the pool probed.
     #[derive(Debug)]
