@@ -194,16 +194,15 @@ pub(super) fn queued_past_deadline() -> Outcome {
 /// deadline counted from acceptance)`.
 fn attempt_deadline(shared: &Shared, h: &StepHandle, now: Instant) -> Instant {
     let a = &h.assignment;
-    let budget = a
-        .deadline_ms
-        .map_or(shared.settings.default_deadline, Duration::from_millis);
     if shared.settings.flags.complete_timeout {
-        let per_attempt = a
-            .attempt_timeout_ms
-            .map_or(h.deadline, |t| now + Duration::from_millis(t));
-        per_attempt.min(h.deadline)
+        match a.attempt_timeout_ms {
+            Some(t) => (now + Duration::from_millis(t)).min(h.deadline),
+            None => h.deadline,
+        }
     } else {
-        now + budget
+        now + a
+            .deadline_ms
+            .map_or(shared.settings.default_deadline, Duration::from_millis)
     }
 }
 
