@@ -24,12 +24,14 @@
 #
 # Usage: scripts/bench.sh            (from any directory)
 # Knobs (environment): CARGO_TARGET_DIR (default: <repo>/target),
-#   BENCH_ECHO_STEPS (100000), BENCH_HTTP_STEPS (30000), BENCH_IO_POOL (8),
+#   BENCH_ECHO_STEPS (200000), BENCH_HTTP_STEPS (30000), BENCH_IO_POOL (8),
 #   BENCH_CP1_BACKLOG (100000), BENCH_WRK_SECS (10), BENCH_ROUNDS (5),
-#   BENCH_ENGINE_ROUNDS (9; a round is three runs of under a second each, and
-#   with three rounds the overhead rows swung by ±15 % on this VM; a multiple
-#   of 3 puts each variant first, second and third equally often; the
-#   overhead rows, and the HTTP share, are medians of per-round ratios),
+#   BENCH_ENGINE_ROUNDS (15; a round is three runs of about a second each;
+#   with three rounds the overhead rows swung by ±15 % on this VM, and with
+#   nine rounds of 100,000 steps the metrics row still moved from +0.6 to
+#   +7.2 % between runs of one binary; a multiple of 3 puts each variant
+#   first, second and third equally often; the overhead rows, and the HTTP
+#   share, are medians of per-round ratios),
 #   BENCH_SQL_STEPS (100000), BENCH_SQL_ROWS (100000), BENCH_SQL_THREADS (1),
 #   BENCH_MIX_STEPS (90000), BENCH_APPROVALS (10000),
 #   BENCH_DOC (docs/BENCHMARKS.md; "-" to skip writing it),
@@ -47,13 +49,13 @@ UPSTREAM="$TARGET_DIR/release/examples/bench_upstream"
 CLIENT="$TARGET_DIR/release/examples/bench_client"
 SQLBENCH="$TARGET_DIR/release/examples/bench_sql"
 
-ECHO_STEPS="${BENCH_ECHO_STEPS:-100000}"
+ECHO_STEPS="${BENCH_ECHO_STEPS:-200000}"
 HTTP_STEPS="${BENCH_HTTP_STEPS:-30000}"
 IO_POOL="${BENCH_IO_POOL:-8}"
 CP1_BACKLOG="${BENCH_CP1_BACKLOG:-100000}"
 WRK_SECS="${BENCH_WRK_SECS:-10}"
 ROUNDS="${BENCH_ROUNDS:-5}"
-ENGINE_ROUNDS="${BENCH_ENGINE_ROUNDS:-9}"
+ENGINE_ROUNDS="${BENCH_ENGINE_ROUNDS:-15}"
 SQL_STEPS="${BENCH_SQL_STEPS:-100000}"
 SQL_ROWS="${BENCH_SQL_ROWS:-100000}"
 SQL_THREADS="${BENCH_SQL_THREADS:-1}"
