@@ -17,11 +17,11 @@
 //! drops it last (its pool thread, with the step still warm in its cache),
 //! not by the admitting thread; with an `Arc` in the ring, the admitting
 //! thread freed most steps, cold, and CP2 timeouts cost +11.5 % CPU per echo
-//! step against +2.6 % (SPEC §12.16). Each admission first drops the ring's
-//! leading steps that started (or were cancelled, or are gone): those left
-//! their queue, so the ring holds about what the queue holds, and a step's
-//! allocation is released soon after it starts: at the next admission to its
-//! pool, or by the deadline thread, which sweeps the rings at least once a
+//! step against +2.6 % (SPEC §12.16). Every fourth admission to a ring first
+//! drops the ring's leading steps that started (or were cancelled, or are
+//! gone): those left their queue, so the ring holds about what the queue
+//! holds, and a step's allocation is released soon after it starts: within
+//! a few admissions to its pool, or by the deadline thread, which sweeps the rings at least once a
 //! second while they hold steps. (Holding finished steps, or even a `Weak`
 //! to each, until a compaction made allocations cold and cost 3× more per
 //! step; measured, SPEC §12.16.)
@@ -49,9 +49,12 @@ const BATCH: usize = 1024;
 /// that started (a pool with no further admissions releases none itself).
 const SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Started steps a push releases from its ring at most (a push adds one, so
-/// the ring keeps up with its queue).
-const TRIM: usize = 4;
+/// Every this many pushes to a ring, the push releases its ring's leading
+/// steps that started, at most twice this many (so the ring keeps up with
+/// its queue, at most this many behind). Not on every push: when the
+/// queue is backed up the front still waits, and finding that out costs
+/// two atomic operations on a line the pool threads write.
+const TRIM_EVERY: u64 = 4;
 
 /// One queued step's deadline: its ring and place in it.
 struct Entry {
@@ -199,9 +202,11 @@ impl Deadlines {
         }
         let st = &mut *st;
         let ring = &mut st.rings[pool];
-        for _ in 0..TRIM {
-            if !ring.pop_done() {
-                break;
+        if (ring.base + ring.steps.len() as u64) % TRIM_EVERY == 0 {
+            for _ in 0..2 * TRIM_EVERY {
+                if !ring.pop_done() {
+                    break;
+                }
             }
         }
         let seq = ring.base + ring.steps.len() as u64;
@@ -403,7 +408,11 @@ mod tests {
             max_len = max_len.max(d.len());
             max_ringed = max_ringed.max(d.ringed());
         }
-        assert!(max_ringed <= QUEUE + 2, "rings grew to {max_ringed}");
+        let bound = QUEUE + TRIM_EVERY as usize + 1;
+        assert!(
+            max_ringed <= bound,
+            "rings grew to {max_ringed} (bound {bound})"
+        );
         assert_eq!(max_len, 0, "in-order deadlines went on the heap");
         // A finished step is not held until its deadline or a compaction.
         let first_done = first_done.expect("a finished step");
@@ -439,7 +448,7 @@ mod tests {
             admit(&d, &mut queue, handle(i as usize, at));
             max_len = max_len.max(d.len());
         }
-        let bound = 2 * (QUEUE + 2) + COMPACT_SLACK;
+        let bound = 2 * (QUEUE + TRIM_EVERY as usize + 1) + COMPACT_SLACK;
         assert!(max_len <= bound, "heap grew to {max_len} (bound {bound})");
         // Each heaped slot still ringed has its entry; the rest is leftovers.
         let st = d.lock();
