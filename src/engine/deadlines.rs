@@ -21,10 +21,10 @@
 //! drops the ring's leading steps that started (or were cancelled, or are
 //! gone): those left their queue, so the ring holds about what the queue
 //! holds, and a step's allocation is released soon after it starts: within
-//! a few admissions to its pool, or by the deadline thread, which sweeps the rings at least once a
-//! second while they hold steps. (Holding finished steps, or even a `Weak`
-//! to each, until a compaction made allocations cold and cost 3× more per
-//! step; measured, SPEC §12.16.)
+//! a few admissions to its pool, or by the deadline thread, which sweeps the
+//! rings at least once a second while they hold steps. (Holding finished
+//! steps, or even a `Weak` to each, until a compaction made allocations cold
+//! and cost 3× more per step; measured, SPEC §12.16.)
 //!
 //! Heap entries are removed lazily: an entry whose step left its ring is
 //! skipped when it comes due, and a push that finds the heap beyond its
@@ -202,14 +202,16 @@ impl Deadlines {
         }
         let st = &mut *st;
         let ring = &mut st.rings[pool];
-        if (ring.base + ring.steps.len() as u64) % TRIM_EVERY == 0 {
+        // The step's sequence number (a pop moves `base` and the length
+        // together, so trimming leaves it as it is).
+        let seq = ring.base + ring.steps.len() as u64;
+        if seq % TRIM_EVERY == 0 {
             for _ in 0..2 * TRIM_EVERY {
                 if !ring.pop_done() {
                     break;
                 }
             }
         }
-        let seq = ring.base + ring.steps.len() as u64;
         let heaped = ring.last_at.is_some_and(|last| at < last);
         if !heaped {
             ring.last_at = Some(at);
@@ -247,17 +249,17 @@ impl Deadlines {
             if st.stopped {
                 return None;
             }
-            let st_ = &mut *st;
+            let state = &mut *st;
             // Steps that started leave their rings here too, should their
             // pool see no further admission.
-            for ring in &mut st_.rings {
+            for ring in &mut state.rings {
                 while ring.pop_done() {}
             }
             let now = Instant::now();
             let mut due = Vec::new();
-            while due.len() < BATCH && st_.heap.peek().is_some_and(|e| e.at <= now) {
-                let Some(e) = st_.heap.pop() else { break };
-                let ring = &st_.rings[usize::from(e.pool)];
+            while due.len() < BATCH && state.heap.peek().is_some_and(|e| e.at <= now) {
+                let Some(e) = state.heap.pop() else { break };
+                let ring = &state.rings[usize::from(e.pool)];
                 let Some(offset) = e.seq.checked_sub(ring.base) else {
                     continue; // left its ring: started long ago
                 };
@@ -266,8 +268,8 @@ impl Deadlines {
                     due.push(h);
                 }
             }
-            let mut first = st_.heap.peek().map(|e| e.at);
-            for ring in &mut st_.rings {
+            let mut first = state.heap.peek().map(|e| e.at);
+            for ring in &mut state.rings {
                 if let Some(at) = ring.take_due(now, &mut due) {
                     first = Some(first.map_or(at, |f| f.min(at)));
                 }
@@ -279,12 +281,12 @@ impl Deadlines {
             // those that started: a pool that sees no further admission
             // would otherwise keep them (payloads and all) until the
             // earliest deadline, which may be an hour away.
-            let ringed = st_.rings.iter().any(|r| !r.steps.is_empty());
+            let ringed = state.rings.iter().any(|r| !r.steps.is_empty());
             let until = match (first, ringed.then(|| now + SWEEP)) {
                 (Some(at), Some(sweep)) => Some(at.min(sweep)),
                 (at, sweep) => at.or(sweep),
             };
-            st_.asleep_until = Some(first);
+            state.asleep_until = Some(first);
             st = match until {
                 Some(at) => self
                     .wake

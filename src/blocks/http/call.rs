@@ -626,7 +626,8 @@ fn prepare(req: &Request<'_>) -> Result<Call<SendRequest>, ureq::Error> {
 
 /// `Host` for `uri`: the host, and `:port` only when the port is not the
 /// scheme's default (an unknown scheme: never; a missing one counts as
-/// `http`), as ureq-proto writes it.
+/// `http`), as ureq-proto writes it: the port as a number, so without the
+/// leading zeros a URL may give it.
 fn host_header(host: &str, uri: &Uri) -> String {
     let default = match uri.scheme_str() {
         None | Some("http") => Some(80),
@@ -635,21 +636,12 @@ fn host_header(host: &str, uri: &Uri) -> String {
     };
     let mut value = String::with_capacity(host.len() + 6);
     value.push_str(host);
-    if let (Some(port), Some(default)) = (uri.port_u16(), default) {
-        if port != default {
+    if let (Some(port), Some(default)) = (uri.port(), default) {
+        if port.as_u16() != default {
+            // All digits (it parsed as a `u16`).
+            let digits = port.as_str().trim_start_matches('0');
             value.push(':');
-            let mut digits = [0u8; 5];
-            let mut at = digits.len();
-            let mut n = port;
-            loop {
-                at -= 1;
-                digits[at] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
-            value.extend(digits[at..].iter().map(|&d| char::from(d)));
+            value.push_str(if digits.is_empty() { "0" } else { digits });
         }
     }
     value
@@ -788,6 +780,10 @@ mod tests {
             "http://127.0.0.1:65535/x",
             "http://[::1]:8080/x",
             "http://[::1]/x",
+            "http://a.example:08080/x",
+            "http://a.example:080/x",
+            "http://a.example:0/x",
+            "http://a.example:000/x",
             "http://user:pw@a.example:81/x",
         ] {
             let uri: Uri = url.parse().expect("a URL");
