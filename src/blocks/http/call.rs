@@ -271,20 +271,22 @@ impl Clock {
     /// first, named as ureq names it (the block's error mapping reads it).
     fn connect(&self) -> NextTimeout {
         let connect_end = self.connect.and_then(|c| Instant::now().checked_add(c));
-        match (self.end, connect_end) {
-            (Some(end), Some(c)) if end <= c => timeout_until(Some(end), Timeout::Global),
-            (_, Some(c)) => timeout_until(Some(c), Timeout::Connect),
-            (end, None) => timeout_until(end, Timeout::Global),
-        }
+        self.sooner(connect_end, Timeout::Connect)
     }
 
     /// Waiting for a `100 Continue`: up to [`AWAIT_100`] from `since`, or
     /// the attempt's deadline if that comes first.
     fn await_100(&self, since: Instant) -> NextTimeout {
-        let wait_end = since + AWAIT_100;
-        match self.end {
-            Some(end) if end <= wait_end => timeout_until(Some(end), Timeout::Global),
-            _ => timeout_until(Some(wait_end), Timeout::Await100),
+        self.sooner(Some(since + AWAIT_100), Timeout::Await100)
+    }
+
+    /// Whichever comes first: the attempt's deadline (`Global`) or `other`
+    /// (named `reason`; `None`: only the deadline applies).
+    fn sooner(&self, other: Option<Instant>, reason: Timeout) -> NextTimeout {
+        match (self.end, other) {
+            (Some(end), Some(o)) if end <= o => timeout_until(Some(end), Timeout::Global),
+            (_, Some(o)) => timeout_until(Some(o), reason),
+            (end, None) => timeout_until(end, Timeout::Global),
         }
     }
 }
@@ -454,23 +456,24 @@ impl Exchange {
         call: Call<RecvBody>,
         limit: BodyLimit,
     ) -> Result<(Vec<u8>, bool), ureq::Error> {
-        let (max, cut) = match limit {
+        let limit = match limit {
             BodyLimit::Fail(n) => (n, false),
             BodyLimit::Cut(n) => (n, true),
         };
-        SCRATCH.with_borrow_mut(|buf| self.read_body(call, max, cut, buf))
+        SCRATCH.with_borrow_mut(|buf| self.read_body(call, limit, buf))
     }
 
+    /// `limit`: the most bytes kept, and whether more cuts the body (else
+    /// fails it).
     fn read_body(
         &mut self,
         mut call: Call<RecvBody>,
-        max: u64,
-        cut: bool,
+        limit: (u64, bool),
         buf: &mut [u8],
     ) -> Result<(Vec<u8>, bool), ureq::Error> {
+        let cut = limit.1;
         let mut body = Vec::new();
         let mut remote_closed = false;
-        let limit = (max, cut);
         loop {
             let fulfilled = match call.body_mode() {
                 BodyMode::NoBody => true,
@@ -629,11 +632,7 @@ fn prepare(req: &Request<'_>) -> Result<Call<SendRequest>, ureq::Error> {
 /// `http`), as ureq-proto writes it: the port as a number, so without the
 /// leading zeros a URL may give it.
 fn host_header(host: &str, uri: &Uri) -> String {
-    let default = match uri.scheme_str() {
-        None | Some("http") => Some(80),
-        Some("https") => Some(443),
-        Some(_) => None,
-    };
+    let default = default_port(uri.scheme_str().unwrap_or("http"));
     let mut value = String::with_capacity(host.len() + 6);
     value.push_str(host);
     if let (Some(port), Some(default)) = (uri.port(), default) {
@@ -645,6 +644,15 @@ fn host_header(host: &str, uri: &Uri) -> String {
         }
     }
     value
+}
+
+/// The port a scheme implies (`None`: neither `http` nor `https`).
+fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    }
 }
 
 /// The `User-Agent` sent unless a step sets its own.
@@ -675,16 +683,12 @@ struct Target<'a> {
 
 impl<'a> Target<'a> {
     fn of(uri: &'a Uri) -> Option<Target<'a>> {
-        let https = match uri.scheme_str()? {
-            "http" => false,
-            "https" => true,
-            _ => return None,
-        };
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let scheme = uri.scheme_str()?;
+        let default = default_port(scheme)?;
         Some(Target {
-            https,
+            https: scheme == "https",
             host: uri.host()?,
-            port,
+            port: uri.port_u16().unwrap_or(default),
         })
     }
 
