@@ -3,12 +3,13 @@
 //! [`super::parse_assignment`] first reads the bytes straight into the
 //! envelope's typed fields with a small lexer: keys are compared as they
 //! stand in the input, the version is compared in place, the ids and the
-//! job type are read without building a JSON tree around them. Only the
+//! job type are read without building a JSON tree around them. The
 //! payload and the less common fields (`options`, `correlation`,
-//! `executor`, unknown keys) become [`Value`]s: the lexer finds where each
-//! such value ends and hands that text to the same duplicate-refusing
-//! [`Checked`] parse as the general path. The checks of those fields are
-//! the general path's own functions.
+//! `executor`, unknown keys) are read by the same lexer straight into
+//! [`Value`]s, refusing a duplicate key at any depth as the general path's
+//! `Checked` parse does; only a number that is not a plain non-negative
+//! integer is handed to serde_json on its own. The checks of those fields
+//! are the general path's own functions.
 //!
 //! This path only ever accepts: any input it does not take as it is (a
 //! missing or invalid field, a duplicate key at any depth, a value of an
@@ -18,7 +19,7 @@
 //! it to that.
 
 use super::assignment::{self, Assignment, IntakeRules, JobType, MAX_ID_BYTES};
-use super::json::Checked;
+use serde_json::map::Entry;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 
@@ -102,7 +103,7 @@ fn once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
 
 /// A field's value nested deeper than this gives up: with the two levels
 /// around it, well inside serde_json's own limit of 128, which the general
-/// path applies to the whole input while the [`Checked`] parse here sees one
+/// path applies to the whole input while the lexer here counts within one
 /// value of it.
 const MAX_DEPTH: usize = 64;
 
@@ -202,20 +203,90 @@ impl<'a> Lexer<'a> {
         (self.i > start).then(|| &self.text[start..self.i])
     }
 
-    /// The next value, parsed whole and refusing duplicate keys.
-    fn checked(&mut self) -> Option<Value> {
-        match serde_json::from_str::<Checked>(self.value_text()?).ok()? {
-            Checked {
-                value,
-                duplicate: None,
-            } => Some(value),
-            _ => None,
+    /// The next value (after whitespace), built as serde_json builds it and
+    /// refusing duplicate keys: objects, arrays, strings, literals and plain
+    /// non-negative integers are read here, straight into the [`Value`];
+    /// any other number (a sign, a fraction, an exponent, 20 digits or
+    /// more) is handed to serde_json on its own. `depth` counts the brackets
+    /// around this value within the field.
+    fn value(&mut self, depth: usize) -> Option<Value> {
+        self.skip_ws();
+        match *self.bytes().get(self.i)? {
+            b'{' => {
+                if depth >= MAX_DEPTH {
+                    return None;
+                }
+                let mut map = Map::new();
+                self.object(|lx, key| {
+                    let value = lx.value(depth + 1)?;
+                    match map.entry(key.into_owned()) {
+                        Entry::Vacant(slot) => {
+                            slot.insert(value);
+                            Some(())
+                        }
+                        Entry::Occupied(_) => None, // a duplicate key
+                    }
+                })?;
+                Some(Value::Object(map))
+            }
+            b'[' => {
+                if depth >= MAX_DEPTH {
+                    return None;
+                }
+                self.i += 1;
+                let mut items = Vec::new();
+                if self.eat(b']').is_none() {
+                    loop {
+                        items.push(self.value(depth + 1)?);
+                        if self.eat(b',').is_none() {
+                            self.eat(b']')?;
+                            break;
+                        }
+                    }
+                }
+                Some(Value::Array(items))
+            }
+            b'"' => Some(Value::String(self.string()?.into_owned())),
+            b't' => self.literal("true", Value::Bool(true)),
+            b'f' => self.literal("false", Value::Bool(false)),
+            b'n' => self.literal("null", Value::Null),
+            b'0'..=b'9' => self.integer(),
+            _ => serde_json::from_str(self.value_text()?).ok(),
         }
+    }
+
+    /// `word` if it is next; what follows it is the caller's to check.
+    fn literal(&mut self, word: &str, value: Value) -> Option<Value> {
+        self.bytes()[self.i..]
+            .starts_with(word.as_bytes())
+            .then(|| {
+                self.i += word.len();
+                value
+            })
+    }
+
+    /// A non-negative integer of at most 19 digits (it fits a `u64`), as
+    /// serde_json makes it; anything longer or with a fraction or exponent
+    /// goes to serde_json, which also refuses a leading zero.
+    fn integer(&mut self) -> Option<Value> {
+        let rest = &self.bytes()[self.i..];
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let plain = digits <= 19
+            && (digits == 1 || rest[0] != b'0')
+            && !matches!(rest.get(digits), Some(b'.' | b'e' | b'E'));
+        if !plain {
+            return serde_json::from_str(self.value_text()?).ok();
+        }
+        let n = rest[..digits]
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        self.i += digits;
+        Some(Value::Number(n.into()))
     }
 
     /// Keeps a key the typed path does not read.
     fn keep(&mut self, rest: &mut Map<String, Value>, key: Cow<'a, str>) -> Option<()> {
-        let value = self.checked()?;
+        let value = self.value(0)?;
         if rest.contains_key(&*key) {
             return None;
         }
@@ -270,7 +341,7 @@ impl<'a> Lexer<'a> {
                 once(&mut job.job_type, t)
             }
             "payload" => {
-                let payload = match lx.checked()? {
+                let payload = match lx.value(0)? {
                     Value::Object(p) => Some(p),
                     Value::Null => None,
                     _ => return None,
@@ -336,6 +407,79 @@ mod tests {
             };
             let expect_valid = v["expect_reason"].is_null();
             assert_eq!(agrees(&text), expect_valid, "{text}");
+        }
+    }
+
+    #[test]
+    fn payload_values_are_read_as_serde_json_reads_them() {
+        // Every kind of value, inside the payload and in a kept field: the
+        // fast path takes it exactly when the duplicate-refusing parse
+        // does, with the same value (`agrees` compares them).
+        let values = [
+            "0",
+            "7",
+            "42",
+            "1234567890123456789",
+            "9999999999999999999",
+            "18446744073709551615",
+            "18446744073709551616",
+            "123456789012345678901234",
+            "-0",
+            "-1",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "1.0",
+            "0.5",
+            "1e2",
+            "1E-2",
+            "2.5e+3",
+            "true",
+            "false",
+            "null",
+            "\"\"",
+            "\"a\\u0000b\"",
+            "\"\\ud83d\\ude00\"",
+            "[]",
+            "[ ]",
+            "[1, [2, [3]], {}]",
+            "{\"\\u0061\":1,\"b\":[{\"a\":2}]}",
+            "[true,false,null,\"x\",-1.5]",
+            "{ \"k\" : { \"k\" : { } } }",
+            // Refused by both.
+            "01",
+            "00",
+            "-",
+            "1.",
+            ".5",
+            "+1",
+            "1e",
+            "nul",
+            "truex",
+            "[1,]",
+            "[,1]",
+            "{,}",
+            "{\"a\":1,}",
+            "{\"a\" 1}",
+            "{\"a\":1,\"a\":1}",
+            "[{\"b\":{},\"b\":{}}]",
+            "\"x",
+            "[1 2]",
+            "{\"a\"}",
+            "NaN",
+            "Infinity",
+            "0x10",
+        ];
+        for v in values {
+            let whole = crate::contract::json::from_slice_unique(v.as_bytes());
+            for text in [
+                format!(r#"{{{BASE},"job":{{"type":"debug.echo","payload":{{"v":{v}}}}}}}"#),
+                format!(r#"{{{BASE},"job":{{"type":"debug.echo","x":{v}}}}}"#),
+                format!(r#"{{{BASE},"job":{{"type":"debug.echo"}},"x":{v}}}"#),
+            ] {
+                let taken = parse(text.as_bytes(), &rules(true)).is_some();
+                assert_eq!(taken, whole.is_ok(), "{text}");
+                agrees(&text);
+            }
         }
     }
 
