@@ -17,7 +17,7 @@
 //! drops it last (its pool thread, with the step still warm in its cache),
 //! not by the admitting thread; with an `Arc` in the ring, the admitting
 //! thread freed most steps, cold, and CP2 timeouts cost +11.5 % CPU per echo
-//! step against +2.6 % (SPEC §12.16). Every fourth admission to a ring first
+//! step against +2.6 % (SPEC §12.16). Every 16th admission to a ring first
 //! drops the ring's leading steps that started (or were cancelled, or are
 //! gone): those left their queue, so the ring holds about what the queue
 //! holds, and a step's allocation is released soon after it starts: within
@@ -53,8 +53,9 @@ const SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
 /// steps that started, at most twice this many (so the ring keeps up with
 /// its queue, at most this many behind). Not on every push: when the
 /// queue is backed up the front still waits, and finding that out costs
-/// two atomic operations on a line the pool threads write.
-const TRIM_EVERY: u64 = 4;
+/// two atomic operations on a line the pool threads write (every 4th push:
+/// +101 to +146 instructions per echo step; every 16th: +42 to +104).
+const TRIM_EVERY: u64 = 16;
 
 /// One queued step's deadline: its ring and place in it.
 struct Entry {
