@@ -473,7 +473,8 @@ pub(super) fn pool(job_type: JobType, job: &Map<String, Value>) -> Result<PoolKi
     }
 }
 
-/// The checked `options` object.
+/// The checked `options` object (the default: none given).
+#[derive(Default)]
 pub(super) struct Options {
     pub(super) deadline_ms: Option<u64>,
     pub(super) attempt_timeout_ms: Option<u64>,
