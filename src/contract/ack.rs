@@ -49,7 +49,7 @@ impl Ack {
             status: AckStatus::Accepted,
             reason: None,
             message: None,
-            trace_id: a.correlation.trace_id.clone(),
+            trace_id: a.correlation().trace_id.clone(),
             acknowledged_at: crate::time::now_ms(),
             worker_id: worker_id.to_owned(),
         }

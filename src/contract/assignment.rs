@@ -168,8 +168,33 @@ pub struct Assignment {
     pub attempt_timeout_ms: Option<u64>,
     /// `options.retry`.
     pub retry: RetryOptions,
-    /// Correlation identifiers.
-    pub correlation: Correlation,
+    /// Correlation identifiers, when any is given (boxed: most assignments
+    /// carry none, and every hand-over between threads moves this struct;
+    /// read them with [`Assignment::correlation`]).
+    pub correlation: Option<Box<Correlation>>,
+}
+
+/// The correlation of an assignment that carries none.
+static NO_CORRELATION: Correlation = Correlation {
+    trace_id: None,
+    run_id: None,
+    flow_id: None,
+    step_id: None,
+};
+
+impl Assignment {
+    /// The correlation identifiers (all `None` when none were given).
+    pub fn correlation(&self) -> &Correlation {
+        self.correlation.as_deref().unwrap_or(&NO_CORRELATION)
+    }
+}
+
+impl Correlation {
+    /// `None` when no identifier is set, else the identifiers boxed (the
+    /// form [`Assignment`] holds them in).
+    pub fn boxed(self) -> Option<Box<Correlation>> {
+        (self != NO_CORRELATION).then(|| Box::new(self))
+    }
 }
 
 /// Why an assignment was rejected at intake (the Ack `reason`, SPEC §3.2).
@@ -435,7 +460,7 @@ fn check_envelope(
         deadline_ms: options.deadline_ms,
         attempt_timeout_ms: options.attempt_timeout_ms,
         retry: options.retry,
-        correlation,
+        correlation: correlation.boxed(),
     })
 }
 

@@ -18,9 +18,7 @@
 //! input it accepts, the result equals the general path's; the tests hold
 //! it to that.
 
-use super::assignment::{
-    self, Assignment, Correlation, IntakeRules, JobType, MAX_ID_BYTES, Options,
-};
+use super::assignment::{self, Assignment, IntakeRules, JobType, MAX_ID_BYTES, Options};
 use serde_json::map::Entry;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
@@ -79,10 +77,12 @@ impl Envelope {
         // defaults, and their checks, each finding nothing, cost ~500
         // instructions.
         let (correlation, options) = if self.rest.is_empty() {
-            (Correlation::default(), Options::default())
+            (None, Options::default())
         } else {
             (
-                assignment::correlation(&self.rest, rules.strict_ids).ok()?,
+                assignment::correlation(&self.rest, rules.strict_ids)
+                    .ok()?
+                    .boxed(),
                 assignment::options(&self.rest, rules).ok()?,
             )
         };

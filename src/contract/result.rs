@@ -128,7 +128,7 @@ impl ExecResult {
                 Some(retryable),
             ),
         };
-        let c = &a.correlation;
+        let c = a.correlation();
         ExecResult {
             version: Cow::Borrowed("1"),
             assignment_id: a.assignment_id.clone(),

@@ -47,7 +47,7 @@ pub trait Correlated: Send + Sync {
 
 /// Calls `f` with each correlation field of `a` that is present.
 fn assignment_fields(a: &Assignment, f: &mut dyn FnMut(&'static str, &str)) {
-    let c = &a.correlation;
+    let c = a.correlation();
     f("assignment_id", &a.assignment_id);
     f("tenant_id", &a.tenant_id);
     for (k, v) in [

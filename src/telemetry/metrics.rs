@@ -737,7 +737,7 @@ impl Observer for Metrics {
             return;
         }
         let tenant = self.tenant_label(&a.tenant_id);
-        let c = &a.correlation;
+        let c = a.correlation();
         let (run, flow, step) = if self.detailed_labels {
             let id = |v: &'a Option<String>| v.as_deref().unwrap_or("");
             (id(&c.run_id), id(&c.flow_id), id(&c.step_id))

@@ -122,7 +122,7 @@ mod tests {
         let a = parse_with_headers(body, Some(&h), &rules()).unwrap();
         assert_eq!(a.tenant_id, "from-header");
         assert_eq!(
-            a.correlation.trace_id.as_deref(),
+            a.correlation().trace_id.as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
         let body = br#"{"version":"1","assignment_id":"a1","request_id":"r1","tenant_id":"body","job":{"type":"debug.echo","payload":{}}}"#;
