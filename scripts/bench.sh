@@ -25,7 +25,8 @@
 # Usage: scripts/bench.sh            (from any directory)
 # Knobs (environment): CARGO_TARGET_DIR (default: <repo>/target),
 #   BENCH_ECHO_STEPS (200000), BENCH_HTTP_STEPS (30000), BENCH_IO_POOL (8),
-#   BENCH_CP1_BACKLOG (100000), BENCH_WRK_SECS (10), BENCH_ROUNDS (5),
+#   BENCH_CP1_BACKLOG (100000), BENCH_WRK_SECS (10), BENCH_ROUNDS (7; one
+#   round's HTTP share moved 50–68 % within a run),
 #   BENCH_ENGINE_ROUNDS (15; a round is three runs of about a second each;
 #   with three rounds the overhead rows swung by ±15 % on this VM, and with
 #   nine rounds of 100,000 steps the metrics row still moved from +0.6 to
@@ -54,7 +55,7 @@ HTTP_STEPS="${BENCH_HTTP_STEPS:-30000}"
 IO_POOL="${BENCH_IO_POOL:-8}"
 CP1_BACKLOG="${BENCH_CP1_BACKLOG:-100000}"
 WRK_SECS="${BENCH_WRK_SECS:-10}"
-ROUNDS="${BENCH_ROUNDS:-5}"
+ROUNDS="${BENCH_ROUNDS:-7}"
 ENGINE_ROUNDS="${BENCH_ENGINE_ROUNDS:-15}"
 SQL_STEPS="${BENCH_SQL_STEPS:-100000}"
 SQL_ROWS="${BENCH_SQL_ROWS:-100000}"
