@@ -2,7 +2,9 @@
 //! fallbacks, the heartbeat and the DLQ record. Pure functions.
 
 use crate::config::NatsMode;
-use crate::contract::{Assignment, IntakeRules, Rejection, parse_assignment, validate_assignment};
+use crate::contract::{
+    Assignment, Checked, IntakeRules, Rejection, parse_assignment, validate_assignment,
+};
 use crate::engine::Engine;
 use crate::transport::nats::{Headers, Message};
 use serde_json::{Value, json};
@@ -21,8 +23,16 @@ pub fn parse_with_headers(
     if (tenant.is_none() && trace.is_none()) || payload.len() > rules.max_body_bytes {
         return parse_assignment(payload, rules);
     }
-    let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(payload) else {
-        return parse_assignment(payload, rules); // the same rejection as the ingress
+    // Duplicate keys are refused here too (a plain parse keeps the last of
+    // two `tenant_id`s, where another reader may keep the first): any body
+    // this parse does not take goes to `parse_assignment`, which names the
+    // problem exactly as the ingress does.
+    let Ok(Checked {
+        value: Value::Object(mut obj),
+        duplicate: None,
+    }) = serde_json::from_slice::<Checked>(payload)
+    else {
+        return parse_assignment(payload, rules);
     };
     if let Some(t) = tenant {
         obj.entry("tenant_id").or_insert_with(|| t.into());
@@ -130,6 +140,22 @@ mod tests {
         assert_eq!(a.tenant_id, "body");
         let r = parse_with_headers(b"{nope", Some(&h), &rules()).unwrap_err();
         assert_eq!(r.reason, RejectReason::InvalidJson);
+    }
+
+    #[test]
+    fn with_headers_a_duplicate_key_is_refused_as_at_the_ingress() {
+        let mut h = Headers::new();
+        h.insert("tenant_id", "from-header");
+        for body in [
+            br#"{"version":"1","assignment_id":"a1","request_id":"r1","tenant_id":"t1","tenant_id":"t2","job":{"type":"debug.echo"}}"#.as_slice(),
+            br#"{"version":"1","assignment_id":"a1","request_id":"r1","job":{"type":"debug.echo","payload":{"k":1,"k":2}}}"#,
+        ] {
+            let with = parse_with_headers(body, Some(&h), &rules()).unwrap_err();
+            let without = parse_assignment(body, &rules()).unwrap_err();
+            assert_eq!(with.reason, without.reason);
+            assert_eq!(with.message, without.message);
+            assert!(with.message.contains("duplicate"), "{}", with.message);
+        }
     }
 
     #[test]
