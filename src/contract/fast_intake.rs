@@ -502,6 +502,104 @@ mod tests {
     }
 
     #[test]
+    fn boundaries_agree() {
+        let nest = |n: usize| "[".repeat(n) + &"]".repeat(n);
+        let texts = [
+            // 64 brackets in a field are read here, 65 are left (the
+            // payload's own brace is one of them).
+            format!(
+                r#"{{{BASE},"job":{{"type":"debug.echo","payload":{{"d":{}}}}}}}"#,
+                nest(63)
+            ),
+            format!(
+                r#"{{{BASE},"job":{{"type":"debug.echo","payload":{{"d":{}}}}}}}"#,
+                nest(64)
+            ),
+            format!(
+                r#"{{{BASE},"job":{{"type":"debug.echo"}},"x":{}}}"#,
+                nest(64)
+            ),
+            format!(
+                r#"{{{BASE},"job":{{"type":"debug.echo"}},"x":{}}}"#,
+                nest(65)
+            ),
+            // Numbers the options check reads (19 digits here, 20 by serde_json).
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo"}},"options":{{"deadline_ms":-0}}}}"#),
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo"}},"options":{{"deadline_ms":1E+2}}}}"#),
+            format!(
+                r#"{{{BASE},"job":{{"type":"debug.echo"}},"options":{{"priority":1000000000000000000}}}}"#
+            ),
+            format!(
+                r#"{{{BASE},"job":{{"type":"debug.echo"}},"options":{{"priority":10000000000000000000}}}}"#
+            ),
+            // Whitespace after a literal or an integer, and form feed (not JSON whitespace).
+            format!(
+                r#"{{{BASE},"job":{{"type":"debug.echo","payload":{{"a":[true{}}}}}}}"#,
+                "\t,1\r\n],\"b\":null \n"
+            ),
+            format!(
+                r#"{{{BASE},"job":{{"type":"debug.echo","payload":{{"a":1{}}}}}}}"#,
+                "\x0c"
+            ),
+            // A typed key and its escaped spelling.
+            format!(
+                r#"{{{BASE},"job":{{"type":"debug.echo","payload":{{}},"p\u0061yload":{{}}}}}}"#
+            ),
+            format!(r#"{{{BASE},"job":{{"type":"debug.echo","typ\u0065":"debug.echo"}}}}"#),
+        ];
+        let taken: Vec<bool> = texts.iter().map(|t| agrees(t)).collect();
+        assert_eq!(
+            taken,
+            [
+                true, false, true, false, false, false, true, true, true, false, false, false
+            ],
+            "{texts:#?}"
+        );
+    }
+
+    #[test]
+    fn mutated_inputs_agree_with_the_general_path() {
+        // Deterministic mutations (insert, delete, replace with bytes that
+        // matter to JSON) of accepted inputs: wherever the fast path takes
+        // one, `agrees` checks the general path takes it the same way.
+        let seeds = [
+            format!(
+                r#"{{{BASE},"job":{{"type":"debug.echo","payload":{{"n":12,"s":"a\"b","l":[1,-2.5e3,true,null,{{}}],"o":{{"k":[]}}}}}}}}"#
+            ),
+            format!(
+                r#"{{{BASE},"job":{{"type":"http.request","resources":{{"class":"io"}}}},"options":{{"deadline_ms":500,"retry":{{"max_attempts":2}}}},"trace_id":"4bf92f3577b34da6a3ce929d0e0e4736"}}"#
+            ),
+        ];
+        let alphabet = b"{}[]\",:0123456789-+.eEtrufalsn \t\r\n\x0c\\ua";
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let mut taken = 0;
+        for round in 0..20_000 {
+            let mut bytes = seeds[round % seeds.len()].as_bytes().to_vec();
+            for _ in 0..1 + next(3) {
+                let at = next(bytes.len());
+                let b = alphabet[next(alphabet.len())];
+                match next(3) {
+                    0 => bytes.insert(at, b),
+                    1 => {
+                        bytes.remove(at);
+                    }
+                    _ => bytes[at] = b,
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            taken += usize::from(agrees(&text));
+        }
+        // Some mutants are still valid (a digit for a digit, a space added).
+        assert!(taken > 100, "only {taken} mutants were taken");
+    }
+
+    #[test]
     fn every_field_form_agrees() {
         let accepted = [
             format!(
