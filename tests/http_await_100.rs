@@ -9,7 +9,7 @@
 mod support;
 
 use serde_json::json;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
@@ -30,23 +30,6 @@ fn children_cpu_s() -> f64 {
     ticks / 100.0
 }
 
-/// Reads a request head; returns its `Content-Length` (0 when absent).
-fn read_head(reader: &mut impl BufRead) -> usize {
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("head");
-        if let Some((k, v)) = line.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                length = v.trim().parse().expect("length");
-            }
-        }
-        if line == "\r\n" || line.is_empty() {
-            return length;
-        }
-    }
-}
-
 #[test]
 fn a_100_continue_in_two_pieces_is_awaited_without_spinning() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -61,11 +44,11 @@ fn a_100_continue_in_two_pieces_is_awaited_without_spinning() {
         // First a plain GET, so that the POST runs on a pooled connection:
         // the partial-answer spin needs the buffer's progress flag left
         // set by the previous response (a fresh connection starts clear).
-        read_head(&mut reader);
+        support::read_head_and_length(&mut reader).expect("the GET");
         writer
             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             .expect("first answer");
-        let length = read_head(&mut reader);
+        let (_, length) = support::read_head_and_length(&mut reader).expect("the POST");
         writer.write_all(b"HTTP/1.1 100").expect("first piece");
         writer.flush().expect("flush");
         std::thread::sleep(PAUSE);

@@ -5,7 +5,7 @@
 mod support;
 
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,18 +84,9 @@ fn serve(stream: TcpStream, got: &Mutex<Vec<Got>>, script: &(dyn Fn(usize) -> An
     };
     let mut reader = BufReader::new(stream);
     loop {
-        let mut head = String::new();
-        loop {
-            let mut line = String::new();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            head.push_str(&line);
-            if line == "\r\n" {
-                break;
-            }
-        }
+        let Some((head, length)) = support::read_head_and_length(&mut reader) else {
+            return;
+        };
         let n = {
             let mut g = got.lock().expect("lock");
             g.push(Got {
@@ -108,14 +99,6 @@ fn serve(stream: TcpStream, got: &Mutex<Vec<Got>>, script: &(dyn Fn(usize) -> An
         if let Some(interim) = a.interim {
             let _ = writer.write_all(interim);
         }
-        let length = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse::<usize>().ok())?
-            })
-            .unwrap_or(0);
         let mut body = vec![0; length];
         if reader.read_exact(&mut body).is_err() {
             return;

@@ -1249,6 +1249,29 @@ pub fn assert_ms_in(what: &str, v: u64, lo: u64, hi: u64) {
     );
 }
 
+/// Reads one whole request head (up to and with the blank line) from a raw
+/// HTTP connection: its text and its `Content-Length` (0 when absent), or
+/// `None` at EOF or on a read error.
+pub fn read_head_and_length(reader: &mut impl BufRead) -> Option<(String, usize)> {
+    let mut head = String::new();
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        head.push_str(&line);
+        if line == "\r\n" {
+            return Some((head, length));
+        }
+    }
+}
+
 /// Reads one request head (request line and header lines, up to the blank
 /// line) from a raw HTTP connection; its request line, or `None` at EOF or
 /// on a read error.
