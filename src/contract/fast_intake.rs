@@ -185,37 +185,22 @@ impl<'a> Lexer<'a> {
         }
     }
 
-    /// The text of the value that starts here (after whitespace), for a
-    /// full parse: strings and brackets are followed to its end; a scalar
-    /// ends at the next delimiter. Invalid text inside it is left for that
-    /// parse to refuse.
+    /// The text of the string or scalar that starts here (after
+    /// whitespace), for serde_json to read on its own: a string is followed
+    /// to its closing quote, anything else ends at the next delimiter.
+    /// Objects and arrays never come here ([`Lexer::value`] reads them);
+    /// invalid text is left for serde_json to refuse.
     fn value_text(&mut self) -> Option<&'a str> {
         self.skip_ws();
         let start = self.i;
-        let mut depth = 0usize;
-        while let Some(&c) = self.bytes().get(self.i) {
-            match c {
-                b'"' => self.skip_string()?,
-                b'{' | b'[' => {
-                    depth += 1;
-                    if depth > MAX_DEPTH {
-                        return None;
-                    }
-                    self.i += 1;
-                    continue;
+        if self.bytes().get(self.i) == Some(&b'"') {
+            self.skip_string()?;
+        } else {
+            while let Some(c) = self.bytes().get(self.i) {
+                if matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+                    break;
                 }
-                b'}' | b']' if depth > 0 => {
-                    depth -= 1;
-                    self.i += 1;
-                }
-                b'}' | b']' | b',' | b' ' | b'\t' | b'\n' | b'\r' if depth == 0 => break,
-                _ => {
-                    self.i += 1;
-                    continue;
-                }
-            }
-            if depth == 0 {
-                break;
+                self.i += 1;
             }
         }
         (self.i > start).then(|| &self.text[start..self.i])
